@@ -1,0 +1,323 @@
+"""Samples, readers, the global view, and the ONE chat renderer used by SFT, rollout and eval.
+
+    python data.py                      # writes the synthetic needle benchmark to data/needle (see needle.py)
+    python data.py --out=DIR --num_train=N --num_eval=N --seed=S --min_duration=SEC --max_duration=SEC ...
+
+A sample is a dict: id, video, question, answer, optional choices, window ([start, end] s of the evidence),
+duration, answer_type, and for SFT rows `turns` (the assistant texts; tool observations are re-created by
+running the calls they contain, so SFT data and rollouts tokenize identically) or `observations` (stored
+tool responses from LongVT's SFT rows). Readers: our JSONL, LongVT RL rows, LongVT SFT rows, VideoSIAH-Eval,
+Video-MME and LVBench rows; .parquet through pyarrow.
+
+Rendering convention (Qwen ChatML, hermes tool calls):
+    <|im_start|>system\n{system + tool schema}<|im_end|>\n<|im_start|>user\n{global view}{question}<|im_end|>\n
+    <|im_start|>assistant\n{think + tool_call}                                   <- policy tokens (mask 1)
+    <|im_end|>\n<|im_start|>user\n<tool_response>{frames}{text}</tool_response><|im_end|>\n<|im_start|>assistant\n
+    {think + answer}<|im_end|>                                                    <- policy tokens (mask 1)
+A tool-call turn ends at `</tool_call>` (the rollout stops there), so the `<|im_end|>` after it belongs to
+the observation chunk (mask 0); the final turn's `<|im_end|>` is the policy's own stop token (mask 1).
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model import rope_index
+from tools import CROP_VIDEO_SCHEMA, decode_frames, fmt_time, video_info
+
+
+@dataclass
+class ViewConfig:
+    visual_format: str = "video"  # "video" (temporal patches, fewer tokens) | "images" (one image per frame, LongVT)
+    timestamps: bool = True       # a text timestamp before each frame group (off in LongVT-compatible mode)
+    tools: bool = True            # put the crop_video schema in the system prompt (off: the no-tool baseline)
+    global_frames: int = 64       # frame budget of the global view
+    global_fps: float = 0.125     # fps cap of the global view (one frame per 8 s at most)
+    max_pixels: int = 56 * 56     # pixel budget per global-view frame
+    crop_fps: float = 1.0         # fps cap of a crop (LongVT: 1)
+    crop_max_frames: int = 48     # frame budget of a crop (LongVT: 128)
+    crop_min_frames: int = 4      # at least this many frames per crop
+    crop_max_pixels: int = 56 * 56  # pixel budget per cropped frame
+    longvt_text: bool = False     # LongVT's observation wording (for its released checkpoints)
+
+
+SYSTEM = "You are a helpful assistant."
+TOOLS_TEXT = ("\n\n# Tools\n\nYou may call a function to look at the video more closely. Its signature is inside "
+              "<tools></tools>:\n<tools>\n{schema}\n</tools>\n\nTo call it, reply with <tool_call>{{\"name\": "
+              "<function-name>, \"arguments\": <args-json-object>}}</tool_call>.")
+INSTRUCTION_TOOLS = ("\nThink first inside <think></think>. If you need a closer look, call crop_video with a "
+                     "start_time and end_time in seconds. Then give the final answer inside <answer></answer>.")
+INSTRUCTION_NO_TOOLS = "\nThink first inside <think></think>, then give the final answer inside <answer></answer>."
+LAST_TURN_NOTE = "No more tool calls are available: answer now."
+
+
+# --------------------------------------------------------------------------- readers
+class DataError(ValueError):
+    pass
+
+
+def _resolve(path, base):
+    path = str(path)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    return path if os.path.isabs(path) else os.path.join(base, path)
+
+
+def normalize_row(row, base):
+    """One row of any supported format -> our sample dict. Raises DataError on a row it cannot use."""
+    if not isinstance(row, dict):
+        raise DataError("row is not a JSON object")
+    if "prompt" in row and "videos" in row:  # LongVT RL row (verl)
+        extra = row.get("extra_info") or {}
+        text = next((m["content"] for m in row["prompt"] if m.get("role") == "user"), "")
+        question = extra.get("question") or text.replace("<video>", "").split("\n")[0].strip()
+        seg = extra.get("video_segment")
+        return dict(id=str(extra.get("index", row.get("id", ""))), video=_resolve(row["videos"][0]["video"], base),
+                    question=question, answer=str((row.get("reward_model") or {}).get("ground_truth", extra.get("answer"))),
+                    window=list(map(float, seg)) if seg is not None and len(seg) == 2 else None)
+    if "messages" in row:  # LongVT SFT/RFT row (lmms-engine): tool responses carry their frames as images
+        return _from_messages(row, base)
+    if "video_path" in row and "question" in row:  # VideoSIAH-Eval or LVBench
+        q = row["question"]
+        return dict(id=str(row.get("id", row.get("uid", ""))), video=_resolve(row["video_path"], base), question=q,
+                    answer=str(row["answer"]), answer_type="choice" if "\n(A)" in q else None)
+    if "videoID" in row and "options" in row:  # Video-MME
+        vid = os.path.join(base, "data", row["videoID"])
+        video = next((vid + e for e in (".mp4", ".MP4", ".mkv") if os.path.exists(vid + e)), vid + ".mp4")
+        return dict(id=str(row.get("question_id", row["videoID"])), video=video, question=row["question"],
+                    choices=list(row["options"]), answer=str(row["answer"]), answer_type="choice")
+    missing = [k for k in ("video", "question", "answer") if k not in row]
+    if missing:
+        raise DataError(f"missing field(s) {missing}")
+    s = dict(row)
+    s["video"] = _resolve(row["video"], base)
+    s["id"] = str(row.get("id", ""))
+    if s.get("window") is not None and (len(s["window"]) != 2 or not all(isinstance(x, (int, float)) for x in s["window"])):
+        raise DataError(f"window must be [start, end] seconds, got {s['window']!r}")
+    if "turns" in s and not (isinstance(s["turns"], list) and all(isinstance(t, str) for t in s["turns"])):
+        raise DataError("turns must be a list of strings")
+    return s
+
+
+def _from_messages(row, base):
+    def items(m):
+        c = m["content"]
+        return [{"type": "text", "text": c}] if isinstance(c, str) else c
+    video, question, turns, observations = None, "", [], []
+    for m in row["messages"]:
+        parts = items(m)
+        texts = "".join(p.get("text") or "" for p in parts if p.get("type") == "text")
+        if m["role"] == "assistant":
+            turns.append(texts)
+        elif m["role"] == "user" and video is None:
+            vids = [p["video_url"]["url"] for p in parts if p.get("type") == "video_url"]
+            video = _resolve(vids[0], base) if vids else None
+            question = texts.split("\n The video path is")[0].strip()
+        elif m["role"] in ("user", "tool") and turns:  # a tool response
+            imgs = [_resolve(p["image_url"]["url"], base) for p in parts if p.get("type") == "image_url"]
+            observations.append(dict(images=imgs, text=texts))
+    if video is None or not turns:
+        raise DataError("messages row without a video or an assistant turn")
+    from reward import extract_answer
+    return dict(id=str(row.get("id", "")), video=video, question=question,
+                answer=extract_answer(turns[-1]) or "", turns=turns, observations=observations)
+
+
+def read_rows(path):
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise SystemExit(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield i + 1, row
+        return
+    with open(path) as f:
+        if path.endswith(".json"):
+            for i, row in enumerate(json.load(f)):
+                yield i + 1, row
+            return
+        for i, line in enumerate(f):
+            if line.strip():
+                try:
+                    yield i + 1, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i + 1}: malformed JSON: {e.msg}") from None
+
+
+def load_samples(path):
+    """All samples of a file; a malformed row is an error naming the file and line."""
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    for line, row in read_rows(path):
+        try:
+            out.append(normalize_row(row, base))
+        except (DataError, KeyError, TypeError, IndexError) as e:
+            raise DataError(f"{path}:{line}: {e}") from None
+        out[-1]["id"] = out[-1]["id"] or f"{os.path.basename(path)}:{line}"
+    return out
+
+
+# --------------------------------------------------------------------------- global view
+def global_view(video, view: ViewConfig, duration=None):
+    """(frames (N, H, W, 3) uint8, timestamps): N frames at the centres of N equal slices of the whole video,
+    N = min(global_frames, duration * global_fps), at least 2. Decoded by seeking; memory is N frames.
+    The timestamps are those of the decoded frames (integers when the fps divides a second)."""
+    duration = duration or video_info(video)["duration"]
+    return decode_frames(video, global_times(duration, view), view.max_pixels)
+
+
+def global_times(duration, view: ViewConfig):
+    """Frame times of the global view, rounded to whole seconds so that the timestamps shown are short."""
+    n = int(max(2, min(view.global_frames, duration * view.global_fps)))
+    return [float(min(round((i + 0.5) * duration / n), max(duration - 0.5, 0))) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- renderer
+@dataclass
+class Rendered:
+    """A token sequence with its loss mask, modality types and the vision inputs of its frames, in order."""
+    input_ids: list
+    policy_mask: list
+    mm_token_type_ids: list  # 0 text, 1 image pad, 2 video pad (what get_rope_index needs)
+    vision: dict             # pixel_values/image_grid_thw, pixel_values_videos/video_grid_thw/second_per_grid_ts
+
+    def __add__(self, other):
+        return Rendered(self.input_ids + other.input_ids, self.policy_mask + other.policy_mask,
+                        self.mm_token_type_ids + other.mm_token_type_ids, cat_vision([self.vision, other.vision]))
+
+
+def cat_vision(parts):
+    """Concatenate vision inputs of several sequences/chunks in order (the order their pad tokens appear in)."""
+    out = {}
+    for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+        ts = [p[k] for p in parts if p.get(k) is not None]
+        if ts:
+            out[k] = torch.cat(ts)
+    return out
+
+
+class Renderer:
+    """Messages -> Rendered, for one processor and view config."""
+
+    def __init__(self, processor, view: ViewConfig):
+        self.proc, self.view = processor, view
+        self.tok = processor.tokenizer
+        self.image_id = self.tok.convert_tokens_to_ids("<|image_pad|>")
+        self.video_id = self.tok.convert_tokens_to_ids("<|video_pad|>")
+        self.im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
+        self.merge = processor.image_processor.merge_size ** 2
+        self.tps = getattr(processor.video_processor, "temporal_patch_size", 2)
+
+    def text(self, s, train=0):
+        ids = self.tok.encode(s, add_special_tokens=False)
+        return Rendered(ids, [train] * len(ids), [0] * len(ids), {})
+
+    def visual(self, frames, timestamps):
+        """Frames as one video (timestamps off), one video per temporal patch with its time before it (on),
+        or one image per frame ('images' format)."""
+        frames = np.asarray(frames)
+        if self.view.visual_format == "images":
+            groups = [(frames[i:i + 1], timestamps[i]) for i in range(len(frames))]
+        else:
+            if len(frames) % self.tps:  # pad to whole temporal patches by repeating the last frame
+                frames = np.concatenate([frames, frames[-1:].repeat(self.tps - len(frames) % self.tps, 0)])
+                timestamps = list(timestamps) + [timestamps[-1]] * (len(frames) - len(timestamps))
+            step = self.tps if self.view.timestamps else len(frames)
+            groups = [(frames[i:i + step], timestamps[i]) for i in range(0, len(frames), step)]
+        out = Rendered([], [], [], {})
+        for g, t in groups:
+            if self.view.timestamps:
+                out = out + self.text(f"{fmt_time(t)}s")
+            out = out + self._vision_block(g, timestamps)
+        return out
+
+    def _vision_block(self, frames, all_ts):
+        if self.view.visual_format == "images":
+            v = self.proc.image_processor(images=[frames[0]], return_tensors="pt")
+            n, pad, kind = int(v["image_grid_thw"].prod()) // self.merge, self.image_id, 1
+            vision = {"pixel_values": v["pixel_values"], "image_grid_thw": v["image_grid_thw"]}
+        else:
+            v = self.proc.video_processor(videos=[frames], return_tensors="pt", do_sample_frames=False)
+            n, pad, kind = int(v["video_grid_thw"].prod()) // self.merge, self.video_id, 2
+            spacing = (all_ts[-1] - all_ts[0]) / max(len(all_ts) - 1, 1) or 1.0  # seconds between frames
+            vision = {"pixel_values_videos": v["pixel_values_videos"], "video_grid_thw": v["video_grid_thw"],
+                      "second_per_grid_ts": torch.tensor([spacing * self.tps])}
+        start, end = self.text("<|vision_start|>"), self.text("<|vision_end|>")
+        return start + Rendered([pad] * n, [0] * n, [kind] * n, vision) + end
+
+    def system_text(self):
+        if not self.view.tools:
+            return SYSTEM
+        return SYSTEM + TOOLS_TEXT.format(schema=json.dumps(CROP_VIDEO_SCHEMA))
+
+    def prompt(self, sample, frames, timestamps):
+        """System + user (global view, question, instruction) + the assistant header."""
+        q = sample["question"]
+        if sample.get("choices"):
+            q += "\n" + "\n".join(sample["choices"])
+        instr = INSTRUCTION_TOOLS if self.view.tools else INSTRUCTION_NO_TOOLS
+        if self.view.tools and self.view.longvt_text:
+            instr += f"\n The video path is: {os.path.basename(sample['video'])}"
+        return (self.text(f"<|im_start|>system\n{self.system_text()}<|im_end|>\n<|im_start|>user\n")
+                + self.visual(frames, timestamps) + self.text(f"{q}{instr}<|im_end|>\n<|im_start|>assistant\n"))
+
+    def observation(self, obs, last=False):
+        """The chunk appended after a tool-call turn: closes the assistant turn, the tool response as a user
+        turn, and opens the next assistant turn. obs: dict(frames, timestamps, text) (frames may be None)."""
+        out = self.text("<|im_end|>\n<|im_start|>user\n<tool_response>")
+        if obs.get("frames") is not None and len(obs["frames"]):
+            out = out + self.visual(obs["frames"], obs["timestamps"])
+        note = f"\n{LAST_TURN_NOTE}" if last else ""
+        return out + self.text(f"{obs['text']}</tool_response>{note}<|im_end|>\n<|im_start|>assistant\n")
+
+    def assistant(self, text, final):
+        """An assistant turn as the policy would emit it (mask 1), incl. <|im_end|> on the final turn."""
+        r = self.text(text, train=1)
+        return r + Rendered([self.im_end], [1], [0], {}) if final else r
+
+    def trajectory(self, sample, frames, timestamps, observe):
+        """An SFT row -> Rendered. observe(turn_index, turn_text, last) gives the observation dict of a tool
+        turn (re-running the tool, or LongVT's stored frames)."""
+        out = self.prompt(sample, frames, timestamps)
+        turns = sample["turns"]
+        for i, t in enumerate(turns):
+            final = i == len(turns) - 1
+            out = out + self.assistant(t, final)
+            if not final:
+                out = out + self.observation(observe(i, t, i == len(turns) - 2), last=False)
+        return out
+
+
+def positions(model, r: Rendered):
+    """M-RoPE position ids (3, T) of one rendered sequence, from the model's own get_rope_index."""
+    if not r.vision:  # text only: the three axes are plain 0..T-1
+        return torch.arange(len(r.input_ids)).expand(3, -1)
+    ids = torch.tensor([r.input_ids])
+    return rope_index(model, ids, torch.tensor([r.mm_token_type_ids]), r.vision.get("image_grid_thw"),
+                      r.vision.get("video_grid_thw"), r.vision.get("second_per_grid_ts"))[:, 0]
+
+
+def collate(model, rendered, pad_id):
+    """Right-padded batch: input_ids, attention_mask, policy_mask (B, T), position_ids (3, B, T), vision."""
+    T = max(len(r.input_ids) for r in rendered)
+    B = len(rendered)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    att = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    pos = torch.zeros(3, B, T, dtype=torch.long)
+    for b, r in enumerate(rendered):
+        n = len(r.input_ids)
+        ids[b, :n] = torch.tensor(r.input_ids)
+        att[b, :n] = 1
+        mask[b, :n] = torch.tensor(r.policy_mask)
+        pos[:, b, :n] = positions(model, r)
+    return dict(input_ids=ids, attention_mask=att, policy_mask=mask, position_ids=pos,
+                vision=cat_vision([r.vision for r in rendered]))
+
+
+if __name__ == "__main__":
+    import needle
+    needle.main()

@@ -1,0 +1,295 @@
+"""Build or load the policy and its processor; run setup for torchrun; checkpoints; per-token log-probs.
+
+    from model import load_model, compute_init
+    model, processor = load_model("tiny")                       # built-in tiny Qwen2.5-VL, seeded
+    model, processor = load_model("Qwen/Qwen2.5-VL-7B-Instruct") # or a local dir: any Qwen2/2.5/3-VL checkpoint
+
+`tiny` is a randomly initialised Qwen2.5-VL-architecture model with a tokenizer built in code: whole words
+of the prompts and every integer 0..9999 are single tokens (so copying a timestamp is one step), anything
+else falls back to single characters (lossless), plus Qwen's special and tool tokens.
+"""
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|video_pad|>", "<|image_pad|>"]
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
+               "<think>", "</think>", "<answer>", "</answer>"]
+# Whole-word tokens of the tiny tokenizer: the words of our prompts, tool protocol and needle questions.
+# Words not listed still encode losslessly, one character per token.
+WORDS = """
+a an the is are was were be been it its this that these those of in on at to from for with by and or not no as if
+then than so what which who when where how why do does did can could should would will may might must there here
+you your i we they he she me my our video videos frame frames second seconds time times start end scene scenes colour
+color colours square squares small appears appear appeared appearing visible shows shown show see seen look looking
+during before after between while first last next previous answer answers question questions think thinking tool
+tools call calls function functions crop_video crop cropped window windows view global dense sampled sample samples
+timestamps timestamp returned result results executed successfully failed execution error name arguments
+start_time end_time video_path type object number string properties required description parameters
+red green blue yellow orange purple pink cyan magenta white black gray grey brown teal navy lime maroon olive
+assistant user system helpful provided following given options option choose letter best reasoning reason step
+need needed more available only once must within inside outside invalid empty long short range seconds.
+please carefully final answered answering call. here processed use using used
+""".split()
+COLOURS = {  # RGB of the needle benchmark's colours (also tokens of the tiny vocabulary)
+    "red": (230, 25, 35), "green": (30, 180, 60), "blue": (30, 60, 230), "yellow": (245, 225, 30),
+    "orange": (245, 130, 30), "purple": (140, 40, 180), "cyan": (40, 220, 230), "magenta": (235, 40, 200),
+    "white": (250, 250, 250), "black": (5, 5, 5), "gray": (128, 128, 128), "brown": (130, 80, 30),
+    "teal": (0, 128, 128), "navy": (0, 0, 120), "lime": (180, 245, 60), "maroon": (120, 0, 20),
+}
+CHAT_TEMPLATE = (  # Qwen-style ChatML so saved checkpoints work with apply_chat_template / vLLM
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }}{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@dataclass
+class TinyConfig:
+    hidden: int = 128        # text hidden size
+    layers: int = 4          # decoder layers
+    heads: int = 4           # attention heads (head_dim = hidden / heads)
+    kv_heads: int = 2        # grouped-query KV heads
+    ffn: int = 384           # MLP width
+    vision_hidden: int = 64  # vision tower width
+    vision_depth: int = 2    # vision blocks
+    seed: int = 0            # init seed: the same tiny model on every rank and every run
+
+
+# --------------------------------------------------------------------------- tokenizer / processor
+def build_tiny_tokenizer():
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = sorted(set(WORDS) | set(COLOURS), key=lambda w: (-len(w), w))
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    numbers = [str(i) for i in range(10000)]
+    vocab = {}
+    for t in ["<unk>"] + chars + numbers + words:
+        vocab.setdefault(t, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    # Longest known word first, then numbers without leading zeros (up to 4 digits), then one character.
+    pattern = "|".join(re.escape(w) for w in words) + r"|[1-9][0-9]{0,3}|[\s\S]"
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # concatenate pieces: decode(encode(s)) == s
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_TOKENS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE, model_max_length=1 << 20)
+
+
+def build_tiny_processor():
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    # Frames are resized by our decoder already; the processors only normalise and patchify.
+    pix = dict(min_pixels=28 * 28, max_pixels=1024 * 28 * 28)
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pix), tokenizer=build_tiny_tokenizer(),
+                               video_processor=Qwen2VLVideoProcessor(**pix, cap_pixels_per_frame=True),
+                               chat_template=CHAT_TEMPLATE)
+
+
+def tiny_model_config(tokenizer, cfg: TinyConfig = TinyConfig()):
+    from transformers import Qwen2_5_VLConfig
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = cfg.hidden // cfg.heads
+    half = head_dim // 2  # M-RoPE splits the rotary half-dim over (time, height, width)
+    mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.ffn,
+                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+                         max_position_embeddings=32768, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                             mrope_section=mrope),
+                         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+                         pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=cfg.vision_depth, hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
+                           num_heads=2, out_hidden_size=cfg.hidden, fullatt_block_indexes=[cfg.vision_depth - 1],
+                           window_size=112, tokens_per_second=2),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True)
+
+
+# --------------------------------------------------------------------------- model
+def pick_attention(device) -> str:
+    if torch.device(device).type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_model(name="tiny", device="cpu", dtype=None, grad_ckpt=False, tiny: TinyConfig = TinyConfig()):
+    """(model, processor). dtype defaults to bf16 on CUDA and fp32 on CPU."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    attn = pick_attention(device)
+    if name == "tiny":
+        processor = build_tiny_processor()
+        config = tiny_model_config(processor.tokenizer, tiny)
+        config._attn_implementation = attn
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(tiny.seed)
+            model = Qwen2_5_VLForConditionalGeneration(config)
+        model.to(dtype)
+    else:
+        if not os.path.isdir(name) and os.path.exists(name):
+            raise ValueError(f"--model={name}: not a directory (expected 'tiny', an HF id or a checkpoint dir)")
+        processor = AutoProcessor.from_pretrained(name)
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, attn_implementation=attn)
+    model.to(device)
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, processor
+
+
+def unwrap(model):
+    """The bare HF model inside DDP (FSDP2 shards in place, so it needs no unwrapping)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def rope_index(model, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None):
+    """M-RoPE position ids (3, B, T) of unpadded sequences, from the model's own get_rope_index."""
+    inner = unwrap(model).model
+    kw = dict(image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw)
+    if second_per_grid_ts is not None and "second_per_grid_ts" in inner.get_rope_index.__code__.co_varnames:
+        kw["second_per_grid_ts"] = second_per_grid_ts
+    pos, _ = inner.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, **kw)
+    return pos
+
+
+# --------------------------------------------------------------------------- log-probs
+def token_logprobs(model, input_ids, attention_mask=None, position_ids=None, chunk=512, with_entropy=False,
+                   **vision):
+    """Log-prob of each token given its prefix: out[:, t] = log p(input_ids[:, t] | input_ids[:, :t]); out[:, 0] = 0.
+
+    Runs the decoder once for hidden states and applies the LM head in chunks of `chunk` positions,
+    so a full (B, T, V) fp32 tensor never exists. Returns (logp (B, T), entropy (B, T) or None)."""
+    bare = unwrap(model)
+    out = bare.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False, **vision)
+    hidden = out.last_hidden_state  # (B, T, H)
+    B, T = input_ids.shape
+    logp = hidden.new_zeros(B, T, dtype=torch.float32)
+    ent = hidden.new_zeros(B, T, dtype=torch.float32) if with_entropy else None
+    for s in range(0, T - 1, chunk):
+        e = min(s + chunk, T - 1)
+        logits = bare.lm_head(hidden[:, s:e]).float()  # (B, c, V) for positions predicting s+1..e
+        lse = torch.logsumexp(logits, dim=-1)
+        logp[:, s + 1:e + 1] = logits.gather(-1, input_ids[:, s + 1:e + 1, None]).squeeze(-1) - lse
+        if with_entropy:
+            p = torch.softmax(logits, dim=-1)
+            ent[:, s + 1:e + 1] = lse - (p * logits).sum(-1)
+    return logp, ent
+
+
+# --------------------------------------------------------------------------- run setup
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    is_main: bool
+
+
+def compute_init(seed=0) -> Dist:
+    """Process group from torchrun's env vars (nccl on CUDA, gloo on CPU); also works without a launcher.
+    Seeds python, numpy and torch with seed + rank so ranks sample different data."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+    return Dist(rank, world, local, device, rank == 0)
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+def parse_config(cls, argv=None):
+    """A `cls` dataclass from `--key=value` arguments, each cast to the field's type; unknown keys are an error."""
+    argv = sys.argv[1:] if argv is None else argv
+    types = {f.name: f.type for f in fields(cls)}
+    kw = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"expected --key=value, got {arg!r}")
+        key, val = arg[2:].split("=", 1)
+        if key not in types:
+            raise SystemExit(f"unknown option --{key}; known: {', '.join(sorted(types))}")
+        t = types[key] if isinstance(types[key], type) else eval(types[key], {})  # annotations may be strings
+        if t is bool:
+            if val.lower() not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
+                raise SystemExit(f"--{key} takes true/false, got {val!r}")
+            kw[key] = val.lower() in ("1", "true", "on", "yes")
+        elif t in (int, float, str):
+            try:
+                kw[key] = t(val)
+            except ValueError:
+                raise SystemExit(f"--{key} takes a {t.__name__}, got {val!r}") from None
+        else:
+            kw[key] = json.loads(val)
+    return cls(**kw)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def atomic_dir(final_dir, write):
+    """Call write(tmp_dir), then swap tmp_dir into place, so a crash mid-write leaves the previous checkpoint intact."""
+    parent = os.path.dirname(os.path.abspath(final_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp_ckpt_", dir=parent)
+    try:
+        write(tmp)
+        old = None
+        if os.path.exists(final_dir):
+            old = final_dir.rstrip("/") + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final_dir, old)
+        os.rename(tmp, final_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_checkpoint(path):
+    """A checkpoint dir, falling back to `<dir>.old` when a crash happened between the two renames of atomic_dir."""
+    if not os.path.exists(path) and os.path.isdir(path.rstrip("/") + ".old"):
+        return path.rstrip("/") + ".old"
+    return path
+
+
+def save_checkpoint(model, processor, out_dir, state_dict=None, extra=None):
+    """HF layout (save_pretrained of model + processor) plus `extra` {filename: object} saved with torch.save.
+    `state_dict` is the full state dict (gathered beforehand under FSDP2); only call on rank 0."""
+    def write(tmp):
+        bare = unwrap(model)
+        bare.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        for name, obj in (extra or {}).items():
+            torch.save(obj, os.path.join(tmp, name))
+    atomic_dir(out_dir, write)
