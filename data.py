@@ -278,17 +278,41 @@ class Renderer:
         r = self.text(text, train=1)
         return r + Rendered([self.im_end], [1], [0], {}) if final else r
 
-    def trajectory(self, sample, frames, timestamps, observe):
-        """An SFT row -> Rendered. observe(turn_index, turn_text, last) gives the observation dict of a tool
-        turn (re-running the tool, or LongVT's stored frames)."""
+    def trajectory(self, sample, frames, timestamps, observe, max_turns=5):
+        """An SFT row -> Rendered. observe(turn_index, turn_text) gives the observation dict of a tool turn
+        (re-running the tool, or LongVT's stored frames). The max_turns-th observation carries the same
+        no-more-calls note as in the rollout."""
         out = self.prompt(sample, frames, timestamps)
         turns = sample["turns"]
         for i, t in enumerate(turns):
             final = i == len(turns) - 1
             out = out + self.assistant(t, final)
             if not final:
-                out = out + self.observation(observe(i, t, i == len(turns) - 2), last=False)
+                out = out + self.observation(observe(i, t), last=i + 1 >= max_turns)
         return out
+
+
+def render_sft(renderer: Renderer, sample, max_turns=5):
+    """An SFT row (with `turns`) -> Rendered. Tool observations come from re-running each call with the same
+    tool code the rollout uses (so SFT data and rollouts tokenize identically), or, for LongVT's rows, from
+    the stored frames (`observations`). Raises tools.ToolError when the video cannot be read."""
+    from tools import observe
+    view = renderer.view
+    s = dict(sample)
+    s["duration"] = s.get("duration") or video_info(s["video"])["duration"]
+    frames, ts = global_view(s["video"], view, s["duration"])
+    stored = s.get("observations")
+
+    def obs(i, text):
+        if stored:
+            from PIL import Image
+            o = stored[i]
+            imgs = [np.asarray(Image.open(p).convert("RGB")) for p in o["images"]]
+            return dict(frames=np.stack(imgs) if imgs else None, timestamps=[0.0] * len(imgs),
+                        text=o["text"].replace("<tool_response>", "").replace("</tool_response>", ""))
+        return observe(text, s["video"], s["duration"], fps=view.crop_fps, max_frames=view.crop_max_frames,
+                       min_frames=view.crop_min_frames, max_pixels=view.crop_max_pixels, longvt_text=view.longvt_text)
+    return renderer.trajectory(s, frames, ts, obs, max_turns)
 
 
 def positions(model, r: Rendered):

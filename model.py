@@ -6,7 +6,8 @@
 
 `tiny` is a randomly initialised Qwen2.5-VL-architecture model with a tokenizer built in code: whole words
 of the prompts and every integer 0..9999 are single tokens (so copying a timestamp is one step), anything
-else falls back to single characters (lossless), plus Qwen's special and tool tokens.
+else falls back to single characters (lossless), plus Qwen's special and tool tokens. Known words are
+tokens with and without the space before them.
 """
 import json
 import os
@@ -39,8 +40,9 @@ timestamps timestamp returned result results executed successfully failed execut
 start_time end_time video_path type object number string properties required description parameters
 red green blue yellow orange purple pink cyan magenta white black gray grey brown teal navy lime maroon olive
 assistant user system helpful provided following given options option choose letter best reasoning reason step
-need needed more available only once must within inside outside invalid empty long short range seconds.
-please carefully final answered answering call. here processed use using used
+need needed more available only once must within inside outside invalid empty long short range
+please carefully final answered answering here processed use using used about around closely closer densely
+default duration give greater misses moment optional part reply signature sparsely now wrong really args
 """.split()
 COLOURS = {  # RGB of the needle benchmark's colours (also tokens of the tiny vocabulary)
     "red": (230, 25, 35), "green": (30, 180, 60), "blue": (30, 60, 230), "yellow": (245, 225, 30),
@@ -72,15 +74,17 @@ class TinyConfig:
 def build_tiny_tokenizer():
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    words = sorted(set(WORDS) | set(COLOURS), key=lambda w: (-len(w), w))
+    base = set(WORDS) | set(COLOURS)
+    words = sorted(base | {w.capitalize() for w in base}, key=lambda w: (-len(w), w))
     chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
     numbers = [str(i) for i in range(10000)]
     vocab = {}
-    for t in ["<unk>"] + chars + numbers + words:
+    for t in ["<unk>"] + chars + numbers + words + [" " + w for w in words]:
         vocab.setdefault(t, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    # Longest known word first, then numbers without leading zeros (up to 4 digits), then one character.
-    pattern = "|".join(re.escape(w) for w in words) + r"|[1-9][0-9]{0,3}|[\s\S]"
+    # A whole known word (longest first), a number without leading zeros (up to 4 digits), else one character.
+    # A word keeps the space before it, so prose costs one token per word.
+    pattern = r" ?\b(?:" + "|".join(re.escape(w) for w in words) + r")\b|[1-9][0-9]{0,3}|[\s\S]"
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()  # concatenate pieces: decode(encode(s)) == s
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
@@ -174,27 +178,33 @@ def rope_index(model, input_ids, mm_token_type_ids, image_grid_thw=None, video_g
 
 
 # --------------------------------------------------------------------------- log-probs
-def token_logprobs(model, input_ids, attention_mask=None, position_ids=None, chunk=512, with_entropy=False,
-                   **vision):
+def token_logprobs(model, input_ids, attention_mask=None, position_ids=None, chunk=1024, with_entropy=False,
+                   mask=None, **vision):
     """Log-prob of each token given its prefix: out[:, t] = log p(input_ids[:, t] | input_ids[:, :t]); out[:, 0] = 0.
 
-    Runs the decoder once for hidden states and applies the LM head in chunks of `chunk` positions,
-    so a full (B, T, V) fp32 tensor never exists. Returns (logp (B, T), entropy (B, T) or None)."""
+    Runs the decoder once for hidden states and applies the LM head in chunks of `chunk` positions, so a
+    full (B, T, V) fp32 tensor never exists. With `mask` (B, T), only positions where mask == 1 are scored
+    (the rest are 0): the LM head is most of a small model's compute, and only policy tokens need it.
+    Returns (logp (B, T), entropy (B, T) or None)."""
     bare = unwrap(model)
     out = bare.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False, **vision)
     hidden = out.last_hidden_state  # (B, T, H)
     B, T = input_ids.shape
+    want = torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if mask is None else mask.bool()
+    want = want.clone()
+    want[:, 0] = False                       # nothing predicts the first token
+    b_idx, t_idx = want.nonzero(as_tuple=True)  # (N,) target positions, scored from hidden[t - 1]
     logp = hidden.new_zeros(B, T, dtype=torch.float32)
     ent = hidden.new_zeros(B, T, dtype=torch.float32) if with_entropy else None
-    for s in range(0, T - 1, chunk):
-        e = min(s + chunk, T - 1)
-        logits = bare.lm_head(hidden[:, s:e]).float()  # (B, c, V) for positions predicting s+1..e
+    for s in range(0, len(b_idx), chunk):
+        b, t = b_idx[s:s + chunk], t_idx[s:s + chunk]
+        logits = bare.lm_head(hidden[b, t - 1]).float()  # (c, V)
         lse = torch.logsumexp(logits, dim=-1)
-        logp[:, s + 1:e + 1] = logits.gather(-1, input_ids[:, s + 1:e + 1, None]).squeeze(-1) - lse
+        logp = logp.index_put((b, t), logits.gather(-1, input_ids[b, t, None]).squeeze(-1) - lse)
         if with_entropy:
             p = torch.softmax(logits, dim=-1)
-            ent[:, s + 1:e + 1] = lse - (p * logits).sum(-1)
+            ent = ent.index_put((b, t), lse - (p * logits).sum(-1))
     return logp, ent
 
 

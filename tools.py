@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 from collections import Counter
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 CROP_VIDEO_SCHEMA: dict = {
     "type": "function",
@@ -39,10 +41,8 @@ CROP_VIDEO_SCHEMA: dict = {
             "properties": {
                 "start_time": {"type": "number", "description": "Window start, in seconds."},
                 "end_time": {"type": "number", "description": "Window end, in seconds; greater than start_time."},
-                "video_path": {
-                    "type": "string",
-                    "description": "Optional: the video to crop (defaults to the video of the question).",
-                },
+                "video_path": {"type": "string",
+                               "description": "Optional: the video to crop (default: the question's video)."},
             },
             "required": ["start_time", "end_time"],
         },
@@ -131,21 +131,21 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
     text) ends it unterminated, so a nested or truncated call yields an error entry rather
     than swallowing the next call. Stray </tool_call> tags outside blocks are ignored.
     """
-    if not isinstance(text, str):
-        return []
     calls: list[ToolCall] = []
-    pos = text.find(_OPEN)
+    if not isinstance(text, str):
+        return calls
+    # One left-to-right pass: `close` is re-searched only once passed, so a text of many
+    # openings and no closing stays linear instead of rescanning to the end per opening.
+    pos, close = text.find(_OPEN), text.find(_CLOSE)
     while pos != -1:
         body_start = pos + len(_OPEN)
-        close = text.find(_CLOSE, body_start)
+        if close != -1 and close < body_start:
+            close = text.find(_CLOSE, body_start)
         nxt = text.find(_OPEN, body_start)
-        if close != -1 and (nxt == -1 or close < nxt):
-            calls.append(_parse_one(text[body_start:close], terminated=True))
-            pos = text.find(_OPEN, close + len(_CLOSE))
-        else:
-            end = nxt if nxt != -1 else len(text)
-            calls.append(_parse_one(text[body_start:end], terminated=False))
-            pos = nxt
+        terminated = close != -1 and (nxt == -1 or close < nxt)
+        end = close if terminated else (nxt if nxt != -1 else len(text))
+        calls.append(_parse_one(text[body_start:end], terminated))
+        pos = nxt  # when terminated, nxt is past `close` already
     return calls
 
 
@@ -162,7 +162,7 @@ def _as_seconds(value, key: str) -> float:
         raise ToolError(f"{key} must be a number of seconds, got {value!r}")
     if isinstance(value, str) and _NUMBER.match(value):
         value = float(value)
-    if not isinstance(value, (int, float)):
+    if not isinstance(value, numbers.Real):  # int, float, numpy scalars
         raise ToolError(f"{key} must be a number of seconds, got {str(value)[:40]!r}")
     try:
         x = float(value)
@@ -178,9 +178,8 @@ def _clamp_window(start: float, end: float, duration: float) -> tuple[float, flo
     if end <= start:
         raise ToolError(f"end_time ({fmt_time(end)}) must be greater than start_time ({fmt_time(start)})")
     if end <= 0 or start >= duration:
-        raise ToolError(
-            f"window [{fmt_time(start)}, {fmt_time(end)}] s is outside the video (0 to {fmt_time(duration)} s)"
-        )
+        raise ToolError(f"window [{fmt_time(start)}, {fmt_time(end)}] s is outside the video "
+                        f"(0 to {fmt_time(duration)} s)")
     return max(0.0, start), min(float(duration), end)
 
 
@@ -288,11 +287,9 @@ class _Cursor:
         # A freshly opened container sits at the true start: read from there until a far
         # target asks for a seek. (Rewinding later is what needs care, see _rewind.)
         self.frames = container.decode(stream)
-        self.prev = self.ahead = None
+        self.prev = self.ahead = self.last_key = self.last_pts = None
         self.done = False           # decoder ran out: `prev` is the last frame of the video
         self.gop = 0                # learned lower bound on keyframe spacing, pts units
-        self.last_key = None
-        self.last_pts = None
 
     def _pull(self):
         """Next decoded frame in presentation order, or None at the end of the stream."""
@@ -386,6 +383,9 @@ def _decode(container, stream, path, times, size):
     one_second = max(1, int(1 / tb))
     cursor = _Cursor(container, stream, start_pts, one_second)
     seek_gap = int(MIN_SEEK_GAP_S * one_second)
+    # One scaler for the whole call: frame.to_ndarray(width=...) builds a new SwsContext per
+    # frame, which costs ~5x the conversion itself at these sizes.
+    scaler = VideoReformatter()
     last_frame, last_i = None, None
     try:
         for i in order:
@@ -395,7 +395,8 @@ def _decode(container, stream, path, times, size):
             if frame is last_frame:  # times denser than the video's frames: duplicate
                 out[i] = out[last_i]
             else:
-                out[i] = frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="AREA")
+                rgb = scaler.reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA")
+                out[i] = rgb.to_ndarray()
             stamps[i] = float((frame.pts - start_pts) * tb)
             last_frame, last_i = frame, i
     except av.FFmpegError as e:

@@ -5,24 +5,19 @@ import http.server
 import json
 import re
 import socket
-import sys
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import reward as R  # noqa: E402
-
-ENV_VARS = ("LLM_AS_A_JUDGE_BASE", "OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_MODEL_NAME")
+import reward as R
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
     # a judge configured on the machine running the tests must not leak into them
-    for k in ENV_VARS:
+    for k in ("LLM_AS_A_JUDGE_BASE", "OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_MODEL_NAME"):
         monkeypatch.delenv(k, raising=False)
     R._ENV_JUDGES.clear()
     yield
@@ -147,22 +142,15 @@ def assert_backoff(sleeps, base, n):
 
 # ----------------------------------------------------------------------------- extract_answer
 @pytest.mark.parametrize("text, want", [
-    ("<think>x</think><answer>B</answer>", "B"),
-    ("<answer>A</answer> on second thought <answer> C </answer>", "C"),
-    ("<answer>\nred\nflag\n</answer>", "red\nflag"),
-    ("<answer></answer>", ""),
-    ("no tags at all", None),
-    ("", None),
-    ("<think>x</think><answer>B", None),  # unclosed: truncated reply
-    ("so the result is \\boxed{42}.", "42"),
-    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
-    ("\\boxed{1} then \\boxed{2}", "2"),
-    ("\\boxed{unclosed", None),
-    ("<answer>x</answer> \\boxed{y}", "x"),
-    ("<tool_response><answer>A</answer></tool_response>", None),
+    ("<think>x</think><answer>B</answer>", "B"), ("<answer>A</answer> on second thought <answer> C </answer>", "C"),
+    ("<answer>\nred\nflag\n</answer>", "red\nflag"), ("<answer></answer>", ""), ("no tags at all", None), ("", None),
+    ("<think>x</think><answer>B", None),  # unclosed: a truncated reply
+    ("so the result is \\boxed{42}.", "42"), ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"), ("\\boxed{1} then \\boxed{2}", "2"),
+    ("\\boxed{unclosed", None), ("<answer>x</answer> \\boxed{y}", "x"),  # <answer> wins over \\boxed
+    # an answer inside a tool observation is never the policy's
+    ("<tool_response><answer>A</answer></tool_response>", None), ("<tool_response><answer>A</answer>", None),
     ("<tool_response><answer>A</answer></tool_response><answer>B</answer>", "B"),
     ("<answer>B</answer><tool_response>the answer is <answer>A</answer></tool_response>", "B"),
-    ("<tool_response><answer>A</answer>", None),  # unclosed observation runs to the end
 ])
 def test_extract_answer(text, want):
     assert R.extract_answer(text) == want
@@ -182,8 +170,9 @@ TXT = {"answer": "A red flag."}
 @pytest.mark.parametrize("pred, sample, want", [
     *[(p, ABC, 1.0) for p in ["B", "(B)", "B.", "B)", "B) blue", "B. blue", "B: blue", "(B) blue",
                               "The answer is B", "the answer is (B).", "Answer: B", "Option B", "**B**",
-                              "blue", "Blue.", " B \n"]],
-    *[(p, ABC, 0.0) for p in ["A", "(A) red", "red", "The answer is A", "D", "B or C", "purple", "", None]],
+                              "blue", "Blue.", " B \n", "b", "(b)"]],
+    *[(p, ABC, 0.0) for p in ["A", "(A) red", "red", "The answer is A", "D", "B or C", "purple", "", None,
+                              "a blue sky"]],
     ("B", {"answer": "B. blue", "choices": ABC["choices"]}, 1.0),
     ("blue", {"answer": "blue", "choices": ABC["choices"]}, 1.0),
     ("B", LETTERLESS, 1.0), ("blue", LETTERLESS, 1.0), ("(B) blue", LETTERLESS, 1.0), ("A", LETTERLESS, 0.0),
@@ -223,7 +212,7 @@ def test_answer_type(sample, kind):
     ("Inconsistent.", 0.0), ("The prediction is incorrect.", 0.0),
     ("The prediction matches the reference, so I give it 1.", 1.0),
     ("<think>0 or 1? it says red, so fully.</think>Score: 1", 1.0),
-    ("Score: 2", None), ("0.7", None), ("Score: 1. On reflection, Score: 0.", None),
+    ("Score: 2", None), ("0.7", None), ("Score: 1/0", None), (None, None), ("Score: 1. On reflection, Score: 0.", None),
     ("Consistent in colour but not consistent in count.", None), ("Not fully consistent.", None),
     ("The reference says 2 people and the prediction says 1.", None),
     ("I am not sure.", None), ("", None), ("The weather is lovely today.", None),
@@ -237,14 +226,9 @@ T, C, A = "<think>t</think>", '<tool_call>{"name": "crop_video"}</tool_call>', "
 
 
 @pytest.mark.parametrize("turns, want", [
-    ([T + A], 1.0),
-    ([T + C, T + A], 1.0),
-    ([T + C, T + C, T + A], 1.0),
+    ([T + A], 1.0), ([T + C, T + A], 1.0), ([T + C, T + C, T + A], 1.0), ([T + C, "", T + A], 1.0),
     (["  " + T + "\nsome words " + C + " ", "\n" + T + " so " + A + "\n"], 1.0),
-    ([T + C, "", T + A], 1.0),
-    ([A], 0.0),  # no think
-    ([T], 0.0),  # no answer
-    ([], 0.0), ([""], 0.0),
+    ([A], 0.0), ([T], 0.0), ([], 0.0), ([""], 0.0),  # no think, no answer, nothing
     ([T + A + A], 0.0), ([T + A, T + A], 0.0),  # more than one answer
     ([T + C + A], 0.0),  # no think after the tool call
     ([T + C + C, T + A], 0.0),  # two tool calls in a row
@@ -286,11 +270,6 @@ def test_iou_reward(windows, gt, mode, want):
     assert R.iou_reward(windows, gt, mode) == pytest.approx(want)
 
 
-def test_iou_reward_rejects_unknown_mode():
-    with pytest.raises(ValueError):
-        R.iou_reward([[0, 1]], [0, 1], "mean")
-
-
 # ----------------------------------------------------------------------------- reward (rules only)
 NEEDLE = {"id": "n1", "video": "v.mp4", "question": "What colour is the needle?", "answer": "B",
           "choices": ["A. red", "B. blue", "C. green"], "window": [40.0, 50.0]}
@@ -312,15 +291,12 @@ def test_reward_rule_components():
     assert total == pytest.approx(0.5 + 4.0 * 0.5)
 
 
-def test_reward_no_answer_and_answer_in_observation():
+def test_reward_no_answer_observation_answer_and_too_long():
     _, c = R.reward(NEEDLE, traj(T + C, windows=[[0, 10]]))
     assert (c["answer"], c["accuracy"], c["format"], c["iou"]) == (None, 0.0, 0.0, 0.0)
     # a plain string is a one-turn trajectory; the answer a tool "says" is not the policy's
     _, c = R.reward(NEEDLE, T + "<tool_response><answer>B</answer></tool_response>")
     assert c["answer"] is None and c["accuracy"] == 0.0
-
-
-def test_reward_answer_too_long():
     long = "B " + "x" * 1000
     total, c = R.reward(NEEDLE, traj(T + C, T + f"<answer>{long}</answer>", windows=[[40, 50]]))
     assert c["answer_too_long"] and (c["accuracy"], c["format"], c["iou"]) == (0.0, 0.0, 1.0) and total == 1.0
@@ -333,6 +309,8 @@ def test_reward_config_errors():
         R.reward(NEEDLE, traj(T + A), R.RewardConfig(accuracy="judge"))
     with pytest.raises(ValueError):
         R.reward(NEEDLE, traj(T + A), R.RewardConfig(accuracy="vibes"))
+    with pytest.raises(ValueError):
+        R.reward(NEEDLE, traj(T + A), R.RewardConfig(iou_mode="mean"))
     with pytest.raises(RuntimeError, match="no LLM judge"):
         R.judge_score("q", "red", "red")
 
@@ -358,6 +336,8 @@ def test_health_check_discovers_model_and_sends_key(server):
     assert judge.model == "judge-1"
     assert judge.score("q", "red", "red") == (1.0, False)
     assert fake.auth == ["Bearer sk-test"]
+    judge = make_judge(fake.url, model=None)  # without a health check, the first score discovers the model
+    assert judge.score("q", "red", "red flag") == (0.5, False) and judge.model == "judge-1"
 
 
 def test_health_check_fails_fast_with_clear_message(server):
@@ -370,11 +350,6 @@ def test_health_check_fails_fast_with_clear_message(server):
         make_judge(server(mode="garbage_models").url).health_check()
     with pytest.raises(RuntimeError, match="does not serve model 'other'"):
         make_judge(server().url, model="other").health_check()
-
-
-def test_score_without_health_check_discovers_model(server):
-    judge = make_judge(server().url, model=None)
-    assert judge.score("q", "red", "red flag") == (0.5, False) and judge.model == "judge-1"
 
 
 @pytest.mark.parametrize("mode", ["500", "429", "garbage", "notjson"])
@@ -396,15 +371,13 @@ def test_backoff_with_real_sleep_is_bounded(server):
     assert fake.chat_calls == 3 and 0.02 + 0.04 <= elapsed < 5.0  # at least the two minimum delays
 
 
-def test_non_retryable_4xx_fails_at_once(server):
+def test_non_retryable_4xx_fails_at_once_and_transient_errors_recover(server):
     fake = server(mode="400")
     judge = make_judge(fake.url)
     assert judge.score("q", "red", "red") == (None, False)
     assert fake.chat_calls == 1 and judge.sleeps == [] and judge.failures == 1 and "HTTP 400" in judge.last_error
 
-
-def test_transient_errors_recover(server):
-    fake = server(fail_first=2)
+    fake = server(fail_first=2)  # two 500s, then fine
     judge = make_judge(fake.url)
     assert judge.score("q", "red", "blue") == (0.0, False)
     assert fake.chat_calls == 3 and judge.failures == 0
@@ -416,7 +389,8 @@ def test_timeout_is_a_retryable_failure(server):
     judge = make_judge(fake.url, timeout=0.2, retries=1)
     t0 = time.monotonic()
     assert judge.score("q", "red", "red") == (None, False)
-    assert time.monotonic() - t0 < 0.9 and fake.chat_calls == 2 and judge.failures == 1
+    # two attempts cut at 0.2 s each; waiting for the slow replies would take 2 s
+    assert time.monotonic() - t0 < 1.5 and fake.chat_calls == 2 and judge.failures == 1
     assert "Timeout" in judge.last_error
 
 
@@ -437,6 +411,9 @@ def test_cache_hits_and_failures_are_not_cached(server):
     assert judge.score("q", "red", "blue") == (None, False)
     fake.mode = "ok"
     assert judge.score("q", "red", "blue") == (0.0, False)  # asked again, not a cached failure
+    calls = fake.chat_calls  # duplicates in one batch are asked once, not raced
+    assert judge.score_many([("d", "a", "a")] * 5 + [("d", "a", "b")]) == [1.0] * 5 + [0.0]
+    assert fake.chat_calls == calls + 2
     small = make_judge(fake.url, cache_size=2)
     for pred in ["a", "b", "c"]:
         small.score("q", "a", pred)
@@ -455,13 +432,6 @@ def test_64_concurrent_requests_score_correctly(server):
     assert judge.score_many(items + items[:3]) == judge.score_many(items) + [1.0, 0.5, 0.0]
     assert fake.chat_calls == 64  # all from the cache now
     assert judge.score_many([]) == []
-
-
-def test_score_many_asks_duplicates_once(server):
-    fake = server()
-    judge = make_judge(fake.url)
-    assert judge.score_many([("q", "a", "a")] * 5 + [("q", "a", "b")]) == [1.0] * 5 + [0.0]
-    assert fake.chat_calls == 2
 
 
 # ----------------------------------------------------------------------------- reward with the judge

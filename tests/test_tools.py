@@ -102,6 +102,8 @@ VARIANTS = [  # (id, codec, container suffix, fps, seconds, gop in frames)
     ("mpeg4-2997", "mpeg4", "mp4", Fraction(30000, 1001), 20, 60),
     ("vp9-10", "libvpx-vp9", "webm", Fraction(10), 30, 20),
     ("vp9-2997", "libvpx-vp9", "webm", Fraction(30000, 1001), 12, 60),
+    # MPEG-TS: the stream starts at a non-zero pts and its seeks land imprecisely.
+    ("h264-ts", "libx264", "ts", Fraction(30000, 1001), 12, 30),
 ]
 
 
@@ -168,7 +170,7 @@ def test_crop_windows_return_the_frames_shown(tool_videos, vid):
         _check_frames(clip.frames, clip.timestamps, fps)
 
 
-@pytest.mark.parametrize("vid", ["h264-2997", "mpeg4-10", "vp9-2997"])
+@pytest.mark.parametrize("vid", ["h264-2997", "mpeg4-10", "vp9-2997", "h264-ts"])
 def test_decode_frames_random_times_match_sequential_decode(tool_videos, vid):
     """Unsorted, duplicated, out-of-range and exact-frame times, with jumps near keyframes."""
     path, fps, n, truth = _video(tool_videos, vid)
@@ -411,3 +413,43 @@ def test_schema_shape():
     assert {k: v["type"] for k, v in fn["parameters"]["properties"].items()} == {
         "start_time": "number", "end_time": "number", "video_path": "string"}
     json.dumps(tools.CROP_VIDEO_SCHEMA)  # must be serialisable into the system prompt
+
+
+# --------------------------------------------------------------------------- observation
+
+def test_observe_success_and_errors(tool_videos, tmp_path):
+    path, fps, _, _ = _video(tool_videos, "h264-10")
+    duration = tools.video_info(path)["duration"]
+    turn = '<think>zoom</think><tool_call>\n' + _call({"start_time": 4, "end_time": 12}) + '\n</tool_call>'
+    o = tools.observe(turn, path, duration, fps=1.0, max_frames=6, max_pixels=SIZE * SIZE)
+    assert o["error"] is None and list(o["window"]) == [4.0, 12.0] and o["raw"].strip().startswith("{")
+    assert o["frames"].shape == (6, SIZE, SIZE, 3) and len(o["timestamps"]) == 6
+    assert "4s" in o["text"] and "12s" in o["text"]
+    _check_frames(o["frames"], o["timestamps"], fps)
+    o = tools.observe(turn, path, duration, longvt_text=True)
+    assert o["text"].startswith("The tool executed successfully")
+    # LongVT's call names the video by its path: accepted when it is this video.
+    named = "<tool_call>" + _call({"video_path": "file:///x/h264-10.mp4", "start_time": 1, "end_time": 3}) + "</tool_call>"
+    assert tools.observe(named, path, duration)["error"] is None
+    failing = ["no call at all", "<tool_call>{bad json</tool_call>", "<tool_call>" + _call({"start_time": 1}),
+               "<tool_call>" + _call({"start_time": 900, "end_time": 950}) + "</tool_call>",
+               "<tool_call>" + _call({"start_time": 1, "end_time": 2}, name="zoom") + "</tool_call>",
+               "<tool_call>" + _call({"video_path": "b.mp4", "start_time": 1, "end_time": 2}) + "</tool_call>"]
+    for text in failing:
+        o = tools.observe(text, path, duration)
+        assert o["error"] and o["window"] is None and o["frames"] is None and o["timestamps"] == []
+        assert o["text"].startswith("Tool execution failed: ")
+    o = tools.observe(turn, tmp_path / "gone.mp4", 100.0)
+    assert "gone.mp4" in o["error"]
+
+
+def test_crops_from_threads_match_sequential(tool_videos):
+    """rollout.py runs observe() in a thread pool: calls share no decoder state."""
+    from concurrent.futures import ThreadPoolExecutor
+    path, _, _, _ = _video(tool_videos, "h264-2997")
+    windows = [(s, s + 3.0) for s in (0.0, 4.5, 9.0, 15.0, 16.9)] * 2
+    seq = [tools.crop_video(path, s, e, fps=3.0, max_pixels=SIZE * SIZE) for s, e in windows]
+    with ThreadPoolExecutor(4) as pool:
+        par = list(pool.map(lambda w: tools.crop_video(path, *w, fps=3.0, max_pixels=SIZE * SIZE), windows))
+    for a, b in zip(seq, par):
+        assert a.timestamps == b.timestamps and np.array_equal(a.frames, b.frames)

@@ -1,0 +1,345 @@
+"""Evaluate a checkpoint with the training tool loop: metrics, predictions, an HTML trajectory report, RFT export.
+
+    python eval.py                                   # the newest of runs/rft, runs/grpo, runs/sft, else tiny
+    python eval.py --model=runs/grpo --data=data/needle/eval.jsonl --out=runs/grpo/eval
+    python eval.py --model=Qwen/Qwen2.5-VL-7B-Instruct --data=videosiah_eval.jsonl --visual_format=images \\
+        --timestamps=false --longvt_text=true --max_frames=512 --global_fps=1 --max_pixels=50176 \\
+        --crop_max_frames=128 --crop_max_pixels=50176                   # LongVT-compatible mode
+    python eval.py --tools=false                                     # the no-tool baseline (global view only)
+    python eval.py --samples=4 --temperature=0.7                     # pass@4 (and mean@4 as `accuracy`)
+    python eval.py --export_rft=data/rft.jsonl                       # correct, well-grounded traces -> SFT rows
+    torchrun --nproc_per_node=8 eval.py --model=runs/grpo            # rank-strided, gathered on rank 0
+
+Every sample goes through rollout.rollout (greedy by default) and reward.reward_batch, `batch_size` samples
+per rollout call. Writes to --out: predictions.jsonl (one line per trajectory), summary.json, report.html
+(report.py). A sample whose video is missing or corrupt is skipped, counted and named; the run goes on.
+
+The RFT export (LongVT's stage 3 data) keeps the trajectories with accuracy 1 and a last crop of IoU >=
+rft_min_iou with the ground-truth window, as SFT rows (the sample + `turns`, the decoded assistant turns).
+A row is written only when data.render_sft re-renders it to exactly the token ids the policy produced:
+text whose decode -> encode is not the identity (a non-canonical tokenization was sampled) is counted, not
+exported. Departures from LongVT: the last <answer> is scored (reward.py); skipped samples are left out of
+the accuracy (and reported) rather than counted as wrong.
+"""
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import Renderer, ViewConfig, load_samples, render_sft
+from model import compute_init, load_model, parse_config, print0, resolve_checkpoint
+from reward import RewardConfig, iou_reward, reward_batch
+from rollout import RolloutConfig, rollout
+from tools import ToolError
+
+DEFAULT_DATA = "data/needle/eval.jsonl"
+RUN_DIRS = ("runs/rft", "runs/grpo", "runs/sft")
+
+
+@dataclass
+class Config:
+    model: str = ""                 # HF id, checkpoint dir or "tiny"; "" = the newest of runs/{rft,grpo,sft}, else tiny
+    data: str = DEFAULT_DATA        # eval file (our JSONL, VideoSIAH-Eval, Video-MME, LVBench rows); default generated
+    out: str = ""                   # output dir; "" = <model dir>/eval, or runs/eval_<name> for tiny / an HF id
+    limit: int = 0                  # evaluate the first `limit` samples only (0 = all)
+    batch_size: int = 8             # samples per rollout call (each gives `samples` rows)
+    samples: int = 1                # trajectories per sample: k of pass@k (needs temperature > 0 to differ)
+    temperature: float = 0.0        # 0 = greedy
+    top_p: float = RolloutConfig.top_p              # nucleus sampling when temperature > 0
+    max_turns: int = RolloutConfig.max_turns        # tool calls per episode, then one answer turn
+    max_new_tokens: int = RolloutConfig.max_new_tokens      # tokens per assistant turn
+    max_total_tokens: int = RolloutConfig.max_total_tokens  # tokens per trajectory, prompt included
+    seed: int = 0                   # sampling seed
+    tools: bool = True              # false: the no-tool baseline (no tool schema, answer from the global view)
+    visual_format: str = ViewConfig.visual_format   # "video" | "images" (LongVT-compatible)
+    timestamps: bool = ViewConfig.timestamps        # text timestamps in the global view (LongVT: off)
+    longvt_text: bool = ViewConfig.longvt_text      # LongVT's tool-response wording
+    max_frames: int = ViewConfig.global_frames      # frame budget of the global view
+    global_fps: float = ViewConfig.global_fps       # fps cap of the global view
+    max_pixels: int = ViewConfig.max_pixels         # pixels per global-view frame
+    crop_max_frames: int = ViewConfig.crop_max_frames  # frame budget of a crop (LongVT: 128)
+    crop_max_pixels: int = ViewConfig.crop_max_pixels  # pixels per cropped frame
+    accuracy: str = "auto"          # reward.RewardConfig.accuracy: rule | judge | both | auto (judge if configured)
+    iou_mode: str = "last"          # IoU of the "last" or the "best" crop window (mean_iou)
+    export_rft: str = ""            # write correct, well-grounded trajectories to this SFT JSONL file
+    rft_min_iou: float = 0.3        # RFT filter: IoU of the last crop with the ground-truth window (0 = off; needed
+                                    # to export samples without a window, e.g. VideoSIAH-Eval)
+    report_samples: int = 20        # trajectories shown in report.html (0 = no report)
+    save_trajectories: bool = False  # also write trajectories.jsonl: token ids, policy mask, log-probs per turn
+
+
+def view_config(cfg: Config) -> ViewConfig:
+    if cfg.visual_format not in ("video", "images"):
+        raise ValueError(f"visual_format must be 'video' or 'images', got {cfg.visual_format!r}")
+    return ViewConfig(visual_format=cfg.visual_format, timestamps=cfg.timestamps, tools=cfg.tools,
+                      global_frames=cfg.max_frames, global_fps=cfg.global_fps, max_pixels=cfg.max_pixels,
+                      crop_max_frames=cfg.crop_max_frames, crop_max_pixels=cfg.crop_max_pixels,
+                      longvt_text=cfg.longvt_text)
+
+
+def rollout_config(cfg: Config, seed: int) -> RolloutConfig:
+    return RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
+                         max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                         seed=seed)
+
+
+# --------------------------------------------------------------------------- predictions and metrics
+LENGTH_BUCKETS = [(300, "<5min"), (600, "5-10min"), (1200, "10-20min"), (math.inf, ">20min")]
+
+
+def length_bucket(seconds):
+    return next(name for limit, name in LENGTH_BUCKETS if seconds < limit)
+
+
+def prediction(index, draw, traj, comp):
+    """One JSON-able line of predictions.jsonl. comp: reward components, None for a skipped sample."""
+    s = traj.sample
+    p = dict(index=index, draw=draw, id=s.get("id"), video=s.get("video"), question=s.get("question"),
+             choices=s.get("choices"), reference=s.get("answer"), window=s.get("window"), duration=s.get("duration"),
+             stop_reason=traj.stop_reason, error=traj.error, latency=round(traj.seconds, 4))
+    if comp is None:
+        return p
+    p.update(answer=comp["answer"], score=comp["accuracy"], reward=comp["total"],
+             components={k: comp[k] for k in ("accuracy", "format", "iou", "rule", "judge", "judge_used",
+                                              "judge_failures", "answer_too_long")},
+             tool_calls=[dict(window=c["window"], error=c["error"], raw=c["raw"]) for c in traj.tool_calls],
+             turns=list(traj.turns_text), tokens=sum(traj.policy_mask), total_tokens=len(traj.input_ids),
+             prompt_tokens=traj.prompt_len)
+    return p
+
+
+def summarize(predictions, wall_seconds):
+    """Metrics over the scored trajectories (skipped samples are counted and named, not scored)."""
+    n = len({p["index"] for p in predictions})
+    skipped = sorted({p["id"] for p in predictions if p["stop_reason"] == "skipped"})
+    ok = [p for p in predictions if p["stop_reason"] != "skipped"]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    calls = [c for p in ok for c in p["tool_calls"]]
+    windowed = [p for p in ok if p["window"] is not None]
+    by_len = {}
+    for p in ok:
+        by_len.setdefault(length_bucket(p["duration"]), []).append(p["score"])
+    groups = {}
+    for p in ok:
+        groups.setdefault(p["index"], []).append(p["score"])
+    stops = {}
+    for p in predictions:
+        stops[p["stop_reason"]] = stops.get(p["stop_reason"], 0) + 1
+    k = max((p["draw"] for p in predictions), default=0) + 1
+    out = dict(n=n, trajectories=len(predictions), scored=len(ok), accuracy=mean([p["score"] for p in ok]),
+               format_rate=mean([p["components"]["format"] for p in ok]),
+               mean_iou=mean([p["components"]["iou"] for p in windowed]), iou_samples=len(windowed),
+               tool_calls_per_episode=mean([len(p["tool_calls"]) for p in ok]),
+               tool_error_rate=mean([float(c["error"] is not None) for c in calls]) if calls else 0.0,
+               judge_failures=sum(p["components"]["judge_failures"] for p in ok),
+               answer_rate=mean([float(p["answer"] is not None) for p in ok]),
+               mean_tokens=mean([p["tokens"] for p in ok]), mean_total_tokens=mean([p["total_tokens"] for p in ok]),
+               seconds_per_sample=wall_seconds / max(n, 1), skipped=len(skipped), skipped_names=skipped,
+               stop_reasons=stops,
+               accuracy_by_length={name: dict(n=len(by_len[name]), accuracy=mean(by_len[name]))
+                                   for _, name in LENGTH_BUCKETS if name in by_len})
+    if k > 1:
+        out[f"pass@{k}"] = mean([float(max(g) >= 1.0) for g in groups.values()])
+    return out
+
+
+# --------------------------------------------------------------------------- the evaluation loop
+def evaluate(model, processor, samples, cfg=None, view=None, reward_cfg=None, judge=None, distributed=False,
+             return_trajectories=False):
+    """Roll out and score `samples`; writes nothing. Returns (summary, predictions), predictions in sample order.
+
+    cfg: a Config or a dict of its fields (rollout, view and reward settings); `view` (ViewConfig) and
+    `reward_cfg` (RewardConfig) override the ones cfg implies; `judge`: a reward.Judge (default: from the
+    environment when cfg.accuracy allows). distributed=True: every rank of the initialized process group calls
+    this, samples are rank-strided and gathered on rank 0 (other ranks get the summary and no predictions);
+    False (default): this process evaluates all samples alone, e.g. rank 0 of a training run.
+    return_trajectories: a third item, the Trajectory of each prediction (vision tensors dropped)."""
+    cfg = cfg if isinstance(cfg, Config) else Config(**(cfg or {}))
+    ddp = distributed and dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    view = view or view_config(cfg)
+    rew = reward_cfg or RewardConfig(accuracy=cfg.accuracy, iou_mode=cfg.iou_mode)
+    t0 = time.time()
+    mine = list(range(rank, len(samples), world))
+    results = []  # (prediction, light trajectory)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(mine), desc="eval", unit="sample", disable=rank != 0, dynamic_ncols=True)
+    for b in range(0, len(mine), cfg.batch_size):
+        idx = mine[b:b + cfg.batch_size]
+        trajs = rollout(model, processor, [samples[i] for i in idx], cfg.samples,
+                        rollout_config(cfg, cfg.seed + idx[0]), view)
+        live = [t for t in trajs if t.stop_reason != "skipped"]
+        comps = iter([c for _, c in reward_batch([t.sample for t in live], live, rew, judge)] if live else [])
+        for j, t in enumerate(trajs):
+            if t.stop_reason == "skipped" and j % cfg.samples == 0:
+                tqdm.write(f"warning: skipped {t.error}", file=sys.stderr)
+            comp = None if t.stop_reason == "skipped" else next(comps)
+            p = prediction(idx[j // cfg.samples], j % cfg.samples, t, comp)
+            results.append((p, dataclasses.replace(t, vision={}) if return_trajectories else None))
+        bar.update(len(idx))
+        scored = [p["score"] for p, _ in results if "score" in p]
+        bar.set_postfix(acc=f"{sum(scored) / max(len(scored), 1):.3f}")
+    bar.close()
+    model.train(was_training)
+    if ddp:
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(results, gathered, dst=0)
+        results = [r for part in gathered for r in part] if rank == 0 else []
+    results.sort(key=lambda r: (r[0]["index"], r[0]["draw"]))
+    predictions = [p for p, _ in results]
+    summary = [summarize(predictions, time.time() - t0) if rank == 0 else None]
+    if ddp:
+        dist.broadcast_object_list(summary, src=0)
+    summary = dict(summary[0], view=asdict(view), samples_per_question=cfg.samples, temperature=cfg.temperature)
+    if return_trajectories:
+        return summary, predictions, [t for _, t in results]
+    return summary, predictions
+
+
+# --------------------------------------------------------------------------- RFT export
+def rft_row(renderer: Renderer, traj):
+    """The SFT row of a trajectory (sample fields + turns), or None when it does not re-render to the very
+    token ids the policy produced (non-canonical tokenization, a stop token other than <|im_end|>, a
+    truncated episode, a last-turn note after max_turns tool calls)."""
+    if traj.stop_reason != "answer" or not traj.turns_text:
+        return None
+    im_end = renderer.tok.convert_tokens_to_ids("<|im_end|>")
+    if not traj.turn_ids or traj.turn_ids[-1][-1:] != [im_end]:
+        return None
+    turns = list(traj.turns_text[:-1]) + [renderer.tok.decode(traj.turn_ids[-1][:-1], skip_special_tokens=False)]
+    row = {k: v for k, v in traj.sample.items() if k not in ("turns", "observations")}
+    row["turns"] = turns
+    try:
+        r = render_sft(renderer, row)
+    except ToolError:
+        return None
+    return row if r.input_ids == traj.input_ids and r.policy_mask == traj.policy_mask else None
+
+
+def export_rft(path, trajectories, predictions, renderer: Renderer, min_iou=0.3):
+    """Write the correct (accuracy 1) trajectories whose last crop has IoU >= min_iou with the ground-truth
+    window as SFT rows (JSONL). Returns counts: correct, candidates, exported, not_roundtrip, duplicates."""
+    counts = dict(correct=0, candidates=0, exported=0, not_roundtrip=0, duplicates=0)
+    rows, seen = [], set()
+    for t, p in zip(trajectories, predictions, strict=True):
+        if p.get("score") != 1.0:
+            continue
+        counts["correct"] += 1
+        windows = [c["window"] for c in t.tool_calls]
+        if min_iou > 0 and iou_reward(windows, t.sample.get("window"), "last") < min_iou:
+            continue
+        counts["candidates"] += 1
+        row = rft_row(renderer, t)
+        if row is None:
+            counts["not_roundtrip"] += 1
+            continue
+        key = (row.get("id"), tuple(row["turns"]))
+        if key in seen:  # the same trace sampled twice (pass@k) is written once
+            counts["duplicates"] += 1
+            continue
+        seen.add(key)
+        rows.append(row)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(path + ".tmp", path)
+    counts["exported"] = len(rows)
+    return dict(counts, path=path)
+
+
+# --------------------------------------------------------------------------- outputs
+def write_outputs(out_dir, summary, predictions, trajectories=None, report_samples=20):
+    """predictions.jsonl, summary.json, report.html (first report_samples trajectories) and, when
+    trajectories are given, trajectories.jsonl (token ids, policy mask, log-probs, turn ids)."""
+    os.makedirs(out_dir, exist_ok=True)
+
+    def dump(name, lines):
+        with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
+            for x in lines:
+                f.write(json.dumps(x) + "\n")
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    dump("predictions.jsonl", predictions)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    if trajectories is not None:
+        dump("trajectories.jsonl", (dict(id=p["id"], draw=p["draw"], prompt_len=t.prompt_len, input_ids=t.input_ids,
+                                         policy_mask=t.policy_mask, logprobs=t.logprobs, turn_ids=t.turn_ids)
+                                    for p, t in zip(predictions, trajectories)))
+    if report_samples > 0:
+        from report import write_report
+        write_report(os.path.join(out_dir, "report.html"), summary, predictions[:report_samples],
+                     ViewConfig(**summary["view"]))
+
+
+def print_summary(summary):
+    """A small two-column table of the headline numbers, then accuracy by video length."""
+    def fmt(v):
+        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    keys = ["n", "scored", "accuracy"] + [k for k in summary if k.startswith("pass@")] + [
+        "format_rate", "mean_iou", "tool_calls_per_episode", "tool_error_rate", "judge_failures", "answer_rate",
+        "mean_tokens", "seconds_per_sample", "skipped"]
+    rows = [(k, fmt(summary.get(k))) for k in keys]
+    rows += [(f"accuracy {b}", f"{fmt(v['accuracy'])} (n={v['n']})") for b, v in summary["accuracy_by_length"].items()]
+    if summary.get("rft"):
+        rows.append(("rft exported", f"{summary['rft']['exported']} of {summary['rft']['candidates']} candidates"))
+    w = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{w}}  {v}" for k, v in rows), flush=True)
+    if summary["skipped"]:
+        print(f"skipped: {', '.join(summary['skipped_names'])}", flush=True)
+
+
+def default_model():
+    """The newest (by modification time) checkpoint among runs/rft, runs/grpo, runs/sft; else tiny."""
+    found = [resolve_checkpoint(d) for d in RUN_DIRS]
+    found = [d for d in found if os.path.isfile(os.path.join(d, "config.json"))]
+    return max(found, key=lambda d: os.path.getmtime(os.path.join(d, "config.json"))) if found else "tiny"
+
+
+def default_out(model_name):
+    if os.path.isdir(model_name):
+        return os.path.join(model_name, "eval")
+    return os.path.join("runs", "eval_" + model_name.replace("/", "_"))
+
+
+def main(argv=None):
+    cfg = parse_config(Config, sys.argv[1:] if argv is None else argv)
+    if cfg.samples > 1 and cfg.temperature <= 0:
+        raise SystemExit("--samples > 1 needs --temperature > 0 (greedy draws are identical)")
+    d = compute_init(cfg.seed)
+    if cfg.data == DEFAULT_DATA and not os.path.exists(cfg.data):
+        if d.is_main:
+            import needle
+            needle.ensure(cfg.data)
+        if dist.is_initialized():
+            dist.barrier()
+    samples = load_samples(cfg.data)
+    samples = samples[:cfg.limit] if cfg.limit > 0 else samples
+    name = cfg.model or default_model()
+    out = cfg.out or default_out(name)
+    print0(f"eval {name} on {cfg.data} ({len(samples)} samples x {cfg.samples}) -> {out}")
+    model, processor = load_model(name, d.device)
+    keep = bool(cfg.export_rft or cfg.save_trajectories)  # gather token ids only when something needs them
+    summary, predictions, *rest = evaluate(model, processor, samples, cfg, distributed=True, return_trajectories=keep)
+    trajectories = rest[0] if keep else None
+    if d.is_main:
+        summary.update(model=name, data=cfg.data)
+        if cfg.export_rft:
+            summary["rft"] = export_rft(cfg.export_rft, trajectories, predictions,
+                                        Renderer(processor, view_config(cfg)), cfg.rft_min_iou)
+        write_outputs(out, summary, predictions, trajectories if cfg.save_trajectories else None, cfg.report_samples)
+        print_summary(summary)
+        print(f"wrote {out}/predictions.jsonl, summary.json" + (", report.html" if cfg.report_samples else ""))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

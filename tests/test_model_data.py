@@ -1,0 +1,271 @@
+"""model.py, data.py and needle.py: tokenizer, loading, checkpoints, log-probs, readers, renderer, benchmark."""
+import hashlib
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from data import (DataError, Renderer, ViewConfig, collate, global_times, global_view, load_samples, positions,
+                  render_sft)
+from model import (COLOURS, build_tiny_tokenizer, compute_init, load_model, parse_config, save_checkpoint,
+                   token_logprobs)
+from needle import NeedleConfig, generate
+from tools import crop_video, observe
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, proc = load_model("tiny")
+    model.eval()
+    return model, proc
+
+
+@pytest.fixture(scope="module")
+def needle_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("needle")
+    cfg = NeedleConfig(out=str(out), num_train=12, num_eval=4, min_duration=180, max_duration=300, seed=11)
+    generate(cfg)
+    return out, cfg
+
+
+# --------------------------------------------------------------------------- tokenizer and model
+def test_tiny_tokenizer_is_lossless_and_copies_numbers_in_one_token():
+    tok = build_tiny_tokenizer()
+    rng = random.Random(0)
+    alphabet = "abcdefghijklmnopqrstuvwxyz ABC0123456789.,:{}\"'\n\t<>/_-éü中"
+    for _ in range(300):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randrange(60)))
+        assert tok.decode(tok.encode(s, add_special_tokens=False)) == s
+    for t in ["<|im_start|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<think>", "</answer>", "137", "crop_video"]:
+        assert len(tok.encode(t, add_special_tokens=False)) == 1, t
+    assert tok.convert_ids_to_tokens(tok.encode("end_time\": 245", add_special_tokens=False))[-1] == "245"
+
+
+def test_tiny_is_seeded_and_save_load_round_trip(tiny, tmp_path):
+    model, proc = tiny
+    again, _ = load_model("tiny")
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    ids = torch.tensor([proc.tokenizer.encode("<|im_start|>user\nwhat colour is the square?<|im_end|>")])
+    save_checkpoint(model, proc, str(tmp_path / "ck"))
+    loaded, proc2 = load_model(str(tmp_path / "ck"))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    assert proc2.tokenizer.encode("12.5s <answer>red</answer>") == proc.tokenizer.encode("12.5s <answer>red</answer>")
+
+
+def test_interrupted_checkpoint_keeps_previous(tiny, tmp_path):
+    model, proc = tiny
+    save_checkpoint(model, proc, str(tmp_path / "ck"), extra={"trainer_state.pt": {"step": 1}})
+
+    class Boom:  # fails while being pickled, i.e. in the middle of writing the new checkpoint
+        def __reduce__(self):
+            raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError):
+        save_checkpoint(model, proc, str(tmp_path / "ck"), extra={"trainer_state.pt": Boom()})
+    assert torch.load(tmp_path / "ck" / "trainer_state.pt")["step"] == 1
+    load_model(str(tmp_path / "ck"))
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_other_families_load_by_path(family, tmp_path):
+    """A tiny checkpoint of each family transformers ships a config for loads through the Auto classes."""
+    from transformers import Qwen2VLImageProcessor
+    tok = build_tiny_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    common = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                  vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, eos_token_id=ids("<|im_end|>"), bos_token_id=0)
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor as VP
+        text["rope_parameters"] = dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3])
+        cfg = Qwen2VLConfig(text_config=text, vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2),
+                            **common)
+        model, P = Qwen2VLForConditionalGeneration(cfg), Qwen2VLProcessor
+    else:
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor as VP
+        text.update(head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3],
+                                                      mrope_interleaved=True))
+        cfg = Qwen3VLConfig(text_config=text, vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64,
+                                                                 out_hidden_size=64, deepstack_visual_indexes=[0],
+                                                                 num_position_embeddings=64), **common)
+        model, P = Qwen3VLForConditionalGeneration(cfg), Qwen3VLProcessor
+    model.save_pretrained(tmp_path)
+    P(image_processor=Qwen2VLImageProcessor(), tokenizer=tok, video_processor=VP()).save_pretrained(tmp_path)
+    loaded, proc = load_model(str(tmp_path))
+    assert type(loaded).__name__ == type(model).__name__ and type(proc).__name__ == P.__name__
+    x = torch.tensor([tok.encode("hello there")])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=x).logits, model.eval()(input_ids=x).logits)
+
+
+def test_chunked_logprobs_equal_full_softmax(tiny):
+    model, proc = tiny
+    ids = torch.randint(0, len(proc.tokenizer) - 20, (2, 37))
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+        lp, ent = token_logprobs(model, ids, chunk=5, with_entropy=True)
+        p = torch.softmax(model(input_ids=ids).logits.float(), -1)
+    assert torch.allclose(lp[:, 1:], ref, atol=1e-5) and (lp[:, 0] == 0).all()
+    assert torch.allclose(ent[:, 1:], -(p * p.clamp_min(1e-30).log()).sum(-1)[:, :-1], atol=1e-4)
+
+
+def test_parse_config_and_compute_init():
+    from dataclasses import dataclass
+
+    @dataclass
+    class C:
+        lr: float = 1.0
+        steps: int = 2
+        name: str = "x"
+        flag: bool = False
+    c = parse_config(C, ["--lr=3e-4", "--steps=7", "--flag=true", "--name=a=b"])
+    assert (c.lr, c.steps, c.flag, c.name) == (3e-4, 7, True, "a=b")
+    for bad in (["--nope=1"], ["--steps=1.5"], ["steps=1"], ["--flag=maybe"]):
+        with pytest.raises(SystemExit):
+            parse_config(C, bad)
+    d = compute_init(seed=5)
+    assert (d.rank, d.world, d.is_main, d.device.type) == (0, 1, True, "cpu")
+
+
+# --------------------------------------------------------------------------- readers
+def test_malformed_line_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"video": "a.mp4", "question": "q", "answer": "a"}\n{"video": "b.mp4", "question": \n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2"):
+        load_samples(str(p))
+    p.write_text('{"video": "a.mp4", "question": "q"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1: missing field"):
+        load_samples(str(p))
+
+
+def test_readers_of_longvt_and_benchmark_rows(tmp_path):
+    rows = [
+        {"data_source": "x", "prompt": [{"role": "user", "content": "<video>Which flag?\nThink first ... The video path is: /v/a.mp4"}],
+         "videos": [{"type": "video", "video": "file:///v/a.mp4", "fps": 1}], "reward_model": {"ground_truth": "A red flag."},
+         "extra_info": {"index": 3, "question": "Which flag?", "video_segment": [120.0, 141.5]}},
+        {"messages": [{"role": "system", "content": [{"type": "text", "text": "sys"}]},
+                      {"role": "user", "content": [{"type": "video_url", "video_url": {"url": "cot/b.mp4"}, "text": None},
+                                                   {"type": "text", "text": "Which hat?\n The video path is: b.mp4"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "<think>t</think><tool_call>{}</tool_call>"}]},
+                      {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "f/b_1_2_0.jpg"}},
+                                                   {"type": "text", "text": "<tool_response>ok</tool_response>"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "<think>u</think><answer>blue</answer>"}]}]},
+        {"video_path": "siah/c.mp4", "question": "What?", "answer": "That."},
+        {"videoID": "xyz", "question_id": "001-1", "question": "Pick", "options": ["A. one", "B. two"], "answer": "B"},
+    ]
+    p = tmp_path / "mixed.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rl, sft, siah, mme = load_samples(str(p))
+    assert rl["video"] == "/v/a.mp4" and rl["answer"] == "A red flag." and rl["window"] == [120.0, 141.5]
+    assert sft["video"] == str(tmp_path / "cot/b.mp4") and sft["question"] == "Which hat?" and sft["answer"] == "blue"
+    assert len(sft["turns"]) == 2 and sft["observations"][0]["images"] == [str(tmp_path / "f/b_1_2_0.jpg")]
+    assert siah["video"] == str(tmp_path / "siah/c.mp4") and siah["answer"] == "That."
+    assert mme["choices"] == ["A. one", "B. two"] and mme["answer_type"] == "choice"
+
+
+def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+    real = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda n, *a, **k: (_ for _ in ()).throw(ImportError(n))
+                        if n.startswith("pyarrow") else real(n, *a, **k))
+    with pytest.raises(SystemExit, match="pyarrow"):
+        load_samples(str(tmp_path / "x.parquet"))
+
+
+# --------------------------------------------------------------------------- needle benchmark and renderer
+def needle_pixels(frame, colour):
+    """Number of pixels within a small distance of a needle colour (the frames are lossy)."""
+    return int((np.abs(frame.astype(int) - np.array(COLOURS[colour])).sum(-1) < 60).sum())
+
+
+def test_needle_generator_is_deterministic(needle_set, tmp_path):
+    out, cfg = needle_set
+    cfg2 = NeedleConfig(**{**cfg.__dict__, "out": str(tmp_path), "num_train": 3, "num_eval": 1})
+    generate(cfg2)
+    a = [json.loads(l) for l in open(out / "train.jsonl")][:3]
+    b = [json.loads(l) for l in open(tmp_path / "train.jsonl")]
+    assert a == b
+    digest = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()
+    assert digest(out / "videos/train_00000.mp4") == digest(tmp_path / "videos/train_00000.mp4")
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_needle_seen_by_crop_missed_by_global_view(needle_set, split):
+    """The benchmark's thesis, measured: a crop of the evidence window shows the needle, the global view
+    mostly does not (train: 3-5 min videos; eval: 10-15 min)."""
+    out, _ = needle_set
+    view = ViewConfig()
+    samples = load_samples(str(out / f"{split}.jsonl"))
+    crop_hits = global_hits = 0
+    for s in samples:
+        c = s["needle"]["colour"]
+        frames, ts = global_view(s["video"], view, s["duration"])
+        global_hits += any(needle_pixels(f, c) >= 20 for f in frames)
+        clip = crop_video(s["video"], *s["window"], fps=view.crop_fps, max_frames=view.crop_max_frames,
+                          max_pixels=view.crop_max_pixels)
+        crop_hits += any(needle_pixels(f, c) >= 20 for f in clip.frames)
+        assert len(frames) == len(global_times(s["duration"], view)) <= view.global_frames
+    assert crop_hits == len(samples)
+    assert global_hits <= 0.4 * len(samples)
+
+
+def test_sft_crop_windows_find_the_needle(needle_set):
+    """The crop written in each SFT trajectory (read off the prompt's timestamps) catches the needle."""
+    out, _ = needle_set
+    view = ViewConfig()
+    for s in load_samples(str(out / "sft.jsonl")):
+        o = observe(s["turns"][-2], s["video"], s["duration"], fps=view.crop_fps, max_frames=view.crop_max_frames,
+                    min_frames=view.crop_min_frames, max_pixels=view.crop_max_pixels)
+        assert o["error"] is None
+        assert any(needle_pixels(f, s["needle"]["colour"]) >= 20 for f in o["frames"]), s["id"]
+
+
+@pytest.mark.parametrize("fmt,stamps", [("video", True), ("video", False), ("images", False)])
+def test_renderer_masks_and_concatenation(tiny, needle_set, fmt, stamps):
+    model, proc = tiny
+    out, _ = needle_set
+    view = ViewConfig(visual_format=fmt, timestamps=stamps)
+    ren = Renderer(proc, view)
+    s = next(x for x in load_samples(str(out / "sft.jsonl")) if len(x["turns"]) == 3)  # an imperfect, 2-call one
+    r = render_sft(ren, s)
+    tok = proc.tokenizer
+    # reference by concatenation: prompt + assistant ids + observation chunks
+    frames, ts = global_view(s["video"], view, s["duration"])
+    ref = ren.prompt(s, frames, ts)
+    for i, t in enumerate(s["turns"]):
+        ref = ref + ren.assistant(t, final=i == 2)
+        if i < 2:
+            ref = ref + ren.observation(observe(t, s["video"], s["duration"], fps=view.crop_fps,
+                                                max_frames=view.crop_max_frames, min_frames=view.crop_min_frames,
+                                                max_pixels=view.crop_max_pixels))
+    assert r.input_ids == ref.input_ids and r.policy_mask == ref.policy_mask
+    # every mask-1 token lies inside an assistant turn; vision and observation tokens are 0
+    ids = r.input_ids
+    im_start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    role, header = None, False
+    for i, (t, m) in enumerate(zip(ids, r.policy_mask)):
+        if t == im_start:
+            role = tok.decode(ids[i + 1:i + 2])
+        if m:
+            assert role == "assistant" and t != im_start
+        if r.mm_token_type_ids[i]:
+            assert m == 0
+    trained = tok.decode([t for t, m in zip(ids, r.policy_mask) if m])
+    assert trained == "".join(s["turns"]) + "<|im_end|>"
+    pad = tok.convert_tokens_to_ids("<|video_pad|>" if fmt == "video" else "<|image_pad|>")
+    grid = r.vision["video_grid_thw" if fmt == "video" else "image_grid_thw"]
+    assert ids.count(pad) == int(grid.prod(-1).sum()) // 4
+    # the model runs on it: forward with M-RoPE positions from get_rope_index
+    b = collate(model, [r], tok.pad_token_id)
+    vision = {k: v for k, v in b["vision"].items() if k != "second_per_grid_ts"}
+    with torch.no_grad():
+        lp, _ = token_logprobs(model, b["input_ids"], b["attention_mask"], b["position_ids"], **vision)
+    assert torch.isfinite(lp).all() and positions(model, r).shape == (3, len(ids))

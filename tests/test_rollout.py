@@ -1,0 +1,168 @@
+"""rollout.py against independent references: HF generate, a full forward pass, and the SFT renderer."""
+import copy
+
+import pytest
+import torch
+
+from data import Renderer, ViewConfig, collate, render_sft
+from model import load_model, token_logprobs
+from needle import NeedleConfig, generate
+from rollout import RolloutConfig, rollout
+
+VIEW = ViewConfig(global_frames=16, crop_max_frames=8)
+
+
+@pytest.fixture(scope="module")
+def needle_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("needle")
+    rows = generate(NeedleConfig(out=str(out), num_train=3, num_eval=1, min_duration=60, max_duration=90,
+                                 eval_min_duration=60, eval_max_duration=90, seed=3))
+    for r in rows["sft"] + rows["train"] + rows["eval"]:
+        r["video"] = str(out / r["video"])
+    return rows
+
+
+def full_logprobs(model, proc, trajs):
+    """Reference: one forward pass over each final sequence (prompt, sampled ids, observations, frames)."""
+    out = []
+    for t in trajs:
+        b = collate(model, [t.rendered()], proc.tokenizer.pad_token_id)
+        vision = {k: v for k, v in b["vision"].items() if k != "second_per_grid_ts"}
+        with torch.no_grad():
+            lp, _ = token_logprobs(model, b["input_ids"], b["attention_mask"], b["position_ids"], **vision)
+        out.append(lp[0])
+    return out
+
+
+@pytest.fixture(scope="module")
+def scripted(needle_set):
+    """A tiny model overfit on three SFT trajectories, so that greedy decoding replays them: a clean one,
+    one whose first call is malformed JSON and second is outside the video, and one that keeps calling."""
+    rows = copy.deepcopy(needle_set["sft"][:3])
+    good = rows[0]["turns"]
+    call = good[0][good[0].index("<tool_call>"):]
+    rows[1]["turns"] = ['<think>try</think><tool_call>{"name": "crop_video", "arguments": {"start_time": 5,</tool_call>',
+                        '<think>again</think><tool_call>{"name": "crop_video", "arguments": {"start_time": 900, '
+                        '"end_time": 990}}</tool_call>'] + rows[1]["turns"]
+    rows[2]["turns"] = [f"<think>look</think>{call}"] * 2 + ["<think>no more calls</think><answer>red</answer>"]
+    model, proc = load_model("tiny")
+    ren = Renderer(proc, VIEW)
+    rendered = [render_sft(ren, r, max_turns=2) for r in rows]
+    batch = collate(model, rendered, proc.tokenizer.pad_token_id)
+    vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    mask = batch["policy_mask"]
+    for _ in range(300):
+        lp, _ = token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                               mask=mask, **vision)
+        if lp[mask.bool()].min() > -0.1:  # every target token has p > 0.9: greedy decoding replays them all
+            break
+        loss = -(lp * mask).sum() / mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model, proc, rows, rendered
+
+
+def test_greedy_matches_hf_generate(needle_set):
+    """No tools, greedy: the same ids as model.generate on a left-padded batch of prompts of different lengths."""
+    model, proc = load_model("tiny")
+    model.eval()
+    view = ViewConfig(tools=False, global_frames=16)
+    samples = [dict(needle_set["train"][0]), dict(needle_set["train"][1], question="Short?")]
+    cfg = RolloutConfig(temperature=0, max_new_tokens=12)
+    trajs = rollout(model, proc, samples, 1, cfg, view)
+    ren = Renderer(proc, view)
+    from data import global_view
+    prompts = [ren.prompt(t.sample, *global_view(t.sample["video"], view, t.sample["duration"])) for t in trajs]
+    assert len(prompts[0].input_ids) != len(prompts[1].input_ids)
+    T = max(len(p.input_ids) for p in prompts)
+    pad = proc.tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (T - len(p.input_ids)) + p.input_ids for p in prompts])
+    att = torch.tensor([[0] * (T - len(p.input_ids)) + [1] * len(p.input_ids) for p in prompts])
+    mm = torch.tensor([[0] * (T - len(p.input_ids)) + p.mm_token_type_ids for p in prompts])
+    from data import cat_vision
+    vision = cat_vision([p.vision for p in prompts])
+    im_end = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=att, mm_token_type_ids=mm, do_sample=False,
+                             max_new_tokens=12, eos_token_id=[im_end, pad], pad_token_id=pad, **vision)
+    for b, t in enumerate(trajs):
+        want = ref[b, T:].tolist()
+        got = t.turn_ids[0]
+        assert got == want[:len(got)]
+        assert len(got) == 12 or got[-1] in (im_end, pad)
+
+
+def test_logprobs_match_full_forward_with_tool_observations(scripted):
+    """Sampling log-probs (temperature 1) == one full forward pass over the final sequences, observations and
+    their video frames included: proves the cache appends and the M-RoPE positions are right."""
+    model, proc, rows, _ = scripted
+    cfg = RolloutConfig(temperature=1.0, max_new_tokens=80, max_turns=2, seed=1)
+    trajs = rollout(model, proc, rows, 2, cfg, VIEW)
+    assert sum(t.num_tool_calls for t in trajs) >= 4  # observations were really appended
+    assert any(t.vision.get("video_grid_thw") is not None and len(t.vision["video_grid_thw"]) > 10 for t in trajs)
+    for t, ref in zip(trajs, full_logprobs(model, proc, trajs)):
+        mask = torch.tensor(t.policy_mask, dtype=torch.bool)
+        got = torch.tensor(t.logprobs)
+        assert (got[mask] - ref[mask]).abs().max() < 1e-4
+        assert (got[~mask] == 0).all()
+
+
+def test_replays_sft_token_exactly_and_policy_mask(scripted):
+    """Greedy replay of the overfit trajectories: ids equal the SFT renderer's (prompt + assistant ids +
+    observation chunks), so SFT data and rollouts tokenize identically; policy_mask is 1 exactly on sampled ids."""
+    model, proc, rows, rendered = scripted
+    trajs = rollout(model, proc, rows, 1, RolloutConfig(temperature=0, max_new_tokens=80, max_turns=2), VIEW)
+    for t, r in zip(trajs, rendered):
+        assert t.input_ids == r.input_ids
+        assert t.policy_mask == r.policy_mask
+        sampled = sum(len(x) for x in t.turn_ids)
+        assert sum(t.policy_mask) == sampled
+        vis = {proc.tokenizer.convert_tokens_to_ids(x) for x in ("<|video_pad|>", "<|image_pad|>")}
+        assert all(m == 0 for i, m in zip(t.input_ids, t.policy_mask) if i in vis)
+        assert t.input_ids[:t.prompt_len] == r.input_ids[:t.prompt_len] and sum(t.policy_mask[:t.prompt_len]) == 0
+
+
+def test_bad_calls_give_error_observations_and_turn_limit(scripted):
+    model, proc, rows, _ = scripted
+    trajs = rollout(model, proc, rows, 1, RolloutConfig(temperature=0, max_new_tokens=80, max_turns=2), VIEW)
+    good, bad, greedy_caller = trajs
+    assert good.stop_reason == "answer" and good.num_tool_calls == 1 and good.tool_calls[0]["error"] is None
+    # malformed JSON, then a window outside the video: both error observations, and the episode went on
+    assert bad.tool_calls[0]["error"] and bad.tool_calls[0]["window"] is None
+    assert bad.tool_calls[1]["error"] and "outside" in bad.tool_calls[1]["error"]
+    assert "Tool execution failed" in proc.tokenizer.decode(bad.input_ids)
+    assert bad.num_tool_calls == 2 and bad.stop_reason == "turn_limit"
+    # the row that used its last call got the no-more-calls note and still answered
+    assert greedy_caller.num_tool_calls == 2 and greedy_caller.stop_reason == "answer"
+    assert "No more tool calls" in proc.tokenizer.decode(greedy_caller.input_ids)
+
+
+def test_total_token_budget_stops_with_length(scripted):
+    model, proc, rows, rendered = scripted
+    budget = rendered[0].input_ids.index(proc.tokenizer.convert_tokens_to_ids("</tool_call>")) + 30
+    t = rollout(model, proc, rows[:1], 1, RolloutConfig(temperature=0, max_new_tokens=80, max_total_tokens=budget),
+                VIEW)[0]
+    assert t.stop_reason == "length" and len(t.input_ids) <= budget
+
+
+def test_seeded_and_group_rows_differ(needle_set):
+    model, proc = load_model("tiny")
+    model.eval()
+    cfg = RolloutConfig(temperature=1.0, max_new_tokens=6, seed=7)
+    a = rollout(model, proc, needle_set["train"][:2], 4, cfg, VIEW)
+    b = rollout(model, proc, needle_set["train"][:2], 4, cfg, VIEW)
+    assert [t.input_ids for t in a] == [t.input_ids for t in b]
+    for g in range(2):
+        firsts = [t.turn_ids[0][0] for t in a[4 * g:4 * g + 4]]
+        assert len(set(firsts)) > 1  # rows of a group differ from the first sampled token on
+
+
+def test_missing_video_is_skipped(needle_set):
+    model, proc = load_model("tiny")
+    samples = [dict(needle_set["train"][0], video="/nonexistent.mp4", duration=None), needle_set["train"][1]]
+    trajs = rollout(model, proc, samples, 2, RolloutConfig(max_new_tokens=4), VIEW)
+    assert [t.stop_reason for t in trajs[:2]] == ["skipped"] * 2 and "nonexistent" in trajs[0].error
+    assert all(t.stop_reason != "skipped" and t.input_ids for t in trajs[2:])

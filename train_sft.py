@@ -1,0 +1,437 @@
+"""Stage 1 (tool-integrated SFT cold start) and stage 3 (RFT): cross-entropy on the policy's own tokens only.
+
+    python train_sft.py                                   # tiny model, data/needle/sft.jsonl (made if missing) -> runs/sft
+    python train_sft.py --steps=300 --lr=1e-3 --batch_size=16 --micro_batch_size=4 --grad_ckpt=true
+    python train_sft.py --resume                          # continue runs/sft exactly where it stopped
+    torchrun --standalone --nproc_per_node=2 train_sft.py --parallel=ddp       # or --parallel=fsdp (FSDP2)
+    python train_sft.py --init=runs/grpo --data=runs/rft.jsonl --out=runs/rft  # stage 3: RFT on filtered rollouts
+    python train_sft.py --model=Qwen/Qwen2.5-VL-7B-Instruct --data=a.jsonl,longvt_sft.json --visual_format=images
+
+Each row (ours with `turns`, or LongVT's `messages`) is rendered by data.render_sft: the tool calls in the text are
+re-run (or LongVT's stored frames used) so SFT sequences tokenize exactly like rollouts. The loss is the summed
+negative log-likelihood of the tokens with policy_mask == 1, divided by the number of such tokens in the whole
+global batch (all micro-batches on all ranks, counted and all-reduced before the first forward), so gradient
+accumulation and the number of processes do not change the update. Only those positions go through the LM head.
+
+Data: rows that cannot be used are skipped with a warning naming file:line; samples whose video (or stored frames)
+cannot be read are skipped with a warning naming them; both are counted in metrics.jsonl. Every sample is rendered
+once at start-up (each rank renders a strided share; lengths and failures are all-gathered so all ranks agree on the
+data set) and kept in memory (--cache=false re-renders when used). Each epoch is a seeded shuffle cut into global
+batches (last partial batch dropped); with --group_by_length samples of similar length share a batch (and each
+batch is sorted by length before the rank-strided split into micro-batches), which removes most padding. We group
+by length instead of packing several samples into one row: packing M-RoPE vision sequences needs per-segment
+attention masks that sdpa on a padded batch does not give.
+
+Checkpoints (every --save_every steps and at the end) go to --out in HF layout plus trainer_state.pt (optimizer,
+scheduler, per-rank RNG states, step / data position, config) and metrics.jsonl, written to a temp dir and renamed.
+Under FSDP2 the model and optimizer states are gathered to full, CPU-offloaded state dicts and saved by rank 0 only;
+on resume every rank reads the full optimizer state and keeps its shard. bf16 on CUDA is autocast (DDP) or FSDP2's
+mixed precision; master weights and AdamW states stay fp32.
+
+Departures from LongVT: they train with lmms-engine (FSDP2, sequence packing); we group by length instead of packing.
+"""
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import DataError, Renderer, ViewConfig, collate, normalize_row, read_rows, render_sft
+from model import atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, unwrap
+from tools import ToolError
+
+DEFAULT_DATA = "data/needle/sft.jsonl"
+
+
+@dataclass
+class Config:
+    model: str = "tiny"             # policy to start from: 'tiny', an HF id or a checkpoint dir
+    init: str = ""                  # same as --model and wins over it (e.g. --init=runs/grpo for RFT)
+    data: str = DEFAULT_DATA        # training files, comma-separated (.jsonl / .json / .parquet; ours or LongVT's)
+    out: str = "runs/sft"           # checkpoint dir (HF layout + trainer_state.pt + metrics.jsonl)
+    steps: int = 0                  # optimizer steps; 0 = epochs x (samples // batch_size)
+    epochs: float = 2.0             # used when steps == 0
+    batch_size: int = 8             # global batch: samples per optimizer step, over all ranks and micro-steps
+    micro_batch_size: int = 2       # samples per forward pass on one rank
+    lr: float = 3e-3                # peak learning rate
+    min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 5           # linear warm-up steps
+    weight_decay: float = 0.0       # AdamW weight decay
+    beta2: float = 0.95             # AdamW beta2
+    grad_clip: float = 1.0          # max global grad norm (0 = off)
+    grad_ckpt: bool = False         # gradient checkpointing of the decoder layers
+    parallel: str = "ddp"           # ddp | fsdp (FSDP2 fully_shard per decoder layer and vision block, then root)
+    bf16: bool = True               # CUDA only: bf16 compute (CPU always runs fp32)
+    seed: int = 0                   # data order and RNG seed
+    save_every: int = 25            # checkpoint every N steps (0 = only at the end)
+    resume: bool = False            # continue from the checkpoint in --out
+    stop_at: int = 0                # end this invocation after this step, checkpointed (0 = run to the end)
+    group_by_length: bool = True    # batch samples of similar length together (less padding)
+    max_len: int = 0                # skip samples longer than this many tokens (0 = no limit)
+    limit: int = 0                  # use only the first N rows (0 = all)
+    cache: bool = True              # keep rendered samples in memory (false: re-render each time)
+    workers: int = 2                # threads rendering samples at start-up (video decoding, processor)
+    threads: int = 1                # CPU only: torch intra-op threads (0 = torch's default); the tiny model's ops
+                                    # are too small to split, and 2 threads on 2 busy cores spin-wait several x slower
+    visual_format: str = "video"    # ViewConfig: "video" | "images" (LongVT's released checkpoints)
+    timestamps: bool = True         # ViewConfig: text timestamps before frame groups
+    global_frames: int = 64         # ViewConfig: frame budget of the global view
+    crop_max_frames: int = 48       # ViewConfig: frame budget of one crop
+    longvt_text: bool = False       # ViewConfig: LongVT's observation wording
+
+
+# --------------------------------------------------------------------------- loss
+def policy_nll(model, batch, labels=None):
+    """Summed NLL of labels[:, t] at every t with policy_mask[:, t] == 1, predicted from positions < t.
+    Same value as -(model.token_logprobs(...) * policy_mask).sum(), but only the masked positions go through
+    the LM head (a few % of the tokens), in fp32. labels defaults to input_ids (the tests perturb it)."""
+    bare = unwrap(model)
+    ids = batch["input_ids"]
+    labels = ids if labels is None else labels
+    vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}  # positions are explicit
+    hidden = bare.model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                        use_cache=False, **vision).last_hidden_state  # (B, T, H)
+    target = batch["policy_mask"][:, 1:].bool()  # (B, T-1): token t+1 is the policy's
+    logits = bare.lm_head(hidden[:, :-1][target]).float()  # (N, V), N = policy tokens of the batch
+    return F.cross_entropy(logits, labels[:, 1:][target], reduction="sum")
+
+
+class PolicyNLL(torch.nn.Module):
+    """policy_nll as a module, so that DDP's and FSDP2's hooks run around it (the HF model's own forward
+    would compute logits at every position)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return policy_nll(self.model, batch)
+
+
+def wrap(model, cfg, d):
+    """DDP, or FSDP2 (fully_shard per vision block and decoder layer, then the root), around PolicyNLL."""
+    engine = PolicyNLL(model)
+    if d.world == 1:
+        return engine
+    if cfg.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(engine, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16(cfg, d) else None
+    kw = dict(mp_policy=mp) if mp else {}
+    for block in list(model.model.visual.blocks) + list(model.model.language_model.layers):
+        fully_shard(block, **kw)
+    return fully_shard(engine, **kw)
+
+
+def use_bf16(cfg, d):
+    return cfg.bf16 and d.device.type == "cuda"
+
+
+# --------------------------------------------------------------------------- data
+def rows_of(path):
+    """(line, row or DataError) of a file; unlike data.read_rows a malformed JSONL line does not end the file."""
+    if path.endswith((".json", ".parquet")):
+        yield from read_rows(path)
+        return
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield i, DataError(f"malformed JSON: {e.msg}")
+
+
+def read_samples(paths, limit=0):
+    """SFT samples of all files; unusable rows are skipped with a warning. Returns (samples, skipped count)."""
+    samples, skipped = [], 0
+    for path in paths:
+        if not os.path.exists(path):
+            raise SystemExit(f"--data: {path} does not exist")
+        base = os.path.dirname(os.path.abspath(path))
+        for line, row in rows_of(path):
+            try:
+                if isinstance(row, DataError):
+                    raise row
+                s = normalize_row(row, base)
+                if not s.get("turns"):
+                    raise DataError("no assistant turns (an SFT row needs `turns` or `messages`)")
+            except (DataError, KeyError, TypeError, IndexError) as e:
+                print0(f"warning: skipping {path}:{line}: {e}")
+                skipped += 1
+                continue
+            s["id"] = s["id"] or f"{os.path.basename(path)}:{line}"
+            samples.append(s)
+    return (samples[:limit] if limit else samples), skipped
+
+
+def try_render(renderer, sample):
+    """Rendered, or an error string naming the sample when its video / stored frames cannot be read."""
+    try:
+        return render_sft(renderer, sample)
+    except (ToolError, DataError, OSError, ValueError, KeyError, IndexError) as e:
+        return f"{sample['id']} ({sample['video']}): {type(e).__name__}: {e}"
+
+
+def epoch_batches(lengths, cfg, epoch):
+    """Global batches (lists of sample indices) of one epoch: a seeded shuffle, optionally grouped by length."""
+    rng = random.Random(cfg.seed * 100003 + epoch)  # its own generator: the order never depends on the run so far
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    B = cfg.batch_size
+    if cfg.group_by_length:  # sort windows of 16 batches by length, so each batch holds similar lengths
+        w = 16 * B
+        idx = [i for s in range(0, len(idx), w) for i in sorted(idx[s:s + w], key=lambda i: -lengths[i])]
+    batches = [idx[s:s + B] for s in range(0, len(idx) - B + 1, B)]
+    if cfg.group_by_length:
+        rng.shuffle(batches)
+        batches = [sorted(b, key=lambda i: -lengths[i]) for b in batches]
+    return batches
+
+
+# --------------------------------------------------------------------------- checkpoints
+def rng_state():
+    s = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def save(model, processor, engine, optimizer, scheduler, state, cfg, d):
+    """Collective: every rank calls it. Full (CPU) model/optimizer state dicts, written by rank 0, atomically;
+    metrics.jsonl so far is carried into the new directory."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = None
+    if cfg.parallel == "fsdp" and d.world > 1:
+        sd = get_model_state_dict(model, options=opts)
+        unique = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - unique
+        sd = {k: v for k, v in sd.items() if k not in tied}  # tied copies (lm_head = embeddings), as HF saves them
+    state = dict(state, optimizer=get_optimizer_state_dict(engine, optimizer, options=opts),
+                 scheduler=scheduler.state_dict(), config=asdict(cfg), world=d.world)
+    rngs = [None] * d.world
+    if d.world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    state["rng"] = rngs
+    if d.is_main:
+        metrics = os.path.join(cfg.out, "metrics.jsonl")
+
+        def write(tmp):
+            model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+            processor.save_pretrained(tmp)
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+            if os.path.exists(metrics):
+                shutil.copy(metrics, tmp)
+        atomic_dir(cfg.out, write)
+    if d.world > 1:
+        dist.barrier()
+
+
+def load_trainer_state(engine, optimizer, scheduler, cfg, d):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = torch.load(os.path.join(cfg.out, "trainer_state.pt"), map_location="cpu", weights_only=False)
+    set_optimizer_state_dict(engine, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(state["scheduler"])
+    if state["world"] != d.world:
+        print0(f"warning: checkpoint was written by {state['world']} ranks, resuming with {d.world}: RNG not restored")
+    else:
+        set_rng_state(state["rng"][d.rank])
+    changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
+               if k not in ("resume", "stop_at", "save_every") and getattr(cfg, k, v) != v}
+    if changed:
+        print0(f"warning: resuming with a changed config (was, now): {changed}")
+    return state
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flags = {f.name for f in fields(Config) if f.type in (bool, "bool")}
+    argv = [a + "=true" if a[2:] in flags else a for a in argv]  # a bare boolean flag: --resume
+    cfg = parse_config(Config, argv)
+    d = compute_init(cfg.seed)
+    if d.device.type == "cpu" and cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    world = d.world
+    assert cfg.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp, got {cfg.parallel!r}"
+    assert cfg.batch_size % (world * cfg.micro_batch_size) == 0, \
+        f"batch_size {cfg.batch_size} must divide into {world} ranks x micro_batch_size {cfg.micro_batch_size}"
+    barrier = dist.barrier if world > 1 else (lambda: None)
+    if cfg.resume and d.is_main:  # a crash between atomic_dir's two renames leaves <out>.old: move it back
+        ckpt = resolve_checkpoint(cfg.out)
+        if ckpt != cfg.out:
+            os.rename(ckpt, cfg.out)
+    barrier()
+    if cfg.resume and not os.path.exists(os.path.join(cfg.out, "trainer_state.pt")):
+        raise SystemExit(f"--resume: no checkpoint in {cfg.out}")
+    if cfg.data == DEFAULT_DATA and d.is_main:
+        import needle
+        needle.ensure(DEFAULT_DATA)
+    barrier()
+
+    # ---- model
+    init = cfg.out if cfg.resume else (cfg.init or cfg.model)
+    model, processor = load_model(init, d.device, dtype=torch.float32, grad_ckpt=cfg.grad_ckpt)
+    pad_id = processor.tokenizer.pad_token_id
+    view = ViewConfig(visual_format=cfg.visual_format, timestamps=cfg.timestamps, global_frames=cfg.global_frames,
+                      crop_max_frames=cfg.crop_max_frames, longvt_text=cfg.longvt_text)
+    renderer = Renderer(processor, view)
+
+    # ---- data: every rank renders a strided share; lengths and failures are shared so all ranks agree
+    samples, skipped_rows = read_samples(cfg.data.split(","), cfg.limit)
+    cache, info = {}, {}
+    share = range(d.rank, len(samples), world)
+    with ThreadPoolExecutor(cfg.workers) as pool:
+        done = pool.map(lambda i: try_render(renderer, samples[i]), share)
+        for i, r in zip(share, tqdm(done, total=len(share), desc="rendering", disable=not d.is_main, leave=False)):
+            info[i] = r if isinstance(r, str) else len(r.input_ids)
+            if cfg.cache and not isinstance(r, str):
+                cache[i] = r
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, info)
+        info = {k: v for p in parts for k, v in p.items()}
+    keep = []
+    for i in range(len(samples)):
+        if isinstance(info[i], str):
+            print0(f"warning: skipping sample {info[i]}")
+        elif cfg.max_len and info[i] > cfg.max_len:
+            print0(f"warning: skipping sample {samples[i]['id']}: {info[i]} tokens > max_len {cfg.max_len}")
+        else:
+            keep.append(i)
+    skipped = skipped_rows + len(samples) - len(keep)
+    lengths = [info[i] for i in keep]
+    if len(keep) < cfg.batch_size:
+        raise SystemExit(f"{len(keep)} usable samples, fewer than one batch of {cfg.batch_size}")
+    steps_per_epoch = len(keep) // cfg.batch_size
+    total = cfg.steps or max(1, int(cfg.epochs * steps_per_epoch))
+    print0(f"{len(keep)} samples ({skipped} skipped), {steps_per_epoch} steps/epoch, {total} steps, "
+           f"world {world} ({cfg.parallel}), model {init}")
+
+    def rendered(k):  # k indexes `keep`
+        i = keep[k]
+        return cache[i] if i in cache else render_sft(renderer, samples[i])
+
+    # ---- optimisation
+    engine = wrap(model, cfg, d)
+    params = [p for p in engine.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay),
+                                   dict(params=no_decay, weight_decay=0.0)], lr=cfg.lr, betas=(0.9, cfg.beta2))
+
+    def lr_lambda(step):  # multiplier of cfg.lr for the optimizer step after `step` completed steps
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+    step, nonfinite = 0, 0
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    if cfg.resume:
+        st = load_trainer_state(engine, optimizer, scheduler, cfg, d)
+        step, nonfinite = st["step"], st["nonfinite_steps"]
+        print0(f"resumed from {cfg.out} at step {step}")
+    if d.is_main:  # metrics.jsonl keeps exactly the steps up to the checkpoint we start from
+        os.makedirs(cfg.out, exist_ok=True)
+        old = open(metrics_path).read().splitlines() if cfg.resume and os.path.exists(metrics_path) else []
+        with open(metrics_path, "w") as f:
+            f.writelines(line + "\n" for line in old if line.strip() and json.loads(line)["step"] <= step)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16(cfg, d) and cfg.parallel == "ddp"
+                else nullcontext())
+    end = min(total, cfg.stop_at) if cfg.stop_at else total
+    bar = tqdm(total=total, initial=step, desc="sft", disable=not d.is_main, dynamic_ncols=True)
+    orders = {}
+    while step < end:
+        t0 = time.time()
+        epoch, b = divmod(step, steps_per_epoch)
+        if epoch not in orders:
+            orders = {epoch: epoch_batches(lengths, cfg, epoch)}
+        mine = orders[epoch][b][d.rank::world]  # rank-strided share of the (length-sorted) global batch
+        micro = [[rendered(k) for k in mine[j:j + cfg.micro_batch_size]]
+                 for j in range(0, len(mine), cfg.micro_batch_size)]
+        # global count of policy tokens, so the loss is a mean over the whole global batch
+        counts = torch.tensor([sum(sum(r.policy_mask[1:]) for mb in micro for r in mb),
+                               sum(len(r.input_ids) for mb in micro for r in mb)], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(counts)
+        n_policy, n_tokens = counts.tolist()
+        nll = torch.zeros((), dtype=torch.float64)
+        model.train()
+        for j, mb in enumerate(micro):
+            last = j == len(micro) - 1
+            if world > 1 and cfg.parallel == "fsdp":
+                engine.set_requires_gradient_sync(last)
+            sync = engine.no_sync() if world > 1 and cfg.parallel == "ddp" and not last else nullcontext()
+            batch = collate(model, mb, pad_id)
+            batch = {k: ({kk: vv.to(d.device) for kk, vv in v.items()} if k == "vision" else v.to(d.device))
+                     for k, v in batch.items()}
+            with sync, autocast:
+                loss_sum = engine(batch)
+                # DDP and FSDP2 average gradients over ranks: scale by world to get the global-token mean
+                (loss_sum * world / max(n_policy, 1.0)).backward()
+            nll += loss_sum.detach().double().cpu()
+        if world > 1:
+            dist.all_reduce(nll)
+        loss = nll.item() / max(n_policy, 1.0)
+        grad_norm = float("nan")
+        ok = math.isfinite(loss)
+        if ok:
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+            ok = math.isfinite(grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        if ok:
+            optimizer.step()
+        else:
+            nonfinite += 1
+            print0(f"warning: step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}: update skipped")
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        dt = time.time() - t0
+        row = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=loss, lr=lr, grad_norm=grad_norm,
+                   policy_tokens=int(n_policy), tokens=int(n_tokens), skipped_update=not ok,
+                   nonfinite_steps=nonfinite, skipped_samples=skipped,
+                   tokens_per_s=round(n_tokens / dt, 1), step_time=round(dt, 3))
+        if d.is_main:
+            with open(metrics_path, "a") as f:  # reopened each time: a checkpoint swaps the directory
+                f.write(json.dumps(row) + "\n")
+            bar.update(1)
+            bar.write(f"step {step:5d}/{total} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} | "
+                      f"{n_tokens / dt:7.0f} tok/s | {dt:.2f}s" + (" | SKIPPED" if not ok else ""))
+        if step == end or (cfg.save_every and step % cfg.save_every == 0):
+            save(model, processor, engine, optimizer, scheduler,
+                 dict(step=step, epoch=epoch, batch_in_epoch=b + 1, nonfinite_steps=nonfinite), cfg, d)
+    bar.close()
+    print0(f"done: step {step}/{total}, checkpoint in {cfg.out}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
