@@ -167,6 +167,7 @@ def build(name, d, cfg, trainable):
             pos = torch.arange(2).view(1, 1, 2).expand(3, 1, 2)  # before the rollout calls the layers directly
             net(dict(input_ids=torch.zeros(1, 2, dtype=torch.long), attention_mask=torch.ones(1, 2, dtype=torch.long),
                      position_ids=pos, vision={}))
+        net.reshard()  # the root keeps its gathered params after forward; the optimizer must see the sharded ones
     elif d.world > 1 and trainable:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     return hf, net, processor
@@ -494,6 +495,8 @@ def save(cfg, d, hf, net, processor, opt, ckpt_dir, step, pos, fsdp):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
         o = StateDictOptions(full_state_dict=True, cpu_offload=True)
         sd, osd = get_model_state_dict(hf, options=o), get_optimizer_state_dict(net, opt, options=o)
+        named = {n for n, _ in hf.named_parameters()} | {n for n, _ in hf.named_buffers()}
+        sd = {k: v for k, v in sd.items() if k in named}  # tied weights once, as save_pretrained writes them
     if d.is_main:
         state = dict(step=step, data_pos=pos, config=asdict(cfg), rng=rngs, optimizer=osd or opt.state_dict())
         save_checkpoint(hf, processor, ckpt_dir, state_dict=sd, extra={"trainer_state.pt": state})

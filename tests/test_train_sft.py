@@ -1,0 +1,195 @@
+"""train_sft.py: the masked loss, 1 process vs 2-process DDP / FSDP2, exact resume, crash-safe checkpoints,
+bad rows and non-finite losses. Tiny needle videos and small frame budgets keep the file fast on 2 CPU cores."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_sft
+from data import Renderer, ViewConfig, collate, render_sft
+from model import load_model, resolve_checkpoint, token_logprobs
+from needle import NeedleConfig, generate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING = ("tokens_per_s", "step_time")
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("needle")
+    generate(NeedleConfig(out=str(out), num_train=8, num_eval=1, min_duration=60, max_duration=90,
+                          eval_min_duration=60, eval_max_duration=90, seed=1))
+    return str(out / "sft.jsonl")
+
+
+def args(data, out, **kw):
+    """Small runs: 8 short videos, 8-frame budgets, global batch 4 in micro-batches of 1."""
+    base = dict(data=data, out=out, global_frames=8, crop_max_frames=8, batch_size=4, micro_batch_size=1,
+                steps=2, lr=1e-3, warmup_steps=1, save_every=0)
+    base.update(kw)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def params(out):
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_params(a, b, atol):
+    pa, pb = params(a), params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], atol=atol, rtol=0, msg=k)
+
+
+# --------------------------------------------------------------------------- the loss
+def test_loss_only_trains_policy_tokens(sft_file):
+    """Targets at mask-0 positions (prompt, vision pads, tool observation) do not change the loss or any
+    gradient; a target at a mask-1 position does. The loss equals -(token_logprobs * policy_mask).sum()."""
+    torch.manual_seed(0)
+    model, proc = load_model("tiny")
+    r = render_sft(Renderer(proc, ViewConfig(global_frames=8, crop_max_frames=8)),
+                   train_sft.read_samples([sft_file])[0][0])
+    batch = collate(model, [r], proc.tokenizer.pad_token_id)
+    mask = batch["policy_mask"]
+    assert 0 < mask.sum() < mask.numel() and mask[0, 0] == 0
+    obs_start = r.input_ids.index(proc.tokenizer.convert_tokens_to_ids("<tool_response>"))
+    assert mask[0, obs_start] == 0  # the tool observation is in the sequence and masked
+
+    def loss_and_grads(labels):
+        model.zero_grad()
+        loss = train_sft.policy_nll(model, batch, labels)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    ids = batch["input_ids"]
+    loss, grads = loss_and_grads(ids)
+    vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
+    with torch.no_grad():
+        logp, _ = token_logprobs(model, ids, batch["attention_mask"], batch["position_ids"], **vision)
+    torch.testing.assert_close(loss, -(logp * mask).sum(), rtol=1e-5, atol=1e-4)
+
+    g = torch.Generator().manual_seed(1)
+    other = torch.where(mask.bool(), ids, torch.randint(0, 100, ids.shape, generator=g))  # every mask-0 target changed
+    assert (other != ids).sum() > 0.9 * (mask == 0).sum()
+    loss2, grads2 = loss_and_grads(other)
+    assert torch.equal(loss, loss2)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads2))
+
+    t = int(mask[0].nonzero()[0])  # a policy token
+    changed = ids.clone()
+    changed[0, t] = (changed[0, t] + 1) % 100
+    assert not torch.equal(loss_and_grads(changed)[0], loss)
+
+
+# --------------------------------------------------------------------------- distributed
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(sft_file, tmp_path, parallel):
+    one = str(tmp_path / "one")
+    train_sft.main(args(sft_file, one))
+    two = str(tmp_path / parallel)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_sft.py",
+           *args(sft_file, two, parallel=parallel)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for a, b in zip(metrics(one), metrics(two), strict=True):
+        assert a["policy_tokens"] == b["policy_tokens"] and a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)  # fp32 norms of differently split sums
+    assert_same_params(one, two, atol=1e-4)
+    model, _ = load_model(two)  # a gathered FSDP2 checkpoint loads as a plain HF model, tied weights tied
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+# --------------------------------------------------------------------------- resume and checkpoints
+def test_resume_is_exact(sft_file, tmp_path):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    kw = dict(steps=6, batch_size=2, save_every=2)
+    train_sft.main(args(sft_file, straight, **kw))
+    train_sft.main(args(sft_file, split, stop_at=3, **kw))
+    assert [m["step"] for m in metrics(split)] == [1, 2, 3]
+    train_sft.main(args(sft_file, split, **kw) + ["--resume"])
+    assert_same_params(straight, split, atol=0)
+    strip = [[{k: v for k, v in m.items() if k not in TIMING} for m in metrics(o)] for o in (straight, split)]
+    assert strip[0] == strip[1] and len(strip[0]) == 6
+    state = torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)
+    assert state["step"] == 6 and state["config"]["steps"] == 6 and len(state["rng"]) == 1
+
+
+KILLER = """
+import os, signal, sys, torch
+import model, train_sft
+mode, calls = sys.argv[1], []
+if mode == "mid_write":  # die while trainer_state.pt of the 2nd checkpoint is being written
+    real = torch.save
+    def save(obj, path, *a, **k):
+        if str(path).endswith("trainer_state.pt"):
+            calls.append(path)
+            if len(calls) == 2:
+                open(path, "wb").write(b"partial")
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(obj, path, *a, **k)
+    torch.save = save
+else:  # die between atomic_dir's two renames of the 2nd checkpoint: <out> is gone, <out>.old holds the 1st
+    real = os.rename
+    def rename(a, b):
+        if os.path.basename(str(a)).startswith(".tmp_ckpt_") and os.path.exists(str(b) + ".old/trainer_state.pt"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(a, b)
+    model.os.rename = rename
+train_sft.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("mode", ["mid_write", "mid_swap"])
+def test_kill_during_checkpoint_keeps_previous(sft_file, tmp_path, mode):
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-c", KILLER, mode, *args(sft_file, out, steps=3, batch_size=2, save_every=1)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, p.stdout[-3000:] + p.stderr[-3000:]
+    ckpt = resolve_checkpoint(out)
+    assert ckpt == (out if mode == "mid_write" else out + ".old")
+    load_model(ckpt)
+    assert torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)["step"] == 1
+    train_sft.main(args(sft_file, out, steps=3, batch_size=2, save_every=1) + ["--resume"])
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+    assert not os.path.exists(out + ".old")
+
+
+# --------------------------------------------------------------------------- bad data and non-finite losses
+def test_bad_rows_and_missing_videos_are_skipped(sft_file, tmp_path, capsys):
+    rows = [json.loads(line) for line in open(sft_file)]
+    for r in rows:
+        r["video"] = os.path.join(os.path.dirname(sft_file), r["video"])
+    bad = dict(rows[0], id="gone", video=str(tmp_path / "missing.mp4"))
+    path = tmp_path / "mixed.jsonl"
+    lines = [json.dumps(r) for r in rows[:4]] + ["{not json", json.dumps({"question": "q"}), json.dumps(bad)]
+    path.write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / "run")
+    train_sft.main(args(str(path), out, steps=1))
+    err = capsys.readouterr().out
+    assert "mixed.jsonl:5" in err and "mixed.jsonl:6" in err and "gone" in err
+    assert metrics(out)[0]["skipped_samples"] == 3
+
+
+def test_non_finite_loss_skips_the_step(sft_file, tmp_path, monkeypatch):
+    real, calls = train_sft.policy_nll, []
+
+    def nan_on_second_step(model, batch, labels=None):
+        calls.append(1)
+        loss = real(model, batch, labels)
+        return loss * float("nan") if 5 <= len(calls) <= 8 else loss  # the 4 micro-batches of step 2
+    monkeypatch.setattr(train_sft, "policy_nll", nan_on_second_step)
+    out = str(tmp_path / "run")
+    train_sft.main(args(sft_file, out, steps=3))
+    m = metrics(out)
+    assert [x["skipped_update"] for x in m] == [False, True, False]
+    assert m[-1]["nonfinite_steps"] == 1 and all(torch.isfinite(p).all() for p in params(out).values())
