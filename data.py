@@ -34,7 +34,7 @@ class ViewConfig:
     timestamps: bool = True       # a text timestamp before each frame group (off in LongVT-compatible mode)
     tools: bool = True            # put the crop_video schema in the system prompt (off: the no-tool baseline)
     global_frames: int = 64       # frame budget of the global view
-    global_fps: float = 0.125     # fps cap of the global view (one frame per 8 s at most)
+    global_fps: float = 0.1       # fps cap of the global view (one frame per 10 s at most)
     max_pixels: int = 56 * 56     # pixel budget per global-view frame
     crop_fps: float = 1.0         # fps cap of a crop (LongVT: 1)
     crop_max_frames: int = 48     # frame budget of a crop (LongVT: 128)

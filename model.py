@@ -6,7 +6,8 @@
 
 `tiny` is a randomly initialised Qwen2.5-VL-architecture model with a tokenizer built in code: whole words
 of the prompts and every integer 0..9999 are single tokens (so copying a timestamp is one step), anything
-else falls back to single characters (lossless), plus Qwen's special and tool tokens. Known words are
+else falls back to single characters (lossless for ASCII and Latin-1; any other character becomes <unk>),
+plus Qwen's special and tool tokens. Known words are
 tokens with and without the space before them.
 """
 import json
@@ -76,7 +77,7 @@ def build_tiny_tokenizer():
     from transformers import PreTrainedTokenizerFast
     base = set(WORDS) | set(COLOURS)
     words = sorted(base | {w.capitalize() for w in base}, key=lambda w: (-len(w), w))
-    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    chars = [chr(c) for c in range(32, 127)] + [chr(c) for c in range(160, 256)] + ["\n", "\t", "\r"]
     numbers = [str(i) for i in range(10000)]
     vocab = {}
     for t in ["<unk>"] + chars + numbers + words + [" " + w for w in words]:

@@ -4,11 +4,11 @@ Each video is minutes long, low resolution, and made of solid-colour scenes of `
 seconds. One scene, whose colour appears nowhere else in the video, holds the needle: a small square of
 another colour, visible for `needle_seconds`. Questions name that scene by its colour and ask for the
 square's colour (or, for `when_fraction` of them, the second it appears). The global view (one frame per
-8-14 s) shows every scene but rarely catches the needle; a 1-fps crop of the scene always does.
+10-14 s) shows every scene but rarely catches the needle; a 1-fps crop of the scene always does.
 
 Why these numbers: scenes of >= 20 s are seen by >= 1 global frame even in a 15-minute video (64 frames,
 one per 14 s); a crop of a scene plus its two neighbouring global frames spans <= ~70 s, sampled at
-<= 48 frames: one frame per <= 1.5 s, shorter than the 2.5-s needle.
+<= 48 frames: one frame per <= 1.5 s, shorter than the 2-s needle.
 
 sft.jsonl holds tool-integrated trajectories written from the ground truth: think, crop the scene (between
 the global-view timestamps around it, which the model can read off its prompt), observe, think, answer.
@@ -43,7 +43,7 @@ class NeedleConfig:
     size: int = 112                # width = height, pixels
     scene_min: float = 20.0        # scene length range, seconds
     scene_max: float = 40.0
-    needle_seconds: float = 2.5    # how long the square is visible
+    needle_seconds: float = 2.0    # how long the square is visible
     when_fraction: float = 0.2     # fraction of "when does it appear" questions (answered in seconds)
     imperfect_fraction: float = 0.3  # fraction of SFT trajectories that first crop a wrong scene
 
@@ -84,8 +84,8 @@ def frame_at(t, scenes, needle, size):
 
 
 def write_video(path, duration, scenes, needle, cfg: NeedleConfig):
-    """h264 with a 2-s GOP (cheap seeks); consecutive identical frames are encoded once as numpy, many times as
-    near-empty P-frames, so minutes of video take about a second."""
+    """h264 (ultrafast) with a 2-s GOP, so crops seek cheaply; solid-colour frames compress to almost nothing,
+    so minutes of video take about a second to write."""
     import av
     tmp = path + ".tmp.mp4"
     with av.open(tmp, "w") as out:

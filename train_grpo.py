@@ -1,37 +1,41 @@
 """Stage 2: agentic GRPO with the crop_video tool (judge/rule accuracy + format + temporal-IoU reward).
 
-    python train_grpo.py                                             # 1 process, from runs/sft, writes runs/grpo
+    python train_grpo.py                                             # 1 process: runs/sft -> runs/grpo
     torchrun --standalone --nproc_per_node=2 train_grpo.py           # DDP (gloo on CPU, nccl on GPU)
-    torchrun --standalone --nproc_per_node=8 train_grpo.py --parallel=fsdp --init=runs/sft_7b ...
+    torchrun --standalone --nproc_per_node=8 train_grpo.py --parallel=fsdp --init=runs/sft_7b --out=runs/grpo_7b
     python train_grpo.py --init=tiny --steps=5                       # smoke run without an SFT checkpoint
-    python train_grpo.py --resume=true                               # continue <out>/checkpoint exactly
+    python train_grpo.py --resume=true                               # continue runs/grpo exactly
 
 Each step: prompts_per_step prompts (rank-strided over a seeded shuffle), group_size rollouts each through the
 real tool loop (rollout.py, temperature 1), rewards (reward.py), group advantages, then ppo_epochs x mini_batches
 optimizer steps on the clipped surrogate + k3 KL to the frozen init weights, over policy_mask == 1 tokens only.
+<out> is an HF checkpoint (eval.py / train_sft.py --init read it) plus trainer_state.pt, metrics.jsonl,
+rollouts/step_XXXX.jsonl (whole trajectories), eval/step_XXXX.jsonl, reward_curve.svg (--curve=true).
 
 Variants: --adv_norm=none (Dr. GRPO: r - mean, no std division); --clip_high > clip_low (DAPO clip-higher);
 --dynamic_sampling=true (DAPO: groups whose rewards are all equal carry no signal; they are replaced by fresh
-prompts for up to resample_rounds extra rollout rounds, and the ones left are dropped from the update);
+prompts for up to resample_rounds extra rollout rounds, and those left are dropped from the update);
 --loss_agg=seq-mean (per-sequence mean, GRPO's original) vs token-mean over the whole mini-batch on all ranks
-(DAPO, LongVT); --ratio_level=sequence (GSPO: one ratio per sequence, exp of the mean token log-ratio; use it
+(DAPO, LongVT); --ratio_level=sequence (GSPO: one ratio per sequence, exp of its mean token log-ratio; use it
 with GSPO's tiny clip ranges, ~3e-4/4e-4); DGRPO (VITAL) with --dgrpo_task / --dgrpo_sample > 0:
     A_i <- A_i * (1 + dgrpo_task * (0.5 - acc_task)) * (1 + dgrpo_sample * (0.5 - acc_group))
-acc_group = the mean accuracy of the sample's group, acc_task = the mean accuracy of this step's rollouts of
-the same answer type (reward.answer_type) on all ranks. Why: in a multi-task mix the easy tasks/samples would
-otherwise dominate the update while rare successes on hard ones carry the most information; centring at
-accuracy 0.5 keeps the overall step size of a medium batch. This is our formula in the spirit of VITAL's DGRPO
-(task- and sample-difficulty scaling of the advantage), not a transcription of the paper's.
+acc_group = mean accuracy of the sample's group, acc_task = mean accuracy of this step's rollouts of the same
+answer type (reward.answer_type) on all ranks. Why: in a multi-task mix the easy tasks and samples would
+dominate the update, while rare successes on hard ones carry the most information; centring at accuracy 0.5
+keeps the step size of a medium batch. This is our formula in the spirit of VITAL's DGRPO (task- and
+sample-difficulty scaling of the advantages), not a transcription of the paper's.
 
-Departures from LongVT (verl + vLLM): rollouts come from our own batched HF loop (the same weights, no second
-engine); mini-batches are contiguous slices of the step's rollouts (no shuffle), which keeps resume exact; a
-sample whose video cannot be read is skipped and counted, not replaced; a judge that fails falls back to the
-rule scorer and is counted; DGRPO as above. Checkpoint: <out>/checkpoint (HF layout + trainer_state.pt).
+Departures from LongVT (verl + vLLM): rollouts come from our own batched HF loop with the training weights (no
+second engine, no weight sync); mini-batches are contiguous slices of the step's rollouts (no shuffle); a sample
+whose video cannot be read is skipped and counted, not replaced; a failed judge falls back to the rule scorer and
+is counted; DGRPO as above. On CUDA the weights and AdamW states stay fp32 with bf16 compute (autocast under DDP,
+FSDP2 mixed precision), so LongVT's lr 1e-6 is not lost to bf16 rounding.
 """
 import json
 import math
 import os
 import random
+import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -42,7 +46,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import ViewConfig, collate, load_samples
-from model import compute_init, load_model, parse_config, print0, resolve_checkpoint, save_checkpoint, token_logprobs
+from model import atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, token_logprobs
 from reward import Judge, RewardConfig, answer_type, reward_batch
 from rollout import RolloutConfig, rollout
 
@@ -51,9 +55,9 @@ from rollout import RolloutConfig, rollout
 class Config:
     init: str = "runs/sft"                  # starting policy: train_sft.py's output dir, an HF id/dir, or "tiny"
     data: str = "data/needle/train.jsonl"   # training prompts (any format data.load_samples reads)
-    eval_data: str = "data/needle/eval.jsonl"  # held-out file for periodic eval ("" = no eval)
-    out: str = "runs/grpo"                  # run dir: checkpoint/, metrics.jsonl, rollouts/, reward_curve.svg
-    resume: bool = False                    # continue exactly from <out>/checkpoint
+    eval_data: str = "data/needle/eval.jsonl"  # held-out file for the periodic eval ("" = none)
+    out: str = "runs/grpo"                  # checkpoint (HF layout + trainer_state.pt) and logs
+    resume: bool = False                    # continue exactly from the checkpoint in <out>
     seed: int = 0                           # data order and rollout sampling
     steps: int = 50                         # GRPO steps (rollouts + update each)
     prompts_per_step: int = 4               # prompts per step over all ranks (a multiple of the world size)
@@ -68,15 +72,15 @@ class Config:
     adv_eps: float = 1e-6                   # eps of the std normalisation
     dynamic_sampling: bool = False          # DAPO: replace, then drop, groups whose rewards are all equal
     resample_rounds: int = 2                # extra rollout rounds per step to replace such groups
-    dgrpo_task: float = 0.0                 # DGRPO task-difficulty scale (0 = off, <= 2)
-    dgrpo_sample: float = 0.0               # DGRPO sample-difficulty scale (0 = off, <= 2)
+    dgrpo_task: float = 0.0                 # DGRPO task-difficulty scale (0 = off, at most 2)
+    dgrpo_sample: float = 0.0               # DGRPO sample-difficulty scale (0 = off, at most 2)
     lr: float = 2e-5                        # AdamW learning rate, constant after warmup (LongVT 7B: 1e-6)
     warmup_steps: int = 0                   # linear warmup steps
     weight_decay: float = 0.0               # AdamW weight decay
     grad_clip: float = 1.0                  # max global grad norm
     ppo_epochs: int = 1                     # passes over a step's rollouts
     mini_batches: int = 1                   # optimizer steps per pass (the rollouts split in order)
-    micro_batch: int = 4                    # rows per forward/backward on one rank (grad accumulation)
+    micro_batch: int = 4                    # rows per forward/backward on one rank (gradient accumulation)
     clip_low: float = 0.2                   # ratio clipped below at 1 - clip_low
     clip_high: float = 0.2                  # ... and above at 1 + clip_high (DAPO clip-higher: 0.28)
     loss_agg: str = "token-mean"            # "token-mean" over the mini-batch on all ranks | "seq-mean"
@@ -84,8 +88,8 @@ class Config:
     kl_coef: float = 1e-3                   # k3 KL to the init weights (LongVT: 1e-3); 0 loads no reference
     parallel: str = "ddp"                   # "ddp" | "fsdp" (FSDP2 per decoder layer / vision block + root)
     grad_ckpt: bool = False                 # gradient checkpointing in the training forward
-    log_rollouts_every: int = 10            # write whole trajectories to <out>/rollouts/step_XXXX.jsonl (0 = never)
-    num_log_rollouts: int = 4               # ... this many of them (rank 0's first)
+    log_rollouts_every: int = 10            # whole trajectories to <out>/rollouts/step_XXXX.jsonl (0 = never)
+    num_log_rollouts: int = 4               # ... this many (rank 0's first)
     eval_every: int = 25                    # eval on eval_data every N steps and at the end (0 = never)
     eval_samples: int = 16                  # held-out samples per eval
     save_every: int = 25                    # checkpoint every N steps (and at the end)
@@ -95,7 +99,7 @@ class Config:
 # --------------------------------------------------------------------------- the GRPO math
 def group_advantages(rewards, adv_norm="std", eps=1e-6):
     """rewards (P, G) -> advantages (P, G): r - group mean, divided by the group's (unbiased) std + eps for "std".
-    Dr. GRPO ("none") drops the division, which otherwise up-weights prompts whose groups barely differ.
+    Dr. GRPO ("none") drops the division, which up-weights prompts whose rollouts barely differ.
     A group whose rewards are all equal gets advantage 0 either way."""
     adv = rewards - rewards.mean(1, keepdim=True)
     return adv / (rewards.std(1, keepdim=True) + eps) if adv_norm == "std" else adv
@@ -104,18 +108,17 @@ def group_advantages(rewards, adv_norm="std", eps=1e-6):
 def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg, denom):
     """Clipped surrogate + k3 KL on the policy tokens of one micro-batch. logp, old_logp, ref_logp, mask: (B, T);
     adv: (B,). denom = policy tokens (token-mean) or sequences (seq-mean) of the whole mini-batch on all ranks, so
-    the micro-batch losses sum to the mini-batch mean. Returns (loss, sums of kl and clipped tokens)."""
+    the micro-batch losses sum to the mini-batch mean. Returns (loss, sums of kl and of clipped tokens)."""
     mask = mask.float()
-    log_ratio = (logp - old_logp) * mask                                      # (B, T), 0 off-policy tokens
+    log_ratio = (logp - old_logp) * mask                                      # (B, T), 0 off the policy tokens
     if cfg.ratio_level == "sequence":  # GSPO: one ratio per sequence, the geometric mean of its token ratios
         log_ratio = (log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)).expand_as(mask)
     ratio = log_ratio.exp()                                                   # (B, T)
     a = adv[:, None]                                                          # (B, 1)
-    # With one on-policy update per step the old log-probs equal the current ones: ratio == 1 and the clip is
-    # inert (the loss is REINFORCE with a group baseline). It bites from the 2nd mini-batch / epoch on.
+    # With one on-policy update per step, old_logp == logp: ratio == 1 and the clip is inert (the loss is
+    # REINFORCE with a group baseline). Clipping bites from the 2nd mini-batch or epoch of a step on.
     surr = torch.min(ratio * a, ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * a)  # (B, T)
-    per_token = -surr
-    kl = torch.zeros_like(logp)
+    per_token, kl = -surr, torch.zeros_like(surr)
     if cfg.kl_coef > 0:  # k3 = exp(ref - logp) - (ref - logp) - 1: unbiased, >= 0, low variance
         d = (ref_logp - logp) * mask
         kl = d.exp() - d - 1                                                  # (B, T)
@@ -123,9 +126,9 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg, denom):
     per_token = per_token * mask
     if cfg.loss_agg == "token-mean":
         loss = per_token.sum() / denom
-    else:  # seq-mean: each sequence's token mean, averaged over sequences
+    else:  # seq-mean: each sequence's token mean, summed here, averaged over the mini-batch's sequences by denom
         loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / denom
-    clipped = ((surr < ratio * a).float() * mask).sum()  # tokens where the clipped branch is the active one
+    clipped = ((surr < ratio * a).float() * mask).sum()  # tokens whose clipped branch is the active one
     return loss, dict(kl=(kl * mask).sum().item(), clipped=clipped.item())
 
 
@@ -136,49 +139,54 @@ def dgrpo_weights(acc_group, acc_task, cfg):
 
 # --------------------------------------------------------------------------- plumbing
 class LogProbs(torch.nn.Module):
-    """The policy as one module whose forward is model.token_logprobs. DDP and FSDP2 wrap THIS, so that their
-    forward hooks run: token_logprobs calls the inner HF modules directly, which under a bare DDP wrapper would
-    skip DDP.forward, leave the reducer unarmed and silently not all-reduce the gradients."""
+    """The policy as one module whose forward is model.token_logprobs (LM head on policy tokens only). DDP and
+    FSDP2 wrap THIS so that their forward hooks run: token_logprobs calls the inner HF modules directly, which
+    under a DDP-wrapped HF model would skip DDP.forward, leave the reducer unarmed and not all-reduce gradients."""
 
-    def __init__(self, hf):
+    def __init__(self, hf, autocast=False):
         super().__init__()
-        self.hf = hf
+        self.hf, self.autocast = hf, autocast  # autocast: bf16 compute on fp32 weights (CUDA without FSDP)
 
     def forward(self, b, with_entropy=False):
         dev = next(self.hf.parameters()).device
         vision = {k: v.to(dev) for k, v in b["vision"].items() if k != "second_per_grid_ts"}
-        return token_logprobs(self.hf, b["input_ids"].to(dev), b["attention_mask"].to(dev),
-                              b["position_ids"].to(dev), with_entropy=with_entropy, **vision)
+        with torch.autocast("cuda", torch.bfloat16) if self.autocast else nullcontext():
+            return token_logprobs(self.hf, b["input_ids"].to(dev), b["attention_mask"].to(dev), b["position_ids"].to(dev),
+                                  with_entropy=with_entropy, mask=b["policy_mask"].to(dev), **vision)
 
 
 def build(name, d, cfg, trainable):
     """(bare HF model, wrapped LogProbs module, processor). FSDP2: each decoder layer / vision block its own unit,
-    the LogProbs wrapper the root; DDP only for the trainable policy."""
-    hf, processor = load_model(name, d.device, grad_ckpt=cfg.grad_ckpt and trainable)
+    the LogProbs wrapper the root; DDP only around the trainable policy. Trainable weights stay fp32."""
+    hf, processor = load_model(name, d.device, dtype=torch.float32 if trainable else None,
+                               grad_ckpt=cfg.grad_ckpt and trainable)
     hf.requires_grad_(trainable)
-    net = LogProbs(hf)
-    if d.world > 1 and cfg.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+    fsdp = d.world > 1 and cfg.parallel == "fsdp"
+    net = LogProbs(hf, autocast=d.device.type == "cuda" and not fsdp)
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        kw = dict(mp_policy=MixedPrecisionPolicy(torch.bfloat16, torch.float32)) if d.device.type == "cuda" else {}
         for m in hf.modules():
             if type(m).__name__ in hf._no_split_modules:  # Qwen*VLDecoderLayer, Qwen*VLVisionBlock
-                fully_shard(m)
-        fully_shard(net)
+                fully_shard(m, **kw)
+        fully_shard(net, **kw)
         with torch.no_grad():  # one tiny forward through the root, so FSDP2 picks it as the root (lazy init)
             pos = torch.arange(2).view(1, 1, 2).expand(3, 1, 2)  # before the rollout calls the layers directly
             net(dict(input_ids=torch.zeros(1, 2, dtype=torch.long), attention_mask=torch.ones(1, 2, dtype=torch.long),
-                     position_ids=pos, vision={}))
+                     position_ids=pos, policy_mask=torch.ones(1, 2), vision={}))
         net.reshard()  # the root keeps its gathered params after forward; the optimizer must see the sharded ones
     elif d.world > 1 and trainable:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if d.device.type == "cuda"
+                                                        else None, broadcast_buffers=False)
     return hf, net, processor
 
 
 @contextmanager
-def rollout_mode(hf, net, fsdp):
-    """Rollouts make a different number of forward calls on each rank, so they must not issue collectives. The
-    rollout gets the bare HF module (no DDP hooks). Under FSDP2 every unit is all-gathered once here (the same
+def rollout_mode(hf, net, fsdp, bf16):
+    """Rollouts make a different number of forward calls on each rank, so they must not issue collectives: the
+    rollout gets the bare HF module (no DDP hooks), and under FSDP2 every unit is all-gathered once here (the same
     calls on every rank) with reshard_after_forward off, so the layers' pre-forward hooks find their parameters
-    already gathered and do nothing; everything is resharded after. Eval mode + no_grad."""
+    gathered and do nothing; everything is resharded after. Eval mode, no_grad, bf16 autocast on CUDA."""
     from torch.distributed.fsdp import FSDPModule
     units = [m for m in net.modules() if isinstance(m, FSDPModule)] if fsdp else []
     hf.eval()
@@ -187,7 +195,7 @@ def rollout_mode(hf, net, fsdp):
             m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16) if bf16 and not fsdp else nullcontext():
             yield
     finally:
         for m in units:
@@ -206,11 +214,10 @@ def all_sum(values, device, op="sum"):
 
 
 def all_gather_obj(obj):
-    out = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(out, obj)
-    else:
-        out[0] = obj
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
     return out
 
 
@@ -221,312 +228,61 @@ def sample_at(samples, seed, i):
 
 
 def rng_state():
-    s = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state()
-    return s
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
 
 
 def set_rng_state(s):
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
+    if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
 
 
-def init_path(cfg):
-    """cfg.init as load_model takes it: a checkpoint dir (or a run dir holding checkpoint/), an HF id, or tiny."""
-    p = cfg.init
+def init_path(p):
+    """--init as load_model takes it: a checkpoint dir, "tiny" or an HF hub id; a missing run dir is an error."""
     if p == "tiny" or os.path.isfile(os.path.join(p, "config.json")):
         return p
-    sub = resolve_checkpoint(os.path.join(p, "checkpoint"))
-    if os.path.isfile(os.path.join(sub, "config.json")):
-        return sub
     if os.path.exists(p) or p.startswith(("runs/", "./", "/", "../")):
         raise SystemExit(f"--init={p}: no checkpoint there. Run stage 1 first (torchrun --standalone "
                          "--nproc_per_node=2 train_sft.py writes runs/sft), or start from scratch with --init=tiny.")
-    return p  # an HF hub id
+    return p
 
 
 def write_curve(out):
     """reward_curve.svg: reward, accuracy and IoU per step as SVG polylines (no plotting dependency)."""
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"reward"' in line]
+    rows = [m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "reward" in m]
     if not rows:
         return
-    W, H, pad = 640, 320, 40
-    top = max(1.0, max(r["reward"] for r in rows))
-    n = max(len(rows) - 1, 1)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
-             f'<rect x="{pad}" y="{pad // 2}" width="{W - 2 * pad}" height="{H - 1.5 * pad}" fill="none" stroke="#999"/>',
-             f'<text x="4" y="{pad // 2 + 10}">{top:.2f}</text><text x="4" y="{H - pad}">0</text>',
-             f'<text x="{W - pad - 40}" y="{H - 8}">step {rows[-1]["step"]}</text>']
+    W, H, P = 640, 320, 40  # width, height, padding
+    top, n = max(1.0, max(r["reward"] for r in rows)), max(len(rows) - 1, 1)
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           f'<rect x="{P}" y="{P // 2}" width="{W - 2 * P}" height="{H - 1.5 * P}" fill="none" stroke="#999"/>',
+           f'<text x="4" y="{P // 2 + 10}">{top:.2f}</text><text x="4" y="{H - P}">0</text>',
+           f'<text x="{W - P - 60}" y="{H - 8}">step {rows[-1]["step"]}</text>']
     for i, (key, colour) in enumerate((("reward", "#d62728"), ("accuracy", "#1f77b4"), ("iou", "#2ca02c"))):
-        pts = " ".join(f"{pad + (W - 2 * pad) * j / n:.1f},{H - pad - (H - 1.5 * pad) * r.get(key, 0) / top:.1f}"
+        pts = " ".join(f"{P + (W - 2 * P) * j / n:.1f},{H - P - (H - 1.5 * P) * r.get(key, 0) / top:.1f}"
                        for j, r in enumerate(rows))
-        parts += [f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}"/>',
-                  f'<text x="{pad + 10 + 90 * i}" y="{H - 8}" fill="{colour}">{key}</text>']
+        svg += [f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}"/>',
+                f'<text x="{P + 10 + 90 * i}" y="{H - 8}" fill="{colour}">{key}</text>']
     with open(os.path.join(out, "reward_curve.svg"), "w") as f:
-        f.write("\n".join(parts + ["</svg>"]))
+        f.write("\n".join(svg + ["</svg>"]))
 
 
-def dump_rollouts(path, trajs, rewards, advs, tokenizer):
-    """Whole trajectories (turns, tool calls with their windows/errors, the decoded transcript) as JSONL."""
+def dump_rollouts(path, rows, tokenizer):
+    """Whole trajectories [(traj, (reward, components), advantage)]: turns, tool calls with their windows and
+    errors, and the decoded transcript after the prompt (runs of vision pads collapsed), as JSONL."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        for t, (r, c), a in zip(trajs, rewards, advs):
+        for t, (r, c), a in rows:
             text = tokenizer.decode(t.input_ids[t.prompt_len:], skip_special_tokens=False)
-            for pad in ("<|video_pad|>", "<|image_pad|>"):  # one marker per frame block, not one per token
+            for pad in ("<|video_pad|>", "<|image_pad|>"):
                 while pad * 2 in text:
                     text = text.replace(pad * 2, pad)
-            comps = {k: v for k, v in c.items() if isinstance(v, (int, float, str, bool, type(None)))}
-            f.write(json.dumps(dict(id=t.sample.get("id"), question=t.sample.get("question"),
-                                    reference=t.sample.get("answer"), window=t.sample.get("window"), reward=r,
-                                    advantage=a, components=comps, stop_reason=t.stop_reason, turns=t.turns_text,
-                                    tool_calls=[{k: v for k, v in tc.items() if k != "timestamps"} for tc in t.tool_calls],
-                                    transcript=text)) + "\n")
-
-
-# --------------------------------------------------------------------------- training
-def train(cfg: Config):
-    d = compute_init(cfg.seed)
-    assert cfg.prompts_per_step % d.world == 0, f"prompts_per_step={cfg.prompts_per_step} must divide by {d.world} ranks"
-    assert cfg.adv_norm in ("std", "none") and cfg.loss_agg in ("token-mean", "seq-mean"), "bad adv_norm / loss_agg"
-    assert cfg.ratio_level in ("token", "sequence") and cfg.parallel in ("ddp", "fsdp"), "bad ratio_level / parallel"
-    fsdp, G, dev = d.world > 1 and cfg.parallel == "fsdp", cfg.group_size, d.device
-    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
-    view, rcfg = ViewConfig(**cfg.view), RewardConfig(**cfg.reward)
-    if d.is_main and cfg.data == Config.data:
-        import needle
-        needle.ensure(cfg.data)  # the default benchmark, generated on first use
-    barrier()
-    samples = load_samples(cfg.data)
-    held_out = load_samples(cfg.eval_data)[:cfg.eval_samples] if cfg.eval_every and cfg.eval_data else []
-    judge = None
-    if rcfg.accuracy != "rule":
-        judge = Judge.from_env(timeout=rcfg.judge_timeout, retries=rcfg.judge_retries, backoff=rcfg.judge_backoff,
-                               workers=rcfg.judge_workers)
-        if judge is not None:
-            judge.health_check()  # fail now, not after hours of rollouts, when the judge is misconfigured
-    ckpt_dir, metrics_path = os.path.join(cfg.out, "checkpoint"), os.path.join(cfg.out, "metrics.jsonl")
-    state, start = None, init_path(cfg)
-    if cfg.resume:
-        start = resolve_checkpoint(ckpt_dir)
-        if not os.path.isfile(os.path.join(start, "trainer_state.pt")):
-            raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
-        state = torch.load(os.path.join(start, "trainer_state.pt"), weights_only=False)
-    hf, net, processor = build(start, d, cfg, trainable=True)
-    ref = build(init_path(cfg), d, cfg, trainable=False)[1].eval() if cfg.kl_coef > 0 else None
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, pos = 0, 0
-    if state:
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(net, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        else:
-            opt.load_state_dict(state["optimizer"])
-        step, pos = state["step"], state["data_pos"]
-        set_rng_state(state["rng"][d.rank])
-    if d.is_main:
-        os.makedirs(cfg.out, exist_ok=True)
-        old = open(metrics_path).readlines() if state and os.path.exists(metrics_path) else []
-        with open(metrics_path, "w") as f:  # drop lines logged after the checkpoint we resume from
-            f.writelines(line for line in old if json.loads(line)["step"] <= step)
-    print0(f"GRPO: {start} -> {cfg.out} | {d.world} rank(s), {cfg.parallel}, {len(samples)} prompts, "
-           f"{cfg.prompts_per_step}x{G} rollouts/step, from step {step}")
-
-    def play(prompts, seed):
-        """group_size rollouts of each prompt + rewards: ([(trajs, [(total, comps)])], skipped prompts)."""
-        rc = RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, seed=seed,
-                           max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature)
-        trajs = rollout(hf, processor, prompts, G, rc, view)
-        groups = [trajs[i:i + G] for i in range(0, len(trajs), G)]
-        for g in groups:
-            if g[0].stop_reason == "skipped":
-                print(f"[rank {d.rank}] skipped sample: {g[0].error}", flush=True)
-        groups = [g for g in groups if g[0].stop_reason != "skipped"]
-        flat = [t for g in groups for t in g]
-        rs = reward_batch([t.sample for t in flat], flat, rcfg, judge) if flat else []
-        return [(g, rs[i * G:(i + 1) * G]) for i, g in enumerate(groups)], len(trajs) // G - len(groups)
-
-    def is_flat(rs):
-        return max(r for r, _ in rs) == min(r for r, _ in rs)
-
-    per_rank = cfg.prompts_per_step // d.world
-    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, disable=not d.is_main, desc="grpo")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-        # ---- rollouts: rank-strided prompts, a different sampling seed per step and rank (so resume is exact)
-        t0 = time.time()
-        with rollout_mode(hf, net, fsdp):
-            prompts = [sample_at(samples, cfg.seed, pos + d.rank + k * d.world) for k in range(per_rank)]
-            pos += cfg.prompts_per_step
-            groups, skipped = play(prompts, cfg.seed + step * d.world + d.rank)
-            played, n_first, flat_first, resampled = list(groups), len(groups), sum(map(is_flat, (rs for _, rs in groups))), 0
-            for rnd in range(1, cfg.resample_rounds + 1 if cfg.dynamic_sampling else 1):  # DAPO dynamic sampling
-                bad = [i for i, (_, rs) in enumerate(groups) if is_flat(rs)]
-                counts = all_sum([len(bad) if r == d.rank else 0 for r in range(d.world)], dev)
-                if not sum(counts):
-                    break
-                first = pos + int(sum(counts[:d.rank]))  # fresh prompts, positions agreed over ranks
-                pos += int(sum(counts))
-                if bad:
-                    new, sk = play([sample_at(samples, cfg.seed, first + k) for k in range(len(bad))],
-                                   cfg.seed + rnd * 1_000_003 + step * d.world + d.rank)
-                    groups = [g for i, g in enumerate(groups) if i not in bad] + new
-                    played, skipped, resampled = played + new, skipped + sk, resampled + len(bad)
-        t1 = time.time()
-        # ---- advantages per group (zero for a group whose rewards are all equal)
-        R = torch.tensor([[r for r, _ in rs] for _, rs in groups], dtype=torch.float64).view(-1, G)  # (P, G)
-        adv = group_advantages(R, cfg.adv_norm, cfg.adv_eps)
-        if cfg.dgrpo_task or cfg.dgrpo_sample:
-            acc = torch.tensor([[c.get("accuracy", 0.0) for _, c in rs] for _, rs in groups], dtype=torch.float64).view(-1, G)
-            types = [answer_type(g[0].sample) for g, _ in groups]
-            tally = {}
-            for part in all_gather_obj([(t, float(a)) for t, a in zip(types, acc.mean(1))]):
-                for t, a in part:
-                    tally.setdefault(t, []).append(a)
-            acc_task = torch.tensor([float(np.mean(tally[t])) for t in types], dtype=torch.float64)
-            adv = adv * dgrpo_weights(acc.mean(1), acc_task, cfg)[:, None]
-        keep = [i for i, (_, rs) in enumerate(groups) if not (cfg.dynamic_sampling and is_flat(rs))]
-        rows = [(t, float(adv[i, j])) for i in keep for j, t in enumerate(groups[i][0])]
-        # ---- micro-batches: the same count on every rank (collectives in forward/backward); a rank short of rows
-        # runs a copy of one of its episodes with an all-zero mask (zero loss and gradient)
-        M, mb = cfg.mini_batches, cfg.micro_batch
-        minis = [rows[k * len(rows) // M:(k + 1) * len(rows) // M] for k in range(M)]
-        n_micro = [int(x) for x in all_sum([math.ceil(len(p) / mb) for p in minis], dev, "max")]
-        spare = groups[0][0][0] if groups else None
-        can_update = all_sum([spare is not None], dev)[0] == d.world
-        micro = []
-        for part, n in zip(minis, n_micro):
-            items = []
-            for i in range(n if can_update else 0):
-                chunk = part[i * mb:(i + 1) * mb] or [(spare, 0.0)]
-                b = collate(hf, [t.rendered() for t, _ in chunk], processor.tokenizer.pad_token_id)
-                b["policy_mask"] *= int(bool(part[i * mb:(i + 1) * mb]))
-                b["adv"], b["rows"] = torch.tensor([a for _, a in chunk], dtype=torch.float32), len(part[i * mb:(i + 1) * mb])
-                items.append(b)
-            micro.append(items)
-        # ---- old (and reference) log-probs, recomputed in one no-grad pass before any update: the sampling
-        # log-probs come from the KV-cached incremental path (other kernels, other batch shapes) and under bf16 drift
-        # from the training forward; recomputed with the very micro-batches of the update, ratio == 1 exactly at
-        # the first mini-batch of a step.
-        st = dict(kl=0.0, clipped=0.0, tokens=0.0, ent=0.0, gnorm=0.0, updates=0, nonfinite=0, ratio_err=0.0)
-        with torch.no_grad():
-            for b in (b for items in micro for b in items):
-                b["old"], ent = net(b, with_entropy=True)
-                b["ref"] = ref(b)[0] if ref is not None else None
-                st["ent"] += (ent * b["policy_mask"].to(dev)).sum().item()
-        # ---- update: ppo_epochs x mini-batches, gradient accumulation over micro-batches, one sync per step
-        for epoch in range(cfg.ppo_epochs):
-            for k, items in enumerate(micro):
-                tokens, seqs = all_sum([sum(b["policy_mask"].sum().item() for b in items), sum(b["rows"] for b in items)], dev)
-                if not tokens:
-                    continue
-                denom = (tokens if cfg.loss_agg == "token-mean" else seqs) / d.world  # DDP/FSDP average over ranks
-                for j, b in enumerate(items):
-                    last = j == len(items) - 1
-                    if fsdp:
-                        net.set_requires_gradient_sync(last)
-                    with nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
-                        logp, _ = net(b)
-                        mask = b["policy_mask"].to(dev)
-                        loss, s = grpo_loss(logp, b["old"], b["ref"], b["adv"].to(dev), mask, cfg, denom)
-                        loss.backward()
-                    st["kl"], st["clipped"], st["tokens"] = st["kl"] + s["kl"], st["clipped"] + s["clipped"], st["tokens"] + mask.sum().item()
-                    if epoch == 0 and k == 0:  # on-policy check: exactly 0 unless the forward is nondeterministic
-                        st["ratio_err"] = max(st["ratio_err"], ((logp - b["old"]).abs() * mask).max().item())
-                gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-                gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-                if math.isfinite(gnorm):
-                    opt.step()
-                    st["gnorm"], st["updates"] = st["gnorm"] + gnorm, st["updates"] + 1
-                else:  # the same global norm on every rank, so every rank skips
-                    st["nonfinite"] += 1
-                opt.zero_grad(set_to_none=True)
-        t2 = time.time()
-        # ---- metrics, summed over ranks
-        eps = [(t, dict(c, total=r)) for g, rs in played for t, (r, c) in zip(g, rs)]
-        keys = ("total", "accuracy", "format", "iou", "judge_failures")
-        sums = all_sum([len(eps)] + [sum(float(c.get(k) or 0.0) for _, c in eps) for k in keys]
-                       + [sum(t.num_tool_calls for t, _ in eps), sum(sum(1 for tc in t.tool_calls if tc.get("error")) for t, _ in eps),
-                          sum(sum(t.policy_mask) for t, _ in eps), sum(t.stop_reason == "length" for t, _ in eps),
-                          n_first, flat_first, skipped, resampled, st["kl"], st["clipped"], st["tokens"], st["ent"],
-                          sum(b["policy_mask"].sum().item() for items in micro for b in items)], dev)
-        n = max(sums[0], 1)
-        m = dict(step=step + 1, reward=sums[1] / n, accuracy=sums[2] / n, format=sums[3] / n, iou=sums[4] / n,
-                 judge_failures=int(sums[5]), tool_calls=sums[6] / n, tool_errors=sums[7] / n, response_len=sums[8] / n,
-                 truncated=sums[9] / n, zero_var=sums[11] / max(sums[10], 1), skipped=int(sums[12]),
-                 resampled=int(sums[13]), kl=sums[14] / max(sums[16], 1), clip_frac=sums[15] / max(sums[16], 1),
-                 entropy=sums[17] / max(sums[18], 1), grad_norm=st["gnorm"] / max(st["updates"], 1),
-                 nonfinite=st["nonfinite"], ratio_err=all_sum([st["ratio_err"]], dev, "max")[0],
-                 lr=opt.param_groups[0]["lr"], data_pos=pos, rollout_s=t1 - t0, update_s=t2 - t1,
-                 tok_s=sums[8] / max(t1 - t0, 1e-9))  # sampled tokens per rollout second, all ranks
-        if d.is_main and cfg.log_rollouts_every and (step + 1) % cfg.log_rollouts_every == 0:
-            some = [(t, rs[j], float(adv[i, j])) for i, (g, rs) in enumerate(groups) for j, t in enumerate(g)]
-            some = some[:cfg.num_log_rollouts]
-            dump_rollouts(os.path.join(cfg.out, "rollouts", f"step_{step + 1:04d}.jsonl"), [x[0] for x in some],
-                          [x[1] for x in some], [x[2] for x in some], processor.tokenizer)
-        if held_out and (step + 1) % cfg.eval_every == 0 or held_out and step + 1 == cfg.steps:
-            m.update(run_eval(cfg, d, hf, net, processor, held_out, view, judge, fsdp, step + 1))
-        if d.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-            bar.write(f"step {step + 1:4d} | reward {m['reward']:.3f} acc {m['accuracy']:.3f} fmt {m['format']:.3f} "
-                      f"iou {m['iou']:.3f} | tools {m['tool_calls']:.2f} err {m['tool_errors']:.2f} judge_fail "
-                      f"{m['judge_failures']} | len {m['response_len']:.0f} trunc {m['truncated']:.2f} zvar "
-                      f"{m['zero_var']:.2f} | kl {m['kl']:.4f} clip {m['clip_frac']:.3f} ent {m['entropy']:.2f} "
-                      f"gnorm {m['grad_norm']:.3f} | roll {m['rollout_s']:.1f}s upd {m['update_s']:.1f}s "
-                      f"{m['tok_s']:.0f} tok/s")
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
-            save(cfg, d, hf, net, processor, opt, ckpt_dir, step + 1, pos, fsdp)
-    if d.is_main and cfg.curve:
-        write_curve(cfg.out)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def save(cfg, d, hf, net, processor, opt, ckpt_dir, step, pos, fsdp):
-    """HF layout + trainer_state.pt (optimizer, per-rank RNG, data position, step, config), written atomically."""
-    rngs = all_gather_obj(rng_state())
-    sd, osd = None, None
-    if fsdp:  # gather full (unsharded) model and optimizer states onto rank 0's CPU; a collective on all ranks
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-        o = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        sd, osd = get_model_state_dict(hf, options=o), get_optimizer_state_dict(net, opt, options=o)
-        named = {n for n, _ in hf.named_parameters()} | {n for n, _ in hf.named_buffers()}
-        sd = {k: v for k, v in sd.items() if k in named}  # tied weights once, as save_pretrained writes them
-    if d.is_main:
-        state = dict(step=step, data_pos=pos, config=asdict(cfg), rng=rngs, optimizer=osd or opt.state_dict())
-        save_checkpoint(hf, processor, ckpt_dir, state_dict=sd, extra={"trainer_state.pt": state})
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def run_eval(cfg, d, hf, net, processor, samples, view, judge, fsdp, step):
-    """eval.evaluate on rank 0 (the others wait, their shards gathered under FSDP); metrics as eval/<name>."""
-    try:
-        from eval import evaluate
-    except ImportError as e:
-        print0(f"warning: eval skipped, eval.evaluate is not available ({e})")
-        return {}
-    import inspect
-    kw = {k: v for k, v in dict(view=view, judge=judge, reward_cfg=RewardConfig(**cfg.reward)).items()
-          if k in inspect.signature(evaluate).parameters}
-    out = {}
-    with rollout_mode(hf, net, fsdp):
-        if d.is_main:
-            summary, predictions = evaluate(hf, processor, samples, **kw)
-            out = {f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
-            os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
-            with open(os.path.join(cfg.out, "eval", f"step_{step:04d}.jsonl"), "w") as f:
-                f.writelines(json.dumps(p, default=str) + "\n" for p in predictions)
-            print0(f"eval step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in out.items()))
-    if dist.is_initialized():
-        dist.barrier()
-    return out
-
-
-if __name__ == "__main__":
-    train(parse_config(Config))
+            f.write(json.dumps(dict(
+                id=t.sample.get("id"), question=t.sample.get("question"), reference=t.sample.get("answer"),
+                window=t.sample.get("window"), reward=r, advantage=a, stop_reason=t.stop_reason, turns=t.turns_text,
+                components={k: v for k, v in c.items() if isinstance(v, (int, float, str, bool, type(None)))},
+                tool_calls=[{k: v for k, v in tc.items() if k != "timestamps"} for tc in t.tool_calls],
+                transcript=text)) + "\n")
