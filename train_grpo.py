@@ -286,3 +286,257 @@ def dump_rollouts(path, rows, tokenizer):
                 components={k: v for k, v in c.items() if isinstance(v, (int, float, str, bool, type(None)))},
                 tool_calls=[{k: v for k, v in tc.items() if k != "timestamps"} for tc in t.tool_calls],
                 transcript=text)) + "\n")
+
+
+# --------------------------------------------------------------------------- training
+def train(cfg: Config):
+    d = compute_init(cfg.seed)
+    assert cfg.prompts_per_step % d.world == 0, f"prompts_per_step={cfg.prompts_per_step} must divide by {d.world} ranks"
+    assert cfg.adv_norm in ("std", "none") and cfg.loss_agg in ("token-mean", "seq-mean"), "bad adv_norm / loss_agg"
+    assert cfg.ratio_level in ("token", "sequence") and cfg.parallel in ("ddp", "fsdp"), "bad ratio_level / parallel"
+    fsdp, G, dev, cuda = d.world > 1 and cfg.parallel == "fsdp", cfg.group_size, d.device, d.device.type == "cuda"
+    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
+    view, rcfg = ViewConfig(**cfg.view), RewardConfig(**cfg.reward)
+    if d.is_main and cfg.data == Config.data:
+        import needle
+        needle.ensure(cfg.data)  # the default benchmark, generated on first use
+    if d.is_main and cfg.resume and resolve_checkpoint(cfg.out) != cfg.out:
+        os.rename(resolve_checkpoint(cfg.out), cfg.out)  # a crash between atomic_dir's two renames
+    barrier()
+    samples = load_samples(cfg.data)
+    held_out = load_samples(cfg.eval_data)[:cfg.eval_samples] if cfg.eval_every and cfg.eval_data else []
+    judge = None
+    if rcfg.accuracy != "rule":
+        judge = Judge.from_env(timeout=rcfg.judge_timeout, retries=rcfg.judge_retries, backoff=rcfg.judge_backoff,
+                               workers=rcfg.judge_workers)
+        if judge is not None:
+            judge.health_check()  # fail now, not after an hour of rollouts, when the judge is misconfigured
+    state_path, metrics_path = os.path.join(cfg.out, "trainer_state.pt"), os.path.join(cfg.out, "metrics.jsonl")
+    if cfg.resume and not os.path.isfile(state_path):
+        raise SystemExit(f"--resume: no checkpoint in {cfg.out}")
+    state = torch.load(state_path, map_location="cpu", weights_only=False) if cfg.resume else None
+    hf, net, processor = build(cfg.out if state else init_path(cfg.init), d, cfg, trainable=True)
+    ref = build(init_path(cfg.init), d, cfg, trainable=False)[1].eval() if cfg.kl_coef > 0 else None
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, pos = 0, 0
+    if state:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(net, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        step, pos = state["step"], state["data_pos"]
+        if len(state["rng"]) == d.world:
+            set_rng_state(state["rng"][d.rank])
+        else:
+            print0(f"warning: checkpoint written by {len(state['rng'])} ranks, resuming with {d.world}: RNG not restored")
+    if d.is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+        old = open(metrics_path).readlines() if state and os.path.exists(metrics_path) else []
+        with open(metrics_path, "w") as f:  # drop lines logged after the checkpoint we resume from
+            f.writelines(line for line in old if json.loads(line)["step"] <= step)
+    print0(f"GRPO {cfg.out if state else cfg.init} -> {cfg.out}: {d.world} rank(s), {cfg.parallel}, {len(samples)} "
+           f"prompts, {cfg.prompts_per_step}x{G} rollouts/step, step {step}/{cfg.steps}")
+
+    def play(prompts, seed):
+        """group_size rollouts of each prompt + rewards: ([(trajs, [(total, components)])], skipped prompts)."""
+        rc = RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, seed=seed,
+                           max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature)
+        trajs = rollout(hf, processor, prompts, G, rc, view)
+        groups = [trajs[i:i + G] for i in range(0, len(trajs), G)]
+        for g in groups:
+            if g[0].stop_reason == "skipped":
+                print(f"warning [rank {d.rank}]: skipped sample {g[0].error}", flush=True)
+        groups = [g for g in groups if g[0].stop_reason != "skipped"]
+        flat = [t for g in groups for t in g]
+        rs = reward_batch([t.sample for t in flat], flat, rcfg, judge) if flat else []
+        return [(g, rs[i * G:(i + 1) * G]) for i, g in enumerate(groups)], len(trajs) // G - len(groups)
+
+    def is_flat(rs):  # a group whose rewards are all equal: advantage 0, no signal
+        return max(r for r, _ in rs) == min(r for r, _ in rs)
+
+    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, disable=not d.is_main, desc="grpo")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        # ---- rollouts: rank-strided prompts, a sampling seed per step and rank (so resume is exact)
+        t0 = time.time()
+        with rollout_mode(hf, net, fsdp, cuda):
+            prompts = [sample_at(samples, cfg.seed, pos + k) for k in range(d.rank, cfg.prompts_per_step, d.world)]
+            pos += cfg.prompts_per_step
+            groups, skipped = play(prompts, cfg.seed + step * d.world + d.rank)
+            played, n_first, resampled = list(groups), len(groups), 0
+            flat_first = sum(is_flat(rs) for _, rs in groups)
+            for rnd in range(1, cfg.resample_rounds + 1 if cfg.dynamic_sampling else 1):  # DAPO dynamic sampling
+                bad = [i for i, (_, rs) in enumerate(groups) if is_flat(rs)]
+                counts = all_sum([len(bad) if r == d.rank else 0 for r in range(d.world)], dev)
+                if not sum(counts):
+                    break
+                first = pos + int(sum(counts[:d.rank]))  # fresh prompts at stream positions agreed by all ranks
+                pos += int(sum(counts))
+                if bad:
+                    new, sk = play([sample_at(samples, cfg.seed, first + k) for k in range(len(bad))],
+                                   cfg.seed + rnd * 1_000_003 + step * d.world + d.rank)
+                    groups = [g for i, g in enumerate(groups) if i not in bad] + new
+                    played, skipped, resampled = played + new, skipped + sk, resampled + len(bad)
+        t1 = time.time()
+        # ---- advantages per group (zero for a group whose rewards are all equal)
+        R = torch.tensor([[r for r, _ in rs] for _, rs in groups], dtype=torch.float64).view(-1, G)  # (P, G)
+        adv = group_advantages(R, cfg.adv_norm, cfg.adv_eps)
+        if cfg.dgrpo_task or cfg.dgrpo_sample:
+            acc = torch.tensor([[c.get("accuracy", 0.0) for _, c in rs] for _, rs in groups], dtype=torch.float64)
+            acc = acc.view(-1, G).mean(1)                                                             # (P,)
+            types, tally = [answer_type(g[0].sample) for g, _ in groups], {}
+            for part in all_gather_obj(list(zip(types, acc.tolist()))):
+                for t, a in part:
+                    tally.setdefault(t, []).append(a)
+            acc_task = torch.tensor([float(np.mean(tally[t])) for t in types], dtype=torch.float64)
+            adv = adv * dgrpo_weights(acc, acc_task, cfg)[:, None]
+        rows = [(t, float(adv[i, j])) for i, (g, rs) in enumerate(groups)
+                if not (cfg.dynamic_sampling and is_flat(rs)) for j, t in enumerate(g)]
+        # ---- micro-batches: the same number on every rank (forward/backward issue collectives); a rank short of
+        # rows runs a copy of one of its episodes with loss weight 0
+        M, mb = cfg.mini_batches, cfg.micro_batch
+        minis = [rows[k * len(rows) // M:(k + 1) * len(rows) // M] for k in range(M)]
+        n_micro = all_sum([math.ceil(len(p) / mb) for p in minis], dev, "max")
+        spare = groups[0][0][0] if groups else None
+        can_update = all_sum([spare is not None], dev)[0] == d.world  # else: every episode of a rank was skipped
+        micro = []
+        for part, n in zip(minis, n_micro):
+            micro.append([])
+            for i in range(int(n) if can_update else 0):
+                chunk = part[i * mb:(i + 1) * mb]
+                b = collate(hf, [t.rendered() for t, _ in chunk or [(spare, 0.0)]], processor.tokenizer.pad_token_id)
+                b.update(adv=torch.tensor([a for _, a in chunk] or [0.0]), rows=len(chunk), weight=float(bool(chunk)))
+                micro[-1].append(b)
+        # ---- old (and reference) log-probs, recomputed in one no-grad pass before any update: the sampling
+        # log-probs come from the KV-cached incremental path (other kernels, other batch shapes) and under bf16
+        # drift from the training forward; recomputed with the very micro-batches of the update, ratio == 1
+        # exactly at the first mini-batch of the step.
+        st = dict(kl=0.0, clipped=0.0, tokens=0.0, ent=0.0, ent_tokens=0.0, gnorm=0.0, updates=0, nonfinite=0, err=0.0)
+        with torch.no_grad():
+            for b in (b for items in micro for b in items):
+                b["old"], ent = net(b, with_entropy=True)
+                b["ref"] = ref(b)[0] if ref is not None else None
+                st["ent"] += (ent * b["policy_mask"].to(dev)).sum().item() * b["weight"]
+                st["ent_tokens"] += b["policy_mask"].sum().item() * b["weight"]
+        # ---- update: ppo_epochs x mini-batches, gradients accumulated over micro-batches, synced on the last
+        for epoch in range(cfg.ppo_epochs):
+            for k, items in enumerate(micro):
+                tokens, seqs = all_sum([sum(b["policy_mask"].sum().item() * b["weight"] for b in items),
+                                        sum(b["rows"] for b in items)], dev)
+                if not tokens:
+                    continue
+                denom = (tokens if cfg.loss_agg == "token-mean" else seqs) / d.world  # DDP/FSDP average over ranks
+                for j, b in enumerate(items):
+                    last = j == len(items) - 1
+                    if fsdp:
+                        net.set_requires_gradient_sync(last)
+                    with nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+                        logp, _ = net(b)
+                        mask = b["policy_mask"].to(dev) * b["weight"]
+                        loss, s = grpo_loss(logp, b["old"], b["ref"], b["adv"].to(dev), mask, cfg, denom)
+                        loss.backward()
+                    st["kl"], st["clipped"], st["tokens"] = st["kl"] + s["kl"], st["clipped"] + s["clipped"], st["tokens"] + mask.sum().item()
+                    if epoch == 0 and k == 0:  # on-policy check: exactly 0 unless the forward is nondeterministic
+                        st["err"] = max(st["err"], ((logp - b["old"]).abs() * mask).max().item())
+                gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+                gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+                if math.isfinite(gnorm):
+                    opt.step()
+                    st["gnorm"], st["updates"] = st["gnorm"] + gnorm, st["updates"] + 1
+                else:  # the same global norm on every rank, so every rank skips this update
+                    st["nonfinite"] += 1
+                opt.zero_grad(set_to_none=True)
+        t2 = time.time()
+        # ---- metrics: over every episode played this step, summed over ranks
+        eps = [(t, r, c) for g, rs in played for t, (r, c) in zip(g, rs)]
+        local = dict(n=len(eps), update_rows=len(rows), reward=sum(r for _, r, _ in eps), groups=n_first, flat=flat_first, skipped=skipped,
+                     resampled=resampled, tool_calls=sum(t.num_tool_calls for t, _, _ in eps),
+                     tool_errors=sum(bool(tc.get("error")) for t, _, _ in eps for tc in t.tool_calls),
+                     response_len=sum(sum(t.policy_mask) for t, _, _ in eps),
+                     truncated=sum(t.stop_reason == "length" for t, _, _ in eps),
+                     **{k: sum(float(c.get(k) or 0.0) for _, _, c in eps) for k in ("accuracy", "format", "iou", "judge_failures")},
+                     **{k: st[k] for k in ("kl", "clipped", "tokens", "ent", "ent_tokens")})
+        tot = dict(zip(local, all_sum(local.values(), dev)))
+        n, ntok = max(tot["n"], 1), max(tot["tokens"], 1)
+        m = dict(step=step + 1, **{k: tot[k] / n for k in ("reward", "accuracy", "format", "iou")},
+                 judge_failures=int(tot["judge_failures"]), tool_calls=tot["tool_calls"] / n,
+                 tool_errors=tot["tool_errors"] / n, response_len=tot["response_len"] / n, truncated=tot["truncated"] / n,
+                 zero_var=tot["flat"] / max(tot["groups"], 1), skipped=int(tot["skipped"]), update_rows=int(tot["update_rows"]),
+                 resampled=int(tot["resampled"]), kl=tot["kl"] / ntok, clip_frac=tot["clipped"] / ntok,
+                 entropy=tot["ent"] / max(tot["ent_tokens"], 1), grad_norm=st["gnorm"] / max(st["updates"], 1),
+                 nonfinite=st["nonfinite"], ratio_err=all_sum([st["err"]], dev, "max")[0],
+                 lr=opt.param_groups[0]["lr"], data_pos=pos, rollout_s=t1 - t0, update_s=t2 - t1,
+                 tok_s=tot["response_len"] / max(t1 - t0, 1e-9))  # sampled tokens per rollout second, all ranks
+        if d.is_main and cfg.log_rollouts_every and (step + 1) % cfg.log_rollouts_every == 0:
+            some = [(t, rs[j], float(adv[i, j])) for i, (g, rs) in enumerate(groups) for j, t in enumerate(g)]
+            dump_rollouts(os.path.join(cfg.out, "rollouts", f"step_{step + 1:04d}.jsonl"), some[:cfg.num_log_rollouts],
+                          processor.tokenizer)
+        if held_out and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            m.update(run_eval(cfg, d, hf, net, processor, held_out, view, rcfg, judge, fsdp, step + 1))
+        if d.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            bar.write(f"step {step + 1:4d} | reward {m['reward']:.3f} acc {m['accuracy']:.3f} fmt {m['format']:.3f} "
+                      f"iou {m['iou']:.3f} | tools {m['tool_calls']:.2f} err {m['tool_errors']:.2f} judge_fail "
+                      f"{m['judge_failures']} | len {m['response_len']:.0f} trunc {m['truncated']:.2f} zvar "
+                      f"{m['zero_var']:.2f} | kl {m['kl']:.4f} clip {m['clip_frac']:.3f} ent {m['entropy']:.2f} "
+                      f"gnorm {m['grad_norm']:.3f} | roll {m['rollout_s']:.1f}s upd {m['update_s']:.1f}s "
+                      f"{m['tok_s']:.0f} tok/s")
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+            save(cfg, d, hf, net, processor, opt, step + 1, pos, fsdp)
+    if d.is_main and cfg.curve:
+        write_curve(cfg.out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def save(cfg, d, hf, net, processor, opt, step, pos, fsdp):
+    """<out> in HF layout + trainer_state.pt (optimizer, per-rank RNG, data position, step, config), written to a
+    temp dir with the logs so far and swapped in (model.atomic_dir). A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: gathered to rank 0's CPU
+    sd = get_model_state_dict(hf, options=o) if fsdp else None
+    if fsdp:  # tied weights once (lm_head = embeddings), as save_pretrained writes them
+        named = {n for n, _ in hf.named_parameters()} | {n for n, _ in hf.named_buffers()}
+        sd = {k: v for k, v in sd.items() if k in named}
+    state = dict(step=step, data_pos=pos, config=asdict(cfg), rng=all_gather_obj(rng_state()),
+                 optimizer=get_optimizer_state_dict(net, opt, options=o))
+    if d.is_main:
+        def write(tmp):
+            hf.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+            processor.save_pretrained(tmp)
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+            for name in ("metrics.jsonl", "rollouts", "eval"):  # the logs live in <out> too
+                src = os.path.join(cfg.out, name)
+                if os.path.isdir(src):
+                    shutil.copytree(src, os.path.join(tmp, name))
+                elif os.path.exists(src):
+                    shutil.copy(src, tmp)
+        atomic_dir(cfg.out, write)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def run_eval(cfg, d, hf, net, processor, samples, view, rcfg, judge, fsdp, step):
+    """eval.evaluate on all ranks (rank-strided, gathered on rank 0) with the shards gathered; greedy decoding.
+    Returns its numeric summary as eval/<name>; predictions go to <out>/eval/step_XXXX.jsonl."""
+    try:
+        from eval import evaluate
+    except ImportError as e:
+        print0(f"warning: eval skipped, eval.evaluate is not available ({e})")
+        return {}
+    ecfg = dict(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, max_total_tokens=cfg.max_total_tokens,
+                seed=cfg.seed)
+    with rollout_mode(hf, net, fsdp, d.device.type == "cuda"):
+        summary, predictions = evaluate(hf, processor, samples, cfg=ecfg, view=view, reward_cfg=rcfg, judge=judge,
+                                        distributed=True)
+    if d.is_main:
+        os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
+        with open(os.path.join(cfg.out, "eval", f"step_{step:04d}.jsonl"), "w") as f:
+            f.writelines(json.dumps(p, default=str) + "\n" for p in predictions)
+    out = {f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    print0(f"eval step {step}: " + " ".join(f"{k[5:]}={v:.4g}" for k, v in out.items()))
+    return out
+
+
+if __name__ == "__main__":
+    train(parse_config(Config))

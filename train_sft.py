@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from data import DataError, Renderer, ViewConfig, collate, normalize_row, read_rows, render_sft
 from model import atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, unwrap
+from rollout import RolloutConfig
 from tools import ToolError
 
 DEFAULT_DATA = "data/needle/sft.jsonl"
@@ -84,11 +85,15 @@ class Config:
     workers: int = 2                # threads rendering samples at start-up (video decoding, processor)
     threads: int = 1                # CPU only: torch intra-op threads (0 = torch's default); the tiny model's ops
                                     # are too small to split, and 2 threads on 2 busy cores spin-wait several x slower
-    visual_format: str = "video"    # ViewConfig: "video" | "images" (LongVT's released checkpoints)
-    timestamps: bool = True         # ViewConfig: text timestamps before frame groups
-    global_frames: int = 64         # ViewConfig: frame budget of the global view
-    crop_max_frames: int = 48       # ViewConfig: frame budget of one crop
-    longvt_text: bool = False       # ViewConfig: LongVT's observation wording
+    max_turns: int = RolloutConfig.max_turns        # tool calls per episode (the last observation says so)
+    visual_format: str = ViewConfig.visual_format   # "video" | "images" (LongVT's released checkpoints)
+    timestamps: bool = ViewConfig.timestamps        # text timestamps in the global view (LongVT: off)
+    longvt_text: bool = ViewConfig.longvt_text      # LongVT's tool-response wording
+    max_frames: int = ViewConfig.global_frames      # frame budget of the global view
+    global_fps: float = ViewConfig.global_fps       # fps cap of the global view
+    max_pixels: int = ViewConfig.max_pixels         # pixels per global-view frame
+    crop_max_frames: int = ViewConfig.crop_max_frames  # frame budget of a crop
+    crop_max_pixels: int = ViewConfig.crop_max_pixels  # pixels per cropped frame
 
 
 # --------------------------------------------------------------------------- loss
@@ -177,10 +182,10 @@ def read_samples(paths, limit=0):
     return (samples[:limit] if limit else samples), skipped
 
 
-def try_render(renderer, sample):
+def try_render(renderer, sample, max_turns):
     """Rendered, or an error string naming the sample when its video / stored frames cannot be read."""
     try:
-        return render_sft(renderer, sample)
+        return render_sft(renderer, sample, max_turns)
     except (ToolError, DataError, OSError, ValueError, KeyError, IndexError) as e:
         return f"{sample['id']} ({sample['video']}): {type(e).__name__}: {e}"
 
@@ -296,8 +301,9 @@ def main(argv=None):
     init = cfg.out if cfg.resume else (cfg.init or cfg.model)
     model, processor = load_model(init, d.device, dtype=torch.float32, grad_ckpt=cfg.grad_ckpt)
     pad_id = processor.tokenizer.pad_token_id
-    view = ViewConfig(visual_format=cfg.visual_format, timestamps=cfg.timestamps, global_frames=cfg.global_frames,
-                      crop_max_frames=cfg.crop_max_frames, longvt_text=cfg.longvt_text)
+    view = ViewConfig(visual_format=cfg.visual_format, timestamps=cfg.timestamps, global_frames=cfg.max_frames,
+                      global_fps=cfg.global_fps, max_pixels=cfg.max_pixels, crop_max_frames=cfg.crop_max_frames,
+                      crop_max_pixels=cfg.crop_max_pixels, longvt_text=cfg.longvt_text)
     renderer = Renderer(processor, view)
 
     # ---- data: every rank renders a strided share; lengths and failures are shared so all ranks agree
@@ -305,7 +311,7 @@ def main(argv=None):
     cache, info = {}, {}
     share = range(d.rank, len(samples), world)
     with ThreadPoolExecutor(cfg.workers) as pool:
-        done = pool.map(lambda i: try_render(renderer, samples[i]), share)
+        done = pool.map(lambda i: try_render(renderer, samples[i], cfg.max_turns), share)
         for i, r in zip(share, tqdm(done, total=len(share), desc="rendering", disable=not d.is_main, leave=False)):
             info[i] = r if isinstance(r, str) else len(r.input_ids)
             if cfg.cache and not isinstance(r, str):
@@ -333,7 +339,7 @@ def main(argv=None):
 
     def rendered(k):  # k indexes `keep`
         i = keep[k]
-        return cache[i] if i in cache else render_sft(renderer, samples[i])
+        return cache[i] if i in cache else render_sft(renderer, samples[i], cfg.max_turns)
 
     # ---- optimisation
     engine = wrap(model, cfg, d)

@@ -28,7 +28,7 @@ def sft_file(tmp_path_factory):
 
 def args(data, out, **kw):
     """Small runs: 8 short videos, 8-frame budgets, global batch 4 in micro-batches of 1."""
-    base = dict(data=data, out=out, global_frames=8, crop_max_frames=8, batch_size=4, micro_batch_size=1,
+    base = dict(data=data, out=out, max_frames=8, crop_max_frames=8, batch_size=4, micro_batch_size=1,
                 steps=2, lr=1e-3, warmup_steps=1, save_every=0)
     base.update(kw)
     return [f"--{k}={v}" for k, v in base.items()]
