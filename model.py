@@ -186,7 +186,9 @@ def token_logprobs(model, input_ids, attention_mask=None, position_ids=None, chu
     Runs the decoder once for hidden states and applies the LM head in chunks of `chunk` positions, so a
     full (B, T, V) fp32 tensor never exists. With `mask` (B, T), only positions where mask == 1 are scored
     (the rest are 0): the LM head is most of a small model's compute, and only policy tokens need it.
-    Returns (logp (B, T), entropy (B, T) or None)."""
+    Returns (logp (B, T), entropy (B, T) or None).
+    It calls the bare model's submodules directly, so it bypasses a DDP/FSDP wrapper's forward hooks (no
+    gradient all-reduce): under DDP/FSDP, wrap a module whose forward calls this (the trainers do)."""
     bare = unwrap(model)
     out = bare.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False, **vision)

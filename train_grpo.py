@@ -6,35 +6,30 @@
     python train_grpo.py --init=tiny --steps=5                       # smoke run without an SFT checkpoint
     python train_grpo.py --resume=true                               # continue runs/grpo exactly
 
-Each step: prompts_per_step prompts (rank-strided over a seeded shuffle), group_size rollouts each through the
-real tool loop (rollout.py, temperature 1), rewards (reward.py), group advantages, then ppo_epochs x mini_batches
-optimizer steps on the clipped surrogate + k3 KL to the frozen init weights, over policy_mask == 1 tokens only.
-<out> is an HF checkpoint (eval.py / train_sft.py --init read it) plus trainer_state.pt, metrics.jsonl,
-rollouts/step_XXXX.jsonl (whole trajectories), eval/step_XXXX.jsonl, reward_curve.svg (--curve=true).
+Each step: prompts_per_step prompts (rank-strided, seeded shuffle), group_size rollouts each through the real tool
+loop (rollout.py), rewards (reward.py), group advantages, then ppo_epochs x mini_batches optimizer steps on the
+clipped surrogate + k3 KL to the frozen init weights, on policy_mask == 1 tokens only. <out> is an HF checkpoint
+(eval.py, train_sft.py --init read it) + trainer_state.pt, metrics.jsonl, rollouts/, eval/.
 
-Variants: --adv_norm=none (Dr. GRPO: r - mean, no std division); --clip_high > clip_low (DAPO clip-higher);
---dynamic_sampling=true (DAPO: groups whose rewards are all equal carry no signal; they are replaced by fresh
-prompts for up to resample_rounds extra rollout rounds, and those left are dropped from the update);
---loss_agg=seq-mean (per-sequence mean, GRPO's original) vs token-mean over the whole mini-batch on all ranks
-(DAPO, LongVT); --ratio_level=sequence (GSPO: one ratio per sequence, exp of its mean token log-ratio; use it
-with GSPO's tiny clip ranges, ~3e-4/4e-4); DGRPO (VITAL) with --dgrpo_task / --dgrpo_sample > 0:
+Variants: --adv_norm=none (Dr. GRPO: r - mean); --clip_high > clip_low (DAPO clip-higher); --dynamic_sampling
+(DAPO: groups whose rewards are all equal are replaced by fresh prompts for up to resample_rounds rounds, those
+left dropped); --loss_agg=seq-mean (GRPO's) vs token-mean over the mini-batch on all ranks (DAPO, LongVT);
+--ratio_level=sequence (GSPO: exp of the mean token log-ratio; use GSPO's ~3e-4/4e-4 clips); DGRPO (VITAL):
     A_i <- A_i * (1 + dgrpo_task * (0.5 - acc_task)) * (1 + dgrpo_sample * (0.5 - acc_group))
-acc_group = mean accuracy of the sample's group, acc_task = mean accuracy of this step's rollouts of the same
-answer type (reward.answer_type) on all ranks. Why: in a multi-task mix the easy tasks and samples would
-dominate the update, while rare successes on hard ones carry the most information; centring at accuracy 0.5
-keeps the step size of a medium batch. This is our formula in the spirit of VITAL's DGRPO (task- and
-sample-difficulty scaling of the advantages), not a transcription of the paper's.
+acc_group = mean accuracy of the sample's group, acc_task = that of this step's rollouts of the same answer type
+on all ranks. Why: in a multi-task mix easy tasks and samples dominate the update while rare successes on hard
+ones carry the most information; centring at 0.5 keeps the step size of a medium batch. Our formula in the
+spirit of VITAL's DGRPO (task- and sample-difficulty scaling), not a transcription of the paper's.
 
-Departures from LongVT (verl + vLLM): rollouts come from our own batched HF loop with the training weights (no
-second engine, no weight sync); mini-batches are contiguous slices of the step's rollouts (no shuffle); a sample
-whose video cannot be read is skipped and counted, not replaced; a failed judge falls back to the rule scorer and
-is counted; DGRPO as above. On CUDA the weights and AdamW states stay fp32 with bf16 compute (autocast under DDP,
-FSDP2 mixed precision), so LongVT's lr 1e-6 is not lost to bf16 rounding.
+Departures from LongVT (verl + vLLM): rollouts from our own batched HF loop with the training weights; contiguous
+mini-batches (no shuffle); an unreadable video is skipped and counted, not replaced; a failed judge falls back to
+rules, counted. On CUDA weights and AdamW stay fp32 with bf16 compute, so that lr 1e-6 survives rounding.
 """
 import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
@@ -45,6 +40,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import needle
 from data import ViewConfig, collate, load_samples
 from model import atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, token_logprobs
 from reward import Judge, RewardConfig, answer_type, reward_batch
@@ -69,13 +65,12 @@ class Config:
     view: dict = field(default_factory=dict)    # data.ViewConfig overrides, JSON: --view={"global_frames":16}
     reward: dict = field(default_factory=dict)  # reward.RewardConfig overrides, JSON: --reward={"w_iou":0.5}
     adv_norm: str = "std"                   # "std": (r - mean) / (std + eps) (GRPO) | "none": r - mean (Dr. GRPO)
-    adv_eps: float = 1e-6                   # eps of the std normalisation
     dynamic_sampling: bool = False          # DAPO: replace, then drop, groups whose rewards are all equal
     resample_rounds: int = 2                # extra rollout rounds per step to replace such groups
     dgrpo_task: float = 0.0                 # DGRPO task-difficulty scale (0 = off, at most 2)
     dgrpo_sample: float = 0.0               # DGRPO sample-difficulty scale (0 = off, at most 2)
-    lr: float = 2e-5                        # AdamW learning rate, constant after warmup (LongVT 7B: 1e-6)
-    warmup_steps: int = 0                   # linear warmup steps
+    lr: float = 1e-4                        # AdamW learning rate, constant after warmup (LongVT 7B: 1e-6)
+    warmup_steps: int = 5                   # linear warmup steps (Adam's first, sign-like steps are the wildest)
     weight_decay: float = 0.0               # AdamW weight decay
     grad_clip: float = 1.0                  # max global grad norm
     ppo_epochs: int = 1                     # passes over a step's rollouts
@@ -88,8 +83,7 @@ class Config:
     kl_coef: float = 1e-3                   # k3 KL to the init weights (LongVT: 1e-3); 0 loads no reference
     parallel: str = "ddp"                   # "ddp" | "fsdp" (FSDP2 per decoder layer / vision block + root)
     grad_ckpt: bool = False                 # gradient checkpointing in the training forward
-    log_rollouts_every: int = 10            # whole trajectories to <out>/rollouts/step_XXXX.jsonl (0 = never)
-    num_log_rollouts: int = 4               # ... this many (rank 0's first)
+    log_rollouts_every: int = 10            # rank 0's first group, whole, to <out>/rollouts/step_XXXX.jsonl
     eval_every: int = 25                    # eval on eval_data every N steps and at the end (0 = never)
     eval_samples: int = 16                  # held-out samples per eval
     save_every: int = 25                    # checkpoint every N steps (and at the end)
@@ -98,9 +92,8 @@ class Config:
 
 # --------------------------------------------------------------------------- the GRPO math
 def group_advantages(rewards, adv_norm="std", eps=1e-6):
-    """rewards (P, G) -> advantages (P, G): r - group mean, divided by the group's (unbiased) std + eps for "std".
-    Dr. GRPO ("none") drops the division, which up-weights prompts whose rollouts barely differ.
-    A group whose rewards are all equal gets advantage 0 either way."""
+    """rewards (P, G) -> advantages (P, G): r - group mean, / (the group's unbiased std + eps) for "std"; Dr. GRPO
+    ("none") drops the division, which up-weights prompts whose rollouts barely differ. Equal rewards -> 0."""
     adv = rewards - rewards.mean(1, keepdim=True)
     return adv / (rewards.std(1, keepdim=True) + eps) if adv_norm == "std" else adv
 
@@ -108,7 +101,7 @@ def group_advantages(rewards, adv_norm="std", eps=1e-6):
 def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg, denom):
     """Clipped surrogate + k3 KL on the policy tokens of one micro-batch. logp, old_logp, ref_logp, mask: (B, T);
     adv: (B,). denom = policy tokens (token-mean) or sequences (seq-mean) of the whole mini-batch on all ranks, so
-    the micro-batch losses sum to the mini-batch mean. Returns (loss, sums of kl and of clipped tokens)."""
+    the micro-batch losses sum to the mini-batch mean. Returns (loss, sums of kl, clipped tokens, tokens)."""
     mask = mask.float()
     log_ratio = (logp - old_logp) * mask                                      # (B, T), 0 off the policy tokens
     if cfg.ratio_level == "sequence":  # GSPO: one ratio per sequence, the geometric mean of its token ratios
@@ -129,7 +122,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg, denom):
     else:  # seq-mean: each sequence's token mean, summed here, averaged over the mini-batch's sequences by denom
         loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / denom
     clipped = ((surr < ratio * a).float() * mask).sum()  # tokens whose clipped branch is the active one
-    return loss, dict(kl=(kl * mask).sum().item(), clipped=clipped.item())
+    return loss, dict(kl=(kl * mask).sum().item(), clipped=clipped.item(), tokens=mask.sum().item())
 
 
 def dgrpo_weights(acc_group, acc_task, cfg):
@@ -139,9 +132,8 @@ def dgrpo_weights(acc_group, acc_task, cfg):
 
 # --------------------------------------------------------------------------- plumbing
 class LogProbs(torch.nn.Module):
-    """The policy as one module whose forward is model.token_logprobs (LM head on policy tokens only). DDP and
-    FSDP2 wrap THIS so that their forward hooks run: token_logprobs calls the inner HF modules directly, which
-    under a DDP-wrapped HF model would skip DDP.forward, leave the reducer unarmed and not all-reduce gradients."""
+    """The policy as a module whose forward is model.token_logprobs (LM head on policy tokens only). DDP/FSDP2 wrap
+    THIS: token_logprobs calls the inner HF modules, so on a DDP-wrapped HF model gradients would never sync."""
 
     def __init__(self, hf, autocast=False):
         super().__init__()
@@ -151,8 +143,9 @@ class LogProbs(torch.nn.Module):
         dev = next(self.hf.parameters()).device
         vision = {k: v.to(dev) for k, v in b["vision"].items() if k != "second_per_grid_ts"}
         with torch.autocast("cuda", torch.bfloat16) if self.autocast else nullcontext():
-            return token_logprobs(self.hf, b["input_ids"].to(dev), b["attention_mask"].to(dev), b["position_ids"].to(dev),
-                                  with_entropy=with_entropy, mask=b["policy_mask"].to(dev), **vision)
+            return token_logprobs(self.hf, b["input_ids"].to(dev), b["attention_mask"].to(dev),
+                                  b["position_ids"].to(dev), with_entropy=with_entropy, mask=b["policy_mask"].to(dev),
+                                  **vision)
 
 
 def build(name, d, cfg, trainable):
@@ -183,10 +176,10 @@ def build(name, d, cfg, trainable):
 
 @contextmanager
 def rollout_mode(hf, net, fsdp, bf16):
-    """Rollouts make a different number of forward calls on each rank, so they must not issue collectives: the
-    rollout gets the bare HF module (no DDP hooks), and under FSDP2 every unit is all-gathered once here (the same
-    calls on every rank) with reshard_after_forward off, so the layers' pre-forward hooks find their parameters
-    gathered and do nothing; everything is resharded after. Eval mode, no_grad, bf16 autocast on CUDA."""
+    """Rollouts make a different number of forward calls on each rank, so they must issue no collectives: they get
+    the bare HF module (no DDP hooks), and under FSDP2 every unit is all-gathered once here (same calls on every
+    rank) with reshard_after_forward off, so the layers' pre-forward hooks find their params gathered; resharded
+    after. Eval mode, no_grad, bf16 autocast on CUDA."""
     from torch.distributed.fsdp import FSDPModule
     units = [m for m in net.modules() if isinstance(m, FSDPModule)] if fsdp else []
     hf.eval()
@@ -214,10 +207,9 @@ def all_sum(values, device, op="sum"):
 
 
 def all_gather_obj(obj):
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [obj] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -227,24 +219,31 @@ def sample_at(samples, seed, i):
     return samples[int(np.random.default_rng([seed, epoch]).permutation(len(samples))[k])]
 
 
-def rng_state():
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+RNG = dict(python=(random.getstate, random.setstate), numpy=(np.random.get_state, np.random.set_state),
+           torch=(torch.get_rng_state, torch.set_rng_state))  # (get, set) of every RNG a rank uses
+if torch.cuda.is_available():
+    RNG["cuda"] = (torch.cuda.get_rng_state, torch.cuda.set_rng_state)
 
 
-def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
+LOG_LINE = ("step {step:4d} | reward {reward:.3f} acc {accuracy:.3f} fmt {format:.3f} iou {iou:.3f} | tools "
+            "{tool_calls:.2f} err {tool_errors:.2f} judge_fail {judge_failures} | len {response_len:.0f} trunc "
+            "{truncated:.2f} zvar {zero_var:.2f} | kl {kl:.4f} clip {clip_frac:.3f} ent {entropy:.2f} gnorm "
+            "{grad_norm:.3f} | roll {rollout_s:.1f}s upd {update_s:.1f}s {tok_s:.0f} tok/s")
+EPISODE_KEYS = ("reward", "accuracy", "format", "iou", "judge_failures", "tool_calls", "tool_errors", "response_len",
+                "truncated")
+
+
+def episode_stats(t, r, c):
+    """The numbers logged per episode (as means over the step; judge_failures as a count)."""
+    return dict(reward=r, accuracy=c.get("accuracy", 0.0), format=c.get("format", 0.0), iou=c.get("iou", 0.0),
+                judge_failures=c.get("judge_failures", 0), tool_calls=t.num_tool_calls, response_len=sum(t.policy_mask),
+                tool_errors=sum(bool(tc.get("error")) for tc in t.tool_calls), truncated=t.stop_reason == "length")
 
 
 def init_path(p):
     """--init as load_model takes it: a checkpoint dir, "tiny" or an HF hub id; a missing run dir is an error."""
-    if p == "tiny" or os.path.isfile(os.path.join(p, "config.json")):
-        return p
-    if os.path.exists(p) or p.startswith(("runs/", "./", "/", "../")):
+    local = os.path.exists(p) or p.startswith(("runs/", "./", "/", "../"))  # else an HF hub id
+    if p != "tiny" and local and not os.path.isfile(os.path.join(p, "config.json")):
         raise SystemExit(f"--init={p}: no checkpoint there. Run stage 1 first (torchrun --standalone "
                          "--nproc_per_node=2 train_sft.py writes runs/sft), or start from scratch with --init=tiny.")
     return p
@@ -253,87 +252,72 @@ def init_path(p):
 def write_curve(out):
     """reward_curve.svg: reward, accuracy and IoU per step as SVG polylines (no plotting dependency)."""
     rows = [m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "reward" in m]
-    if not rows:
-        return
-    W, H, P = 640, 320, 40  # width, height, padding
-    top, n = max(1.0, max(r["reward"] for r in rows)), max(len(rows) - 1, 1)
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
-           f'<rect x="{P}" y="{P // 2}" width="{W - 2 * P}" height="{H - 1.5 * P}" fill="none" stroke="#999"/>',
-           f'<text x="4" y="{P // 2 + 10}">{top:.2f}</text><text x="4" y="{H - P}">0</text>',
-           f'<text x="{W - P - 60}" y="{H - 8}">step {rows[-1]["step"]}</text>']
+    W, H, P, top = 640, 320, 40, max([1.0] + [r["reward"] for r in rows])  # size, padding, y of the top edge
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">'
+           f'<rect x="{P}" y="{P / 2}" width="{W - 2 * P}" height="{H - 1.5 * P}" fill="none" stroke="#999"/>'
+           f'<text x="4" y="{P / 2 + 10}">{top:.2f}</text><text x="4" y="{H - P}">0</text>']
     for i, (key, colour) in enumerate((("reward", "#d62728"), ("accuracy", "#1f77b4"), ("iou", "#2ca02c"))):
-        pts = " ".join(f"{P + (W - 2 * P) * j / n:.1f},{H - P - (H - 1.5 * P) * r.get(key, 0) / top:.1f}"
+        pts = " ".join(f"{P + (W - 2 * P) * j / max(len(rows) - 1, 1):.1f},{H - P - (H - 1.5 * P) * r[key] / top:.1f}"
                        for j, r in enumerate(rows))
         svg += [f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}"/>',
                 f'<text x="{P + 10 + 90 * i}" y="{H - 8}" fill="{colour}">{key}</text>']
     with open(os.path.join(out, "reward_curve.svg"), "w") as f:
-        f.write("\n".join(svg + ["</svg>"]))
+        f.write("\n".join(svg + [f'<text x="{W - 120}" y="{H - 8}">{len(rows)} steps</text></svg>']))
 
 
 def dump_rollouts(path, rows, tokenizer):
-    """Whole trajectories [(traj, (reward, components), advantage)]: turns, tool calls with their windows and
-    errors, and the decoded transcript after the prompt (runs of vision pads collapsed), as JSONL."""
+    """Whole trajectories [(traj, (reward, components), advantage)] as JSONL: the turns, the tool calls with their
+    windows and errors, and the decoded transcript after the prompt (runs of vision pads collapsed)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         for t, (r, c), a in rows:
-            text = tokenizer.decode(t.input_ids[t.prompt_len:], skip_special_tokens=False)
-            for pad in ("<|video_pad|>", "<|image_pad|>"):
-                while pad * 2 in text:
-                    text = text.replace(pad * 2, pad)
-            f.write(json.dumps(dict(
-                id=t.sample.get("id"), question=t.sample.get("question"), reference=t.sample.get("answer"),
-                window=t.sample.get("window"), reward=r, advantage=a, stop_reason=t.stop_reason, turns=t.turns_text,
-                components={k: v for k, v in c.items() if isinstance(v, (int, float, str, bool, type(None)))},
-                tool_calls=[{k: v for k, v in tc.items() if k != "timestamps"} for tc in t.tool_calls],
-                transcript=text)) + "\n")
+            text = re.sub(r"(<\|(?:video|image)_pad\|>)+", r"\1", tokenizer.decode(t.input_ids[t.prompt_len:]))
+            calls = [{k: v for k, v in tc.items() if k != "timestamps"} for tc in t.tool_calls]
+            f.write(json.dumps(dict(id=t.sample.get("id"), question=t.sample.get("question"), window=t.sample.get(
+                "window"), reference=t.sample.get("answer"), reward=r, advantage=a, components=c, turns=t.turns_text,
+                tool_calls=calls, stop_reason=t.stop_reason, transcript=text), default=str) + "\n")
 
 
 # --------------------------------------------------------------------------- training
 def train(cfg: Config):
     d = compute_init(cfg.seed)
-    assert cfg.prompts_per_step % d.world == 0, f"prompts_per_step={cfg.prompts_per_step} must divide by {d.world} ranks"
-    assert cfg.adv_norm in ("std", "none") and cfg.loss_agg in ("token-mean", "seq-mean"), "bad adv_norm / loss_agg"
-    assert cfg.ratio_level in ("token", "sequence") and cfg.parallel in ("ddp", "fsdp"), "bad ratio_level / parallel"
+    assert cfg.prompts_per_step % d.world == 0, f"prompts_per_step must be a multiple of {d.world} ranks"
+    assert cfg.adv_norm in ("std", "none") and cfg.loss_agg in ("token-mean", "seq-mean"), "bad adv_norm/loss_agg"
+    assert cfg.ratio_level in ("token", "sequence") and cfg.parallel in ("ddp", "fsdp"), "bad ratio_level/parallel"
     fsdp, G, dev, cuda = d.world > 1 and cfg.parallel == "fsdp", cfg.group_size, d.device, d.device.type == "cuda"
-    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
     view, rcfg = ViewConfig(**cfg.view), RewardConfig(**cfg.reward)
+    init = init_path(cfg.init) if not cfg.resume or cfg.kl_coef > 0 else None  # fail before any work
     if d.is_main and cfg.data == Config.data:
-        import needle
         needle.ensure(cfg.data)  # the default benchmark, generated on first use
     if d.is_main and cfg.resume and resolve_checkpoint(cfg.out) != cfg.out:
         os.rename(resolve_checkpoint(cfg.out), cfg.out)  # a crash between atomic_dir's two renames
-    barrier()
+    if dist.is_initialized():
+        dist.barrier()
     samples = load_samples(cfg.data)
     held_out = load_samples(cfg.eval_data)[:cfg.eval_samples] if cfg.eval_every and cfg.eval_data else []
-    judge = None
-    if rcfg.accuracy != "rule":
-        judge = Judge.from_env(timeout=rcfg.judge_timeout, retries=rcfg.judge_retries, backoff=rcfg.judge_backoff,
-                               workers=rcfg.judge_workers)
-        if judge is not None:
-            judge.health_check()  # fail now, not after an hour of rollouts, when the judge is misconfigured
-    state_path, metrics_path = os.path.join(cfg.out, "trainer_state.pt"), os.path.join(cfg.out, "metrics.jsonl")
-    if cfg.resume and not os.path.isfile(state_path):
-        raise SystemExit(f"--resume: no checkpoint in {cfg.out}")
-    state = torch.load(state_path, map_location="cpu", weights_only=False) if cfg.resume else None
-    hf, net, processor = build(cfg.out if state else init_path(cfg.init), d, cfg, trainable=True)
-    ref = build(init_path(cfg.init), d, cfg, trainable=False)[1].eval() if cfg.kl_coef > 0 else None
+    judge = Judge.from_env(timeout=rcfg.judge_timeout, retries=rcfg.judge_retries, backoff=rcfg.judge_backoff,
+                           workers=rcfg.judge_workers) if rcfg.accuracy != "rule" else None
+    if judge is not None:
+        judge.health_check()  # fail now, not after an hour of rollouts, when the judge is misconfigured
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    state = torch.load(os.path.join(cfg.out, "trainer_state.pt"), weights_only=False) if cfg.resume else None
+    hf, net, processor = build(cfg.out if state else init, d, cfg, trainable=True)
+    ref = build(init, d, cfg, trainable=False)[1].eval() if cfg.kl_coef > 0 else None
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, pos = 0, 0
     if state:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(net, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         step, pos = state["step"], state["data_pos"]
-        if len(state["rng"]) == d.world:
-            set_rng_state(state["rng"][d.rank])
-        else:
-            print0(f"warning: checkpoint written by {len(state['rng'])} ranks, resuming with {d.world}: RNG not restored")
+        if len(state["rng"]) == d.world:  # with another world size the per-rank RNG streams cannot continue
+            for k, (_, set_state) in RNG.items():
+                set_state(state["rng"][d.rank][k])
     if d.is_main:
         os.makedirs(cfg.out, exist_ok=True)
         old = open(metrics_path).readlines() if state and os.path.exists(metrics_path) else []
         with open(metrics_path, "w") as f:  # drop lines logged after the checkpoint we resume from
             f.writelines(line for line in old if json.loads(line)["step"] <= step)
-    print0(f"GRPO {cfg.out if state else cfg.init} -> {cfg.out}: {d.world} rank(s), {cfg.parallel}, {len(samples)} "
-           f"prompts, {cfg.prompts_per_step}x{G} rollouts/step, step {step}/{cfg.steps}")
+    print0(f"GRPO {cfg.init} -> {cfg.out}: {d.world} rank(s), {cfg.parallel}, {len(samples)} prompts, from step {step}")
 
     def play(prompts, seed):
         """group_size rollouts of each prompt + rewards: ([(trajs, [(total, components)])], skipped prompts)."""
@@ -341,9 +325,8 @@ def train(cfg: Config):
                            max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature)
         trajs = rollout(hf, processor, prompts, G, rc, view)
         groups = [trajs[i:i + G] for i in range(0, len(trajs), G)]
-        for g in groups:
-            if g[0].stop_reason == "skipped":
-                print(f"warning [rank {d.rank}]: skipped sample {g[0].error}", flush=True)
+        for g in (g for g in groups if g[0].stop_reason == "skipped"):
+            print(f"warning [rank {d.rank}]: skipped sample {g[0].error}", flush=True)
         groups = [g for g in groups if g[0].stop_reason != "skipped"]
         flat = [t for g in groups for t in g]
         rs = reward_batch([t.sample for t in flat], flat, rcfg, judge) if flat else []
@@ -362,15 +345,13 @@ def train(cfg: Config):
             prompts = [sample_at(samples, cfg.seed, pos + k) for k in range(d.rank, cfg.prompts_per_step, d.world)]
             pos += cfg.prompts_per_step
             groups, skipped = play(prompts, cfg.seed + step * d.world + d.rank)
-            played, n_first, resampled = list(groups), len(groups), 0
-            flat_first = sum(is_flat(rs) for _, rs in groups)
+            played, n_first, flat_first, resampled = list(groups), len(groups), sum(is_flat(rs) for _, rs in groups), 0
             for rnd in range(1, cfg.resample_rounds + 1 if cfg.dynamic_sampling else 1):  # DAPO dynamic sampling
                 bad = [i for i, (_, rs) in enumerate(groups) if is_flat(rs)]
-                counts = all_sum([len(bad) if r == d.rank else 0 for r in range(d.world)], dev)
+                counts = [int(c) for c in all_sum([len(bad) * (r == d.rank) for r in range(d.world)], dev)]
                 if not sum(counts):
                     break
-                first = pos + int(sum(counts[:d.rank]))  # fresh prompts at stream positions agreed by all ranks
-                pos += int(sum(counts))
+                first, pos = pos + sum(counts[:d.rank]), pos + sum(counts)  # fresh prompts' stream positions
                 if bad:
                     new, sk = play([sample_at(samples, cfg.seed, first + k) for k in range(len(bad))],
                                    cfg.seed + rnd * 1_000_003 + step * d.world + d.rank)
@@ -379,16 +360,13 @@ def train(cfg: Config):
         t1 = time.time()
         # ---- advantages per group (zero for a group whose rewards are all equal)
         R = torch.tensor([[r for r, _ in rs] for _, rs in groups], dtype=torch.float64).view(-1, G)  # (P, G)
-        adv = group_advantages(R, cfg.adv_norm, cfg.adv_eps)
+        adv = group_advantages(R, cfg.adv_norm)
         if cfg.dgrpo_task or cfg.dgrpo_sample:
-            acc = torch.tensor([[c.get("accuracy", 0.0) for _, c in rs] for _, rs in groups], dtype=torch.float64)
-            acc = acc.view(-1, G).mean(1)                                                             # (P,)
-            types, tally = [answer_type(g[0].sample) for g, _ in groups], {}
-            for part in all_gather_obj(list(zip(types, acc.tolist()))):
-                for t, a in part:
-                    tally.setdefault(t, []).append(a)
-            acc_task = torch.tensor([float(np.mean(tally[t])) for t in types], dtype=torch.float64)
-            adv = adv * dgrpo_weights(acc, acc_task, cfg)[:, None]
+            acc = torch.tensor([[c.get("accuracy", 0.0) for _, c in rs] for _, rs in groups]).view(-1, G).mean(1)
+            types = [answer_type(g[0].sample) for g, _ in groups]
+            every = [x for part in all_gather_obj(list(zip(types, acc.tolist()))) for x in part]  # all ranks' groups
+            acc_task = torch.tensor([np.mean([a for u, a in every if u == t]) for t in types])     # (P,)
+            adv = adv * dgrpo_weights(acc, acc_task, cfg).double()[:, None]
         rows = [(t, float(adv[i, j])) for i, (g, rs) in enumerate(groups)
                 if not (cfg.dynamic_sampling and is_flat(rs)) for j, t in enumerate(g)]
         # ---- micro-batches: the same number on every rank (forward/backward issue collectives); a rank short of
@@ -410,13 +388,12 @@ def train(cfg: Config):
         # log-probs come from the KV-cached incremental path (other kernels, other batch shapes) and under bf16
         # drift from the training forward; recomputed with the very micro-batches of the update, ratio == 1
         # exactly at the first mini-batch of the step.
-        st = dict(kl=0.0, clipped=0.0, tokens=0.0, ent=0.0, ent_tokens=0.0, gnorm=0.0, updates=0, nonfinite=0, err=0.0)
+        st = dict(kl=0.0, clipped=0.0, tokens=0.0, ent=0.0, gnorm=0.0, updates=0, nonfinite=0, err=0.0)
         with torch.no_grad():
             for b in (b for items in micro for b in items):
                 b["old"], ent = net(b, with_entropy=True)
                 b["ref"] = ref(b)[0] if ref is not None else None
-                st["ent"] += (ent * b["policy_mask"].to(dev)).sum().item() * b["weight"]
-                st["ent_tokens"] += b["policy_mask"].sum().item() * b["weight"]
+                st["ent"] += (ent * b["policy_mask"].to(dev)).sum().item() * b["weight"]  # tokens: as 1 epoch's
         # ---- update: ppo_epochs x mini-batches, gradients accumulated over micro-batches, synced on the last
         for epoch in range(cfg.ppo_epochs):
             for k, items in enumerate(micro):
@@ -434,53 +411,40 @@ def train(cfg: Config):
                         mask = b["policy_mask"].to(dev) * b["weight"]
                         loss, s = grpo_loss(logp, b["old"], b["ref"], b["adv"].to(dev), mask, cfg, denom)
                         loss.backward()
-                    st["kl"], st["clipped"], st["tokens"] = st["kl"] + s["kl"], st["clipped"] + s["clipped"], st["tokens"] + mask.sum().item()
+                    st.update({key: st[key] + v for key, v in s.items()})
                     if epoch == 0 and k == 0:  # on-policy check: exactly 0 unless the forward is nondeterministic
                         st["err"] = max(st["err"], ((logp - b["old"]).abs() * mask).max().item())
                 gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
                 gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-                if math.isfinite(gnorm):
+                if math.isfinite(gnorm):  # the same global norm on every rank: all step, or all skip and log it
                     opt.step()
-                    st["gnorm"], st["updates"] = st["gnorm"] + gnorm, st["updates"] + 1
-                else:  # the same global norm on every rank, so every rank skips this update
-                    st["nonfinite"] += 1
+                    st.update(gnorm=st["gnorm"] + gnorm, updates=st["updates"] + 1)
+                st["nonfinite"] += not math.isfinite(gnorm)
                 opt.zero_grad(set_to_none=True)
-        t2 = time.time()
-        # ---- metrics: over every episode played this step, summed over ranks
-        eps = [(t, r, c) for g, rs in played for t, (r, c) in zip(g, rs)]
-        local = dict(n=len(eps), update_rows=len(rows), reward=sum(r for _, r, _ in eps), groups=n_first, flat=flat_first, skipped=skipped,
-                     resampled=resampled, tool_calls=sum(t.num_tool_calls for t, _, _ in eps),
-                     tool_errors=sum(bool(tc.get("error")) for t, _, _ in eps for tc in t.tool_calls),
-                     response_len=sum(sum(t.policy_mask) for t, _, _ in eps),
-                     truncated=sum(t.stop_reason == "length" for t, _, _ in eps),
-                     **{k: sum(float(c.get(k) or 0.0) for _, _, c in eps) for k in ("accuracy", "format", "iou", "judge_failures")},
-                     **{k: st[k] for k in ("kl", "clipped", "tokens", "ent", "ent_tokens")})
+        # ---- metrics: means over every episode played this step, on all ranks
+        eps = [episode_stats(t, r, c) for g, rs in played for t, (r, c) in zip(g, rs)]
+        local = {k: sum(e[k] for e in eps) for k in EPISODE_KEYS}
+        local.update(n=len(eps), update_rows=len(rows), groups=n_first, flat=flat_first, skipped=skipped,
+                     resampled=resampled, **{k: st[k] for k in ("kl", "clipped", "tokens", "ent")})
         tot = dict(zip(local, all_sum(local.values(), dev)))
         n, ntok = max(tot["n"], 1), max(tot["tokens"], 1)
-        m = dict(step=step + 1, **{k: tot[k] / n for k in ("reward", "accuracy", "format", "iou")},
-                 judge_failures=int(tot["judge_failures"]), tool_calls=tot["tool_calls"] / n,
-                 tool_errors=tot["tool_errors"] / n, response_len=tot["response_len"] / n, truncated=tot["truncated"] / n,
-                 zero_var=tot["flat"] / max(tot["groups"], 1), skipped=int(tot["skipped"]), update_rows=int(tot["update_rows"]),
-                 resampled=int(tot["resampled"]), kl=tot["kl"] / ntok, clip_frac=tot["clipped"] / ntok,
-                 entropy=tot["ent"] / max(tot["ent_tokens"], 1), grad_norm=st["gnorm"] / max(st["updates"], 1),
-                 nonfinite=st["nonfinite"], ratio_err=all_sum([st["err"]], dev, "max")[0],
-                 lr=opt.param_groups[0]["lr"], data_pos=pos, rollout_s=t1 - t0, update_s=t2 - t1,
+        m = dict(step=step + 1, **{k: tot[k] / n for k in EPISODE_KEYS if k != "judge_failures"},
+                 zero_var=tot["flat"] / max(tot["groups"], 1), kl=tot["kl"] / ntok, clip_frac=tot["clipped"] / ntok,
+                 **{k: int(tot[k]) for k in ("judge_failures", "skipped", "resampled", "update_rows")},
+                 entropy=tot["ent"] * cfg.ppo_epochs / ntok, grad_norm=st["gnorm"] / max(st["updates"], 1),
+                 nonfinite=st["nonfinite"], ratio_err=all_sum([st["err"]], dev, "max")[0], lr=opt.param_groups[0]["lr"],
+                 data_pos=pos, rollout_s=t1 - t0, update_s=time.time() - t1,
                  tok_s=tot["response_len"] / max(t1 - t0, 1e-9))  # sampled tokens per rollout second, all ranks
         if d.is_main and cfg.log_rollouts_every and (step + 1) % cfg.log_rollouts_every == 0:
-            some = [(t, rs[j], float(adv[i, j])) for i, (g, rs) in enumerate(groups) for j, t in enumerate(g)]
-            dump_rollouts(os.path.join(cfg.out, "rollouts", f"step_{step + 1:04d}.jsonl"), some[:cfg.num_log_rollouts],
+            first_group = [(t, rc, float(adv[0, j])) for j, (t, rc) in enumerate(zip(*groups[0]))] if groups else []
+            dump_rollouts(os.path.join(cfg.out, "rollouts", f"step_{step + 1:04d}.jsonl"), first_group,
                           processor.tokenizer)
         if held_out and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             m.update(run_eval(cfg, d, hf, net, processor, held_out, view, rcfg, judge, fsdp, step + 1))
         if d.is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
-            bar.write(f"step {step + 1:4d} | reward {m['reward']:.3f} acc {m['accuracy']:.3f} fmt {m['format']:.3f} "
-                      f"iou {m['iou']:.3f} | tools {m['tool_calls']:.2f} err {m['tool_errors']:.2f} judge_fail "
-                      f"{m['judge_failures']} | len {m['response_len']:.0f} trunc {m['truncated']:.2f} zvar "
-                      f"{m['zero_var']:.2f} | kl {m['kl']:.4f} clip {m['clip_frac']:.3f} ent {m['entropy']:.2f} "
-                      f"gnorm {m['grad_norm']:.3f} | roll {m['rollout_s']:.1f}s upd {m['update_s']:.1f}s "
-                      f"{m['tok_s']:.0f} tok/s")
+            bar.write(LOG_LINE.format(**m))
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
             save(cfg, d, hf, net, processor, opt, step + 1, pos, fsdp)
     if d.is_main and cfg.curve:
@@ -494,23 +458,19 @@ def save(cfg, d, hf, net, processor, opt, step, pos, fsdp):
     temp dir with the logs so far and swapped in (model.atomic_dir). A collective: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     o = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: gathered to rank 0's CPU
-    sd = get_model_state_dict(hf, options=o) if fsdp else None
-    if fsdp:  # tied weights once (lm_head = embeddings), as save_pretrained writes them
-        named = {n for n, _ in hf.named_parameters()} | {n for n, _ in hf.named_buffers()}
-        sd = {k: v for k, v in sd.items() if k in named}
-    state = dict(step=step, data_pos=pos, config=asdict(cfg), rng=all_gather_obj(rng_state()),
+    named = {n for n, _ in hf.named_parameters()} | {n for n, _ in hf.named_buffers()}  # tied weights once, as HF
+    sd = {k: v for k, v in get_model_state_dict(hf, options=o).items() if k in named} if fsdp else None
+    state = dict(step=step, data_pos=pos, config=asdict(cfg), rng=all_gather_obj({k: g() for k, (g, _) in RNG.items()}),
                  optimizer=get_optimizer_state_dict(net, opt, options=o))
     if d.is_main:
         def write(tmp):
             hf.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
             processor.save_pretrained(tmp)
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-            for name in ("metrics.jsonl", "rollouts", "eval"):  # the logs live in <out> too
+            for name in ("metrics.jsonl", "rollouts", "eval"):  # the logs so far live in <out> too
                 src = os.path.join(cfg.out, name)
-                if os.path.isdir(src):
-                    shutil.copytree(src, os.path.join(tmp, name))
-                elif os.path.exists(src):
-                    shutil.copy(src, tmp)
+                if os.path.exists(src):
+                    (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(tmp, name))
         atomic_dir(cfg.out, write)
     if dist.is_initialized():
         dist.barrier()
@@ -522,13 +482,11 @@ def run_eval(cfg, d, hf, net, processor, samples, view, rcfg, judge, fsdp, step)
     try:
         from eval import evaluate
     except ImportError as e:
-        print0(f"warning: eval skipped, eval.evaluate is not available ({e})")
-        return {}
-    ecfg = dict(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, max_total_tokens=cfg.max_total_tokens,
-                seed=cfg.seed)
+        return print0(f"warning: eval skipped, eval.evaluate is not available ({e})") or {}
     with rollout_mode(hf, net, fsdp, d.device.type == "cuda"):
-        summary, predictions = evaluate(hf, processor, samples, cfg=ecfg, view=view, reward_cfg=rcfg, judge=judge,
-                                        distributed=True)
+        keys = ("max_turns", "max_new_tokens", "max_total_tokens", "seed")  # greedy: eval.Config's default
+        summary, predictions = evaluate(hf, processor, samples, cfg={k: getattr(cfg, k) for k in keys}, view=view,
+                                        reward_cfg=rcfg, judge=judge, distributed=True)
     if d.is_main:
         os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
         with open(os.path.join(cfg.out, "eval", f"step_{step:04d}.jsonl"), "w") as f:

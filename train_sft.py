@@ -4,7 +4,7 @@
     python train_sft.py --steps=300 --lr=1e-3 --batch_size=16 --micro_batch_size=4 --grad_ckpt=true
     python train_sft.py --resume                          # continue runs/sft exactly where it stopped
     torchrun --standalone --nproc_per_node=2 train_sft.py --parallel=ddp       # or --parallel=fsdp (FSDP2)
-    python train_sft.py --init=runs/grpo --data=runs/rft.jsonl --out=runs/rft  # stage 3: RFT on filtered rollouts
+    python train_sft.py --init=runs/grpo --data=runs/rft.jsonl  # stage 3 (RFT) on eval.py's export -> runs/rft
     python train_sft.py --model=Qwen/Qwen2.5-VL-7B-Instruct --data=a.jsonl,longvt_sft.json --visual_format=images
 
 Each row (ours with `turns`, or LongVT's `messages`) is rendered by data.render_sft: the tool calls in the text are
@@ -60,7 +60,8 @@ class Config:
     model: str = "tiny"             # policy to start from: 'tiny', an HF id or a checkpoint dir
     init: str = ""                  # same as --model and wins over it (e.g. --init=runs/grpo for RFT)
     data: str = DEFAULT_DATA        # training files, comma-separated (.jsonl / .json / .parquet; ours or LongVT's)
-    out: str = "runs/sft"           # checkpoint dir (HF layout + trainer_state.pt + metrics.jsonl)
+    out: str = ""                   # checkpoint dir (HF layout + trainer_state.pt + metrics.jsonl); "" = runs/sft,
+                                    # or runs/rft when --init is given (stage 3)
     steps: int = 0                  # optimizer steps; 0 = epochs x (samples // batch_size)
     epochs: float = 2.0             # used when steps == 0
     batch_size: int = 8             # global batch: samples per optimizer step, over all ranks and micro-steps
@@ -277,6 +278,7 @@ def main(argv=None):
     flags = {f.name for f in fields(Config) if f.type in (bool, "bool")}
     argv = [a + "=true" if a[2:] in flags else a for a in argv]  # a bare boolean flag: --resume
     cfg = parse_config(Config, argv)
+    cfg.out = cfg.out or ("runs/rft" if cfg.init else "runs/sft")
     d = compute_init(cfg.seed)
     if d.device.type == "cpu" and cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
