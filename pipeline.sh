@@ -6,7 +6,8 @@
 #   bash pipeline.sh                                  # defaults, writes runs/ and runs/results.md
 #   RUNS=/tmp/r DATA=/tmp/d DATA_ARGS="--num_train=8" SFT_ARGS="--steps=3" bash pipeline.sh   # shrunken
 #
-# Every stage takes extra --key=value flags from its *_ARGS variable.
+# Every stage takes extra --key=value flags from its *_ARGS variable. A stage whose output is complete is not
+# run again (delete its dir to redo it), so a pipeline that was stopped continues where it was.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-python}
@@ -25,18 +26,30 @@ stage() { echo; echo "=== $1 ($(( $(date +%s) - start )) s)"; }
 stage "data: $DATA"
 [ -f "$DATA/eval.jsonl" ] || $PY data.py --out="$DATA" $DATA_ARGS
 
+EVAL_ARGS="--max_new_tokens=128 $EVAL_ARGS"  # the tiny policy's turns are < 100 tokens; cap runaway samples
+done_() { [ -f "$1/done" ]; }
+
 stage "stage 1: SFT cold start -> $RUNS/sft"
-$PY train_sft.py --data="$DATA/sft.jsonl" --out="$RUNS/sft" $SFT_ARGS
+done_ "$RUNS/sft" || { $PY train_sft.py --data="$DATA/sft.jsonl" --out="$RUNS/sft" $SFT_ARGS && touch "$RUNS/sft/done"; }
 
 stage "stage 2: GRPO with $NPROC processes -> $RUNS/grpo"
-$PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train_grpo.py --init="$RUNS/sft" \
-  --data="$DATA/train.jsonl" --eval_data="$DATA/eval.jsonl" --out="$RUNS/grpo" --curve=true $GRPO_ARGS
+done_ "$RUNS/grpo" || { $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train_grpo.py \
+  --init="$RUNS/sft" --data="$DATA/train.jsonl" --eval_data="$DATA/eval.jsonl" --out="$RUNS/grpo" --curve=true \
+  $GRPO_ARGS && touch "$RUNS/grpo/done"; }
 
-stage "stage 3: RFT data (correct, IoU >= 0.3 trajectories of the GRPO policy on the train split)"
-$PY eval.py --model="$RUNS/grpo" --data="$DATA/train.jsonl" --out="$RUNS/grpo/eval_train" \
-  --export_rft="$RUNS/rft.jsonl" --temperature=1.0 --samples=2 $EVAL_ARGS
-stage "stage 3: RFT from the GRPO checkpoint -> $RUNS/rft"
-$PY train_sft.py --init="$RUNS/grpo" --data="$RUNS/rft.jsonl" --out="$RUNS/rft" $RFT_ARGS
+stage "stage 3: RFT data (correct, IoU >= 0.3 trajectories of the GRPO policy on 32 train samples x 2)"
+[ -f "$RUNS/rft.jsonl" ] || $PY eval.py --model="$RUNS/grpo" --data="$DATA/train.jsonl" --out="$RUNS/grpo/eval_train" \
+  --export_rft="$RUNS/rft.jsonl" --temperature=1.0 --samples=2 --limit=32 $EVAL_ARGS
+n=$(wc -l < "$RUNS/rft.jsonl")
+if [ "$n" -gt 0 ]; then
+  stage "stage 3: RFT on $n trajectories from the GRPO checkpoint -> $RUNS/rft"
+  b=$(( n < 4 ? n : 4 ))
+  $PY train_sft.py --init="$RUNS/grpo" --data="$RUNS/rft.jsonl" --out="$RUNS/rft" --batch_size=$b --micro_batch_size=$b \
+    --view_jitter=false --lr=1e-3 $RFT_ARGS
+else
+  stage "stage 3: WARNING: the GRPO policy produced no correct, grounded trajectory; RFT keeps the GRPO weights"
+  rm -rf "$RUNS/rft" && mkdir -p "$RUNS/rft" && cp "$RUNS"/grpo/*.* "$RUNS/rft/"
+fi
 
 for s in sft grpo rft; do
   stage "eval: $s"

@@ -1,8 +1,8 @@
 """Stage 1 (tool-integrated SFT cold start) and stage 3 (RFT): cross-entropy on the policy's own tokens only.
 
-    python train_sft.py                                   # tiny model, data/needle/sft.jsonl (made if missing) -> runs/sft
+    python train_sft.py                 # tiny model on data/needle/sft.jsonl (generated if missing) -> runs/sft
     python train_sft.py --steps=300 --lr=1e-3 --batch_size=16 --micro_batch_size=4 --grad_ckpt=true
-    python train_sft.py --resume                          # continue runs/sft exactly where it stopped
+    python train_sft.py --resume        # continue runs/sft exactly where it stopped
     torchrun --standalone --nproc_per_node=2 train_sft.py --parallel=ddp       # or --parallel=fsdp (FSDP2)
     python train_sft.py --init=runs/grpo --data=runs/rft.jsonl  # stage 3 (RFT) on eval.py's export -> runs/rft
     python train_sft.py --model=Qwen/Qwen2.5-VL-7B-Instruct --data=a.jsonl,longvt_sft.json --visual_format=images
@@ -28,7 +28,17 @@ Under FSDP2 the model and optimizer states are gathered to full, CPU-offloaded s
 on resume every rank reads the full optimizer state and keeps its shard. bf16 on CUDA is autocast (DDP) or FSDP2's
 mixed precision; master weights and AdamW states stay fp32.
 
+Logging: a tqdm bar and one line per step; metrics.jsonl gets step, epoch, loss (mean NLL per policy token), lr,
+grad_norm (before clipping), policy_tokens and tokens (all ranks), skipped_update / nonfinite_steps (a non-finite
+loss or grad norm skips the update, not the data), skipped_samples, tokens_per_s (all tokens) and step_time.
+On CPU the default is one torch thread (--threads): the tiny model's ops are too small to split, and two threads
+on two busy cores spin-wait several times slower; on an idle 2-core machine --threads=2 is about 1.4x faster.
+
 Departures from LongVT: they train with lmms-engine (FSDP2, sequence packing); we group by length instead of packing.
+--view_jitter (on by default) renders each sample's global view with a random frame count up to the budget: the
+needle SFT videos are 3-5 minutes, the eval videos 10-15, and without it the tiny model, on the longer eval prompts,
+either garbles its tool-call JSON (format_rate 0.3-0.9) or stops calling the tool (0 calls per episode) in our runs;
+with it: format_rate 1.0, one valid call per episode.
 """
 import json
 import math
@@ -39,7 +49,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -47,10 +57,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DataError, Renderer, ViewConfig, collate, normalize_row, read_rows, render_sft
+from data import DataError, Renderer, ViewConfig, collate, global_times, normalize_row, read_rows, render_sft
 from model import atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, unwrap
 from rollout import RolloutConfig
-from tools import ToolError
+from tools import ToolError, video_info
 
 DEFAULT_DATA = "data/needle/sft.jsonl"
 
@@ -63,12 +73,12 @@ class Config:
     out: str = ""                   # checkpoint dir (HF layout + trainer_state.pt + metrics.jsonl); "" = runs/sft,
                                     # or runs/rft when --init is given (stage 3)
     steps: int = 0                  # optimizer steps; 0 = epochs x (samples // batch_size)
-    epochs: float = 2.0             # used when steps == 0
-    batch_size: int = 8             # global batch: samples per optimizer step, over all ranks and micro-steps
-    micro_batch_size: int = 2       # samples per forward pass on one rank
-    lr: float = 3e-3                # peak learning rate
+    epochs: float = 6.0             # used when steps == 0
+    batch_size: int = 4             # global batch: samples per optimizer step, over all ranks and micro-steps
+    micro_batch_size: int = 4       # samples per forward pass on one rank
+    lr: float = 4e-3                # peak learning rate
     min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 5           # linear warm-up steps
+    warmup_steps: int = 10          # linear warm-up steps
     weight_decay: float = 0.0       # AdamW weight decay
     beta2: float = 0.95             # AdamW beta2
     grad_clip: float = 1.0          # max global grad norm (0 = off)
@@ -76,7 +86,7 @@ class Config:
     parallel: str = "ddp"           # ddp | fsdp (FSDP2 fully_shard per decoder layer and vision block, then root)
     bf16: bool = True               # CUDA only: bf16 compute (CPU always runs fp32)
     seed: int = 0                   # data order and RNG seed
-    save_every: int = 25            # checkpoint every N steps (0 = only at the end)
+    save_every: int = 50            # checkpoint every N steps (0 = only at the end)
     resume: bool = False            # continue from the checkpoint in --out
     stop_at: int = 0                # end this invocation after this step, checkpointed (0 = run to the end)
     group_by_length: bool = True    # batch samples of similar length together (less padding)
@@ -84,8 +94,9 @@ class Config:
     limit: int = 0                  # use only the first N rows (0 = all)
     cache: bool = True              # keep rendered samples in memory (false: re-render each time)
     workers: int = 2                # threads rendering samples at start-up (video decoding, processor)
-    threads: int = 1                # CPU only: torch intra-op threads (0 = torch's default); the tiny model's ops
-                                    # are too small to split, and 2 threads on 2 busy cores spin-wait several x slower
+    threads: int = 1                # CPU only: torch intra-op threads (0 = torch's default; see above)
+    view_jitter: bool = True        # render each sample's global view with a random frame count (fixed per sample)
+                                    # between its default and max_frames, so short videos also train long prompts
     max_turns: int = RolloutConfig.max_turns        # tool calls per episode (the last observation says so)
     visual_format: str = ViewConfig.visual_format   # "video" | "images" (LongVT's released checkpoints)
     timestamps: bool = ViewConfig.timestamps        # text timestamps in the global view (LongVT: off)
@@ -106,8 +117,10 @@ def policy_nll(model, batch, labels=None):
     ids = batch["input_ids"]
     labels = ids if labels is None else labels
     vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}  # positions are explicit
-    hidden = bare.model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                        use_cache=False, **vision).last_hidden_state  # (B, T, H)
+    # Right padding: causal attention never lets a real token see a pad, so no mask is needed (sdpa then takes
+    # its causal kernel); the pads' own outputs are never used.
+    hidden = bare.model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False,
+                        **vision).last_hidden_state  # (B, T, H)
     target = batch["policy_mask"][:, 1:].bool()  # (B, T-1): token t+1 is the policy's
     logits = bare.lm_head(hidden[:, :-1][target]).float()  # (N, V), N = policy tokens of the batch
     return F.cross_entropy(logits, labels[:, 1:][target], reduction="sum")
@@ -183,10 +196,24 @@ def read_samples(paths, limit=0):
     return (samples[:limit] if limit else samples), skipped
 
 
-def try_render(renderer, sample, max_turns):
+def sample_view(view, sample, index, cfg):
+    """The view one sample is rendered with. With --view_jitter its global view gets a random number of frames
+    between the default for its duration and the budget: the needle training videos are 3-5 minutes and the eval
+    ones 10-15, and a model that only saw short prompts breaks its format on long ones."""
+    if not cfg.view_jitter:
+        return view
+    duration = sample.get("duration") or video_info(sample["video"])["duration"]
+    lo = len(global_times(duration, view))
+    if lo >= view.global_frames:
+        return view
+    n = random.Random(f"{cfg.seed}:{index}").randint(lo, view.global_frames)
+    return replace(view, global_fps=(n + 0.5) / duration)
+
+
+def try_render(processor, view, sample, index, cfg):
     """Rendered, or an error string naming the sample when its video / stored frames cannot be read."""
     try:
-        return render_sft(renderer, sample, max_turns)
+        return render_sft(Renderer(processor, sample_view(view, sample, index, cfg)), sample, cfg.max_turns)
     except (ToolError, DataError, OSError, ValueError, KeyError, IndexError) as e:
         return f"{sample['id']} ({sample['video']}): {type(e).__name__}: {e}"
 
@@ -236,12 +263,11 @@ def save(model, processor, engine, optimizer, scheduler, state, cfg, d):
         sd = {k: v for k, v in sd.items() if k not in tied}  # tied copies (lm_head = embeddings), as HF saves them
     state = dict(state, optimizer=get_optimizer_state_dict(engine, optimizer, options=opts),
                  scheduler=scheduler.state_dict(), config=asdict(cfg), world=d.world)
-    rngs = [None] * d.world
+    rngs = [rng_state()]
     if d.world > 1:
+        rngs = [None] * d.world
         dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
-    state["rng"] = rngs
+    state["rng"] = rngs  # one entry per rank
     if d.is_main:
         metrics = os.path.join(cfg.out, "metrics.jsonl")
 
@@ -306,14 +332,13 @@ def main(argv=None):
     view = ViewConfig(visual_format=cfg.visual_format, timestamps=cfg.timestamps, global_frames=cfg.max_frames,
                       global_fps=cfg.global_fps, max_pixels=cfg.max_pixels, crop_max_frames=cfg.crop_max_frames,
                       crop_max_pixels=cfg.crop_max_pixels, longvt_text=cfg.longvt_text)
-    renderer = Renderer(processor, view)
 
     # ---- data: every rank renders a strided share; lengths and failures are shared so all ranks agree
     samples, skipped_rows = read_samples(cfg.data.split(","), cfg.limit)
     cache, info = {}, {}
     share = range(d.rank, len(samples), world)
     with ThreadPoolExecutor(cfg.workers) as pool:
-        done = pool.map(lambda i: try_render(renderer, samples[i], cfg.max_turns), share)
+        done = pool.map(lambda i: try_render(processor, view, samples[i], i, cfg), share)
         for i, r in zip(share, tqdm(done, total=len(share), desc="rendering", disable=not d.is_main, leave=False)):
             info[i] = r if isinstance(r, str) else len(r.input_ids)
             if cfg.cache and not isinstance(r, str):
@@ -341,7 +366,10 @@ def main(argv=None):
 
     def rendered(k):  # k indexes `keep`
         i = keep[k]
-        return cache[i] if i in cache else render_sft(renderer, samples[i], cfg.max_turns)
+        r = cache[i] if i in cache else try_render(processor, view, samples[i], i, cfg)
+        if isinstance(r, str):  # it rendered at start-up: the files changed under us
+            raise RuntimeError(f"sample {r} could be read at start-up but no longer")
+        return r
 
     # ---- optimisation
     engine = wrap(model, cfg, d)
@@ -369,8 +397,8 @@ def main(argv=None):
         old = open(metrics_path).read().splitlines() if cfg.resume and os.path.exists(metrics_path) else []
         with open(metrics_path, "w") as f:
             f.writelines(line + "\n" for line in old if line.strip() and json.loads(line)["step"] <= step)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16(cfg, d) and cfg.parallel == "ddp"
-                else nullcontext())
+    fsdp = cfg.parallel == "fsdp" and world > 1  # FSDP2 casts through its MixedPrecisionPolicy instead
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16(cfg, d) and not fsdp else nullcontext()
     end = min(total, cfg.stop_at) if cfg.stop_at else total
     bar = tqdm(total=total, initial=step, desc="sft", disable=not d.is_main, dynamic_ncols=True)
     orders = {}
@@ -384,17 +412,18 @@ def main(argv=None):
                  for j in range(0, len(mine), cfg.micro_batch_size)]
         # global count of policy tokens, so the loss is a mean over the whole global batch
         counts = torch.tensor([sum(sum(r.policy_mask[1:]) for mb in micro for r in mb),
-                               sum(len(r.input_ids) for mb in micro for r in mb)], dtype=torch.float64)
+                               sum(len(r.input_ids) for mb in micro for r in mb)], dtype=torch.float64,
+                              device=d.device)
         if world > 1:
             dist.all_reduce(counts)
         n_policy, n_tokens = counts.tolist()
-        nll = torch.zeros((), dtype=torch.float64)
+        nll = torch.zeros((), dtype=torch.float64, device=d.device)
         model.train()
         for j, mb in enumerate(micro):
             last = j == len(micro) - 1
-            if world > 1 and cfg.parallel == "fsdp":
+            if fsdp:
                 engine.set_requires_gradient_sync(last)
-            sync = engine.no_sync() if world > 1 and cfg.parallel == "ddp" and not last else nullcontext()
+            sync = engine.no_sync() if world > 1 and not fsdp and not last else nullcontext()
             batch = collate(model, mb, pad_id)
             batch = {k: ({kk: vv.to(d.device) for kk, vv in v.items()} if k == "vision" else v.to(d.device))
                      for k, v in batch.items()}
@@ -402,7 +431,7 @@ def main(argv=None):
                 loss_sum = engine(batch)
                 # DDP and FSDP2 average gradients over ranks: scale by world to get the global-token mean
                 (loss_sum * world / max(n_policy, 1.0)).backward()
-            nll += loss_sum.detach().double().cpu()
+            nll += loss_sum.detach().double()
         if world > 1:
             dist.all_reduce(nll)
         loss = nll.item() / max(n_policy, 1.0)

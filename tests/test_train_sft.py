@@ -90,6 +90,20 @@ def test_loss_only_trains_policy_tokens(sft_file):
     assert not torch.equal(loss_and_grads(changed)[0], loss)
 
 
+def test_padded_batch_equals_single_rows(sft_file):
+    """policy_nll runs without an attention mask: with right padding no real token can see a pad."""
+    model, proc = load_model("tiny")
+    samples = train_sft.read_samples([sft_file])[0]
+    rs = [render_sft(Renderer(proc, ViewConfig(global_frames=n, crop_max_frames=8)), s)
+          for n, s in zip((2, 4, 8), samples)]
+    assert len({len(r.input_ids) for r in rs}) > 1  # the batch is padded
+    pad = proc.tokenizer.pad_token_id
+    with torch.no_grad():
+        together = train_sft.policy_nll(model, collate(model, rs, pad))
+        alone = sum(train_sft.policy_nll(model, collate(model, [r], pad)) for r in rs)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-3)
+
+
 # --------------------------------------------------------------------------- distributed
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(sft_file, tmp_path, parallel):
