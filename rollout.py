@@ -84,6 +84,12 @@ class Row:
     done: str = ""         # why this row's turn stopped: "tool" or a final stop reason
 
 
+def next_position(model, r: Rendered, offset):
+    """Position of the token after r (placed at `offset`). r ends with text, whose three M-RoPE axes are equal;
+    the last position + 1, not the maximum + 1: a video's time axis can run past the text positions."""
+    return int(positions(model, r)[0, -1]) + offset + 1
+
+
 def sample_tokens(logits, cfg: RolloutConfig, gen, banned):
     """logits (B, V) -> tokens (B,), log-probs under the unmodified model distribution (B,)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -163,7 +169,7 @@ class Engine:
         logits = logits.repeat_interleave(G, 0)
         self.rows = []
         for s, p in zip(samples, prompts):
-            start = int(positions(self.model, p).max()) + 1
+            start = next_position(self.model, p, 0)
             for _ in range(G):
                 t = Trajectory(sample=s, prompt_len=len(p.input_ids), index=len(self.rows))
                 t.extend(p)
@@ -261,7 +267,7 @@ class Engine:
         offs = [r.next_pos for r in self.rows]
         logits = self.forward(chunks, offs)
         for r, c, off in zip(self.rows, chunks, offs):
-            r.next_pos = int(positions(self.model, c).max()) + off + 1
+            r.next_pos = next_position(self.model, c, off)
         return logits
 
 

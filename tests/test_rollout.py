@@ -175,3 +175,16 @@ def test_missing_video_is_skipped(needle_set):
     trajs = rollout(model, proc, samples, 2, RolloutConfig(max_new_tokens=4), VIEW)
     assert [t.stop_reason for t in trajs[:2]] == ["skipped"] * 2 and "nonexistent" in trajs[0].error
     assert all(t.stop_reason != "skipped" and t.input_ids for t in trajs[2:])
+
+
+@pytest.mark.parametrize("fmt,stamps", [("video", False), ("images", True)])
+def test_logprobs_match_full_forward_other_visual_formats(needle_set, fmt, stamps):
+    """One video of many temporal patches (its M-RoPE time positions run past the text positions) and
+    per-frame images: decoding continues from the right position after the prompt."""
+    model, proc = load_model("tiny")
+    model.eval()
+    view = ViewConfig(visual_format=fmt, timestamps=stamps, global_frames=16, crop_max_frames=8)
+    trajs = rollout(model, proc, needle_set["train"][:2], 2, RolloutConfig(max_new_tokens=6, seed=2), view)
+    for t, ref in zip(trajs, full_logprobs(model, proc, trajs)):
+        mask = torch.tensor(t.policy_mask, dtype=torch.bool)
+        assert (torch.tensor(t.logprobs)[mask] - ref[mask]).abs().max() < 1e-4
