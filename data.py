@@ -185,8 +185,13 @@ class Rendered:
     vision: dict             # pixel_values/image_grid_thw, pixel_values_videos/video_grid_thw/second_per_grid_ts
 
     def __add__(self, other):
-        return Rendered(self.input_ids + other.input_ids, self.policy_mask + other.policy_mask,
-                        self.mm_token_type_ids + other.mm_token_type_ids, cat_vision([self.vision, other.vision]))
+        return Rendered.join([self, other])
+
+    @staticmethod
+    def join(parts):
+        """Concatenate many parts at once (vision tensors copied once, not once per part)."""
+        return Rendered([i for p in parts for i in p.input_ids], [m for p in parts for m in p.policy_mask],
+                        [t for p in parts for t in p.mm_token_type_ids], cat_vision([p.vision for p in parts]))
 
 
 def cat_vision(parts):
@@ -227,12 +232,12 @@ class Renderer:
                 timestamps = list(timestamps) + [timestamps[-1]] * (len(frames) - len(timestamps))
             step = self.tps if self.view.timestamps else len(frames)
             groups = [(frames[i:i + step], timestamps[i]) for i in range(0, len(frames), step)]
-        out = Rendered([], [], [], {})
+        parts = []
         for g, t in groups:
             if self.view.timestamps:
-                out = out + self.text(f"{fmt_time(t)}s")
-            out = out + self._vision_block(g, timestamps)
-        return out
+                parts.append(self.text(f"{fmt_time(t)}s"))
+            parts.append(self._vision_block(g, timestamps))
+        return Rendered.join(parts)
 
     def _vision_block(self, frames, all_ts):
         if self.view.visual_format == "images":
@@ -282,14 +287,14 @@ class Renderer:
         """An SFT row -> Rendered. observe(turn_index, turn_text) gives the observation dict of a tool turn
         (re-running the tool, or LongVT's stored frames). The max_turns-th observation carries the same
         no-more-calls note as in the rollout."""
-        out = self.prompt(sample, frames, timestamps)
+        parts = [self.prompt(sample, frames, timestamps)]
         turns = sample["turns"]
         for i, t in enumerate(turns):
             final = i == len(turns) - 1
-            out = out + self.assistant(t, final)
+            parts.append(self.assistant(t, final))
             if not final:
-                out = out + self.observation(observe(i, t), last=i + 1 >= max_turns)
-        return out
+                parts.append(self.observation(observe(i, t), last=i + 1 >= max_turns))
+        return Rendered.join(parts)
 
 
 def render_sft(renderer: Renderer, sample, max_turns=5):

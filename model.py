@@ -244,11 +244,14 @@ def print0(*a, **k):
 
 
 def parse_config(cls, argv=None):
-    """A `cls` dataclass from `--key=value` arguments, each cast to the field's type; unknown keys are an error."""
+    """A `cls` dataclass from `--key=value` arguments, each cast to the field's type (a bare `--flag` sets a
+    boolean field); unknown keys are an error."""
     argv = sys.argv[1:] if argv is None else argv
     types = {f.name: f.type for f in fields(cls)}
     kw = {}
     for arg in argv:
+        if arg.startswith("--") and "=" not in arg and types.get(arg[2:]) in (bool, "bool"):
+            arg += "=true"  # a bare boolean flag: --resume
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"expected --key=value, got {arg!r}")
         key, val = arg[2:].split("=", 1)

@@ -300,10 +300,7 @@ def load_trainer_state(engine, optimizer, scheduler, cfg, d):
 
 # --------------------------------------------------------------------------- main
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    flags = {f.name for f in fields(Config) if f.type in (bool, "bool")}
-    argv = [a + "=true" if a[2:] in flags else a for a in argv]  # a bare boolean flag: --resume
-    cfg = parse_config(Config, argv)
+    cfg = parse_config(Config, sys.argv[1:] if argv is None else list(argv))  # a bare --resume is --resume=true
     cfg.out = cfg.out or ("runs/rft" if cfg.init else "runs/sft")
     d = compute_init(cfg.seed)
     if d.device.type == "cpu" and cfg.threads > 0:

@@ -130,7 +130,8 @@ def test_parse_config_and_compute_init():
         flag: bool = False
     c = parse_config(C, ["--lr=3e-4", "--steps=7", "--flag=true", "--name=a=b"])
     assert (c.lr, c.steps, c.flag, c.name) == (3e-4, 7, True, "a=b")
-    for bad in (["--nope=1"], ["--steps=1.5"], ["steps=1"], ["--flag=maybe"]):
+    assert parse_config(C, ["--flag"]).flag is True
+    for bad in (["--nope=1"], ["--steps=1.5"], ["steps=1"], ["--flag=maybe"], ["--steps"]):
         with pytest.raises(SystemExit):
             parse_config(C, bad)
     d = compute_init(seed=5)
