@@ -22,7 +22,6 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|video_pad|>", "<|image_pad|>"]

@@ -160,7 +160,6 @@ class Engine:
         return logits[t]
 
     def run(self, samples, prompts, group_size):
-        cfg = self.cfg
         self.cache, self.att = DynamicCache(), None
         logits = self.forward(prompts, [0] * len(prompts))  # one prefill per sample
         G = group_size

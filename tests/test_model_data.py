@@ -252,8 +252,8 @@ def test_renderer_masks_and_concatenation(tiny, needle_set, fmt, stamps):
     assert r.input_ids == ref.input_ids and r.policy_mask == ref.policy_mask
     # every mask-1 token lies inside an assistant turn; vision and observation tokens are 0
     ids = r.input_ids
-    im_start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
-    role, header = None, False
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    role = None
     for i, (t, m) in enumerate(zip(ids, r.policy_mask)):
         if t == im_start:
             role = tok.decode(ids[i + 1:i + 2])
