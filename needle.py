@@ -144,6 +144,31 @@ def sft_turns(sample, scenes, k, needle, rng, cfg: NeedleConfig):
     return turns
 
 
+def retarget(sample, view):
+    """A needle SFT row whose crop windows were read off the default global view, rewritten for the timestamps
+    that `view` shows (train_sft.py jitters the global view per sample): otherwise the target times are not in
+    the prompt to copy. Rows without the needle ground truth (`scenes`) are returned unchanged."""
+    if not sample.get("scenes") or not sample.get("turns"):
+        return sample
+    d = sample["duration"]
+    t0, t1 = global_times(d, ViewConfig()), global_times(d, view)
+    if t0 == t1:
+        return sample
+    subs = []
+    for sc in sample["scenes"]:
+        (a0, b0), (a1, b1) = crop_window_for(sc, t0), crop_window_for(sc, t1)
+        subs.append((call_text(a0, b0), call_text(a1, b1)))
+        subs.append((f"around {_fmt(a0)}s to {_fmt(b0)}s", f"around {_fmt(a1)}s to {_fmt(b1)}s"))
+    turns = []
+    for t in sample["turns"]:  # two passes through placeholders, so one rewrite cannot feed another
+        for i, (old, _) in enumerate(subs):
+            t = t.replace(old, f"\x00{i}\x00")
+        for i, (_, new) in enumerate(subs):
+            t = t.replace(f"\x00{i}\x00", new)
+        turns.append(t)
+    return dict(sample, turns=turns)
+
+
 def make_sample(i, split, rng, cfg: NeedleConfig, video_dir):
     lo, hi = (cfg.min_duration, cfg.max_duration) if split == "train" else (cfg.eval_min_duration, cfg.eval_max_duration)
     duration = float(round(rng.uniform(lo, hi)))

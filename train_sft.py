@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from data import DataError, Renderer, ViewConfig, collate, global_times, normalize_row, read_rows, render_sft
 from model import atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, unwrap
+import needle
 from rollout import RolloutConfig
 from tools import ToolError, video_info
 
@@ -213,7 +214,8 @@ def sample_view(view, sample, index, cfg):
 def try_render(processor, view, sample, index, cfg):
     """Rendered, or an error string naming the sample when its video / stored frames cannot be read."""
     try:
-        return render_sft(Renderer(processor, sample_view(view, sample, index, cfg)), sample, cfg.max_turns)
+        v = sample_view(view, sample, index, cfg)
+        return render_sft(Renderer(processor, v), needle.retarget(sample, v), cfg.max_turns)
     except (ToolError, DataError, OSError, ValueError, KeyError, IndexError) as e:
         return f"{sample['id']} ({sample['video']}): {type(e).__name__}: {e}"
 

@@ -207,3 +207,25 @@ def test_non_finite_loss_skips_the_step(sft_file, tmp_path, monkeypatch):
     m = metrics(out)
     assert [x["skipped_update"] for x in m] == [False, True, False]
     assert m[-1]["nonfinite_steps"] == 1 and all(torch.isfinite(p).all() for p in params(out).values())
+
+
+def test_jittered_views_keep_crop_targets_copyable(sft_file):
+    """With --view_jitter each sample's global view has its own frame times; the crop windows of the SFT turns
+    must be timestamps that this prompt shows (or the video's ends), else there is nothing to copy."""
+    import re
+    from data import load_samples
+    _, processor = load_model("tiny")
+    cfg = train_sft.Config(view_jitter=True)
+    view = ViewConfig()
+    moved = 0
+    for i, s in enumerate(load_samples(sft_file)):
+        r = train_sft.try_render(processor, view, s, i, cfg)
+        text = processor.tokenizer.decode(r.input_ids)
+        prompt = text[:text.index("<|im_start|>assistant")]
+        shown = {float(x) for x in re.findall(r"(\d+(?:\.\d+)?)s<\|vision_start\|>", prompt)}
+        calls = re.findall(r'"start_time": ([\d.]+), "end_time": ([\d.]+)', text)
+        assert calls
+        for a, b in calls:
+            assert float(a) in shown | {0.0} and (float(b) in shown or float(b) > max(shown)), (s["id"], a, b)
+        moved += r.input_ids != render_sft(Renderer(processor, view), s).input_ids
+    assert moved  # the jitter really changed some views (and so the windows)
