@@ -84,12 +84,6 @@ class Row:
     done: str = ""         # why this row's turn stopped: "tool" or a final stop reason
 
 
-def next_position(model, r: Rendered, offset):
-    """Position of the token after r (placed at `offset`). r ends with text, whose three M-RoPE axes are equal;
-    the last position + 1, not the maximum + 1: a video's time axis can run past the text positions."""
-    return int(positions(model, r)[0, -1]) + offset + 1
-
-
 def sample_tokens(logits, cfg: RolloutConfig, gen, banned):
     """logits (B, V) -> tokens (B,), log-probs under the unmodified model distribution (B,)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -130,7 +124,9 @@ class Engine:
 
     @torch.no_grad()
     def forward(self, chunks, offsets):
-        """Append left-padded chunks (one Rendered per live row) to the cache; returns last-position logits (B, V)."""
+        """Append left-padded chunks (one Rendered per live row) to the cache. Returns the last-position logits
+        (B, V) and each row's next position: its last token's + 1 (chunks end with text, whose three M-RoPE axes
+        are equal; not the maximum + 1, since a video's time axis can run past the text positions)."""
         L = max(len(c.input_ids) for c in chunks)
         B = len(chunks)
         ids = torch.full((B, L), self.pad, dtype=torch.long)
@@ -147,7 +143,7 @@ class Engine:
         out = self.model(input_ids=ids.to(self.device), attention_mask=self.att.to(self.device),
                          position_ids=pos.to(self.device), past_key_values=self.cache, use_cache=True,
                          logits_to_keep=1, **vision)
-        return out.logits[:, -1]
+        return out.logits[:, -1], (pos[0, :, -1] + 1).tolist()
 
     def keep(self, idx, logits):
         """Drop rows that are finished from the batch and the cache."""
@@ -161,14 +157,13 @@ class Engine:
 
     def run(self, samples, prompts, group_size):
         self.cache, self.att = DynamicCache(), None
-        logits = self.forward(prompts, [0] * len(prompts))  # one prefill per sample
+        logits, starts = self.forward(prompts, [0] * len(prompts))  # one prefill per sample
         G = group_size
         self.cache.batch_repeat_interleave(G)
         self.att = self.att.repeat_interleave(G, 0)
         logits = logits.repeat_interleave(G, 0)
         self.rows = []
-        for s, p in zip(samples, prompts):
-            start = next_position(self.model, p, 0)
+        for s, p, start in zip(samples, prompts, starts):
             for _ in range(G):
                 t = Trajectory(sample=s, prompt_len=len(p.input_ids), index=len(self.rows))
                 t.extend(p)
@@ -264,9 +259,9 @@ class Engine:
         if not self.rows:
             return None
         offs = [r.next_pos for r in self.rows]
-        logits = self.forward(chunks, offs)
-        for r, c, off in zip(self.rows, chunks, offs):
-            r.next_pos = next_position(self.model, c, off)
+        logits, nexts = self.forward(chunks, offs)
+        for r, n in zip(self.rows, nexts):
+            r.next_pos = n
         return logits
 
 
