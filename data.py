@@ -18,6 +18,7 @@ A tool-call turn ends at `</tool_call>` (the rollout stops there), so the `<|im_
 the observation chunk (mask 0); the final turn's `<|im_end|>` is the policy's own stop token (mask 1).
 """
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ class ViewConfig:
     tools: bool = True            # put the crop_video schema in the system prompt (off: the no-tool baseline)
     global_frames: int = 64       # frame budget of the global view
     global_fps: float = 0.1       # fps cap of the global view (one frame per 10 s at most)
+    time_grid: float = 5.0        # global-view frames at multiples of a step that is a multiple of this many seconds
+                                  # (0: at the centres of equal slices); see global_times
     max_pixels: int = 56 * 56     # pixel budget per global-view frame
     crop_fps: float = 1.0         # fps cap of a crop (LongVT: 1)
     crop_max_frames: int = 48     # frame budget of a crop (LongVT: 128)
@@ -170,8 +173,17 @@ def global_view(video, view: ViewConfig, duration=None):
 
 
 def global_times(duration, view: ViewConfig):
-    """Frame times of the global view, rounded to whole seconds so that the timestamps shown are short."""
+    """Frame times of the global view: about N = min(global_frames, duration * global_fps) frames (>= 2).
+    With time_grid g > 0: 0, s, 2s, ... below the duration, s = the spacing duration / N rounded up to a multiple of g,
+    so the timestamps shown (and the crop windows read off them) are round numbers: a tiny model learns to copy
+    them much sooner (bench/grounding.py). With g = 0: the centres of N equal slices, rounded to whole seconds."""
     n = int(max(2, min(view.global_frames, duration * view.global_fps)))
+    if view.time_grid > 0 and duration > 0:
+        g = view.time_grid
+        spacing = max(duration / view.global_frames, 1 / view.global_fps) if n > 2 else duration / 2
+        step = math.ceil(spacing / g - 1e-9) * g
+        k = min(view.global_frames, max(2, math.ceil(duration / step - 1e-9)))
+        return [float(min(i * step, max(duration - 0.5, 0))) for i in range(k)]
     return [float(min(round((i + 0.5) * duration / n), max(duration - 0.5, 0))) for i in range(n)]
 
 

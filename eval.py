@@ -62,6 +62,7 @@ class Config:
     longvt_text: bool = ViewConfig.longvt_text      # LongVT's tool-response wording
     max_frames: int = ViewConfig.global_frames      # frame budget of the global view
     global_fps: float = ViewConfig.global_fps       # fps cap of the global view
+    time_grid: float = ViewConfig.time_grid         # global-view frames at round times (0: slice centres)
     max_pixels: int = ViewConfig.max_pixels         # pixels per global-view frame
     crop_max_frames: int = ViewConfig.crop_max_frames  # frame budget of a crop (LongVT: 128)
     crop_max_pixels: int = ViewConfig.crop_max_pixels  # pixels per cropped frame
@@ -78,7 +79,8 @@ def view_config(cfg: Config) -> ViewConfig:
     if cfg.visual_format not in ("video", "images"):
         raise ValueError(f"visual_format must be 'video' or 'images', got {cfg.visual_format!r}")
     return ViewConfig(visual_format=cfg.visual_format, timestamps=cfg.timestamps, tools=cfg.tools,
-                      global_frames=cfg.max_frames, global_fps=cfg.global_fps, max_pixels=cfg.max_pixels,
+                      global_frames=cfg.max_frames, global_fps=cfg.global_fps, time_grid=cfg.time_grid,
+                      max_pixels=cfg.max_pixels,
                       crop_max_frames=cfg.crop_max_frames, crop_max_pixels=cfg.crop_max_pixels,
                       longvt_text=cfg.longvt_text)
 

@@ -5,10 +5,12 @@
     model, processor = load_model("Qwen/Qwen2.5-VL-7B-Instruct") # or a local dir: any Qwen2/2.5/3-VL checkpoint
 
 `tiny` is a randomly initialised Qwen2.5-VL-architecture model with a tokenizer built in code: whole words
-of the prompts and every integer 0..9999 are single tokens (so copying a timestamp is one step), anything
-else falls back to single characters (lossless for ASCII and Latin-1; any other character becomes <unk>),
-plus Qwen's special and tool tokens. Known words are
-tokens with and without the space before them.
+of the prompts are single tokens (with and without the space before them), numbers are written digit by digit,
+anything else falls back to single characters (lossless for ASCII and Latin-1; any other character becomes
+<unk>), plus Qwen's special and tool tokens. Why digits: a window the policy writes is copied from the
+timestamps in its prompt, and with ten digit tokens every timestamp of a 15-minute eval video is made of pieces
+the model saw in training on 3-5 minute videos; with one token per number the model learned the copy far more
+slowly and could not write a number it never saw (bench/grounding.py measures both).
 """
 import json
 import os
@@ -71,20 +73,24 @@ class TinyConfig:
 
 
 # --------------------------------------------------------------------------- tokenizer / processor
+NUMBER_DIGITS = 1  # longest number that is one token (1: digit by digit; bench/grounding.py --number_digits)
+
+
 def build_tiny_tokenizer():
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     base = set(WORDS) | set(COLOURS)
     words = sorted(base | {w.capitalize() for w in base}, key=lambda w: (-len(w), w))
     chars = [chr(c) for c in range(32, 127)] + [chr(c) for c in range(160, 256)] + ["\n", "\t", "\r"]
-    numbers = [str(i) for i in range(10000)]
+    numbers = [str(i) for i in range(10 ** NUMBER_DIGITS)]
     vocab = {}
     for t in ["<unk>"] + chars + numbers + words + [" " + w for w in words]:
         vocab.setdefault(t, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    # A whole known word (longest first), a number without leading zeros (up to 4 digits), else one character.
+    # A whole known word (longest first), a number without leading zeros (up to NUMBER_DIGITS digits), else one
+    # character.
     # A word keeps the space before it, so prose costs one token per word.
-    pattern = r" ?\b(?:" + "|".join(re.escape(w) for w in words) + r")\b|[1-9][0-9]{0,3}|[\s\S]"
+    pattern = r" ?\b(?:" + "|".join(re.escape(w) for w in words) + r")\b|[1-9][0-9]{0,%d}|[\s\S]" % (NUMBER_DIGITS - 1)
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()  # concatenate pieces: decode(encode(s)) == s
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])

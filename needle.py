@@ -4,11 +4,12 @@ Each video is minutes long, low resolution, and made of solid-colour scenes of `
 seconds. One scene, whose colour appears nowhere else in the video, holds the needle: a small square of
 another colour, visible for `needle_seconds`. Questions name that scene by its colour and ask for the
 square's colour (or, for `when_fraction` of them, the second it appears). The global view (one frame per
-10-14 s) shows every scene but rarely catches the needle; a 1-fps crop of the scene always does.
+10 or 15 s, at round times: data.global_times) shows every scene but rarely catches the needle; a 1-fps crop of
+the scene always does.
 
-Why these numbers: scenes of >= 20 s are seen by >= 1 global frame even in a 15-minute video (64 frames,
-one per 14 s); a crop of a scene plus its two neighbouring global frames spans <= ~70 s, sampled at
-<= 48 frames: one frame per <= 1.5 s, shorter than the 2-s needle.
+Why these numbers: scenes of >= 20 s are seen by >= 1 global frame even in a 15-minute video (60 frames,
+one per 15 s); the SFT crop of a scene (from the frame pair before it to the pair after it) spans <= ~95 s,
+sampled at <= 48 frames: one frame per <= 2 s, which catches the 2-s needle (tests measure both).
 
 sft.jsonl holds tool-integrated trajectories written from the ground truth: think, crop the scene (between
 the global-view timestamps around it, which the model can read off its prompt), observe, think, answer.
@@ -111,7 +112,8 @@ def crop_window_for(scene, times):
     if not hit:  # cannot happen when scene_min exceeds the global frame spacing
         return float(int(s)), float(int(e) + 1)
     a = groups[hit[0] - 1][0] if hit[0] > 0 else 0.0
-    b = groups[hit[-1] + 1][0] if hit[-1] + 1 < len(groups) else float(int(times[-1]) + 1)
+    step = times[1] - times[0] if len(times) > 1 else 1.0
+    b = groups[hit[-1] + 1][0] if hit[-1] + 1 < len(groups) else float(int(times[-1] + step))  # past the end
     return a, b
 
 

@@ -104,6 +104,7 @@ class Config:
     longvt_text: bool = ViewConfig.longvt_text      # LongVT's tool-response wording
     max_frames: int = ViewConfig.global_frames      # frame budget of the global view
     global_fps: float = ViewConfig.global_fps       # fps cap of the global view
+    time_grid: float = ViewConfig.time_grid         # global-view frames at round times (0: slice centres)
     max_pixels: int = ViewConfig.max_pixels         # pixels per global-view frame
     crop_max_frames: int = ViewConfig.crop_max_frames  # frame budget of a crop
     crop_max_pixels: int = ViewConfig.crop_max_pixels  # pixels per cropped frame
@@ -329,7 +330,8 @@ def main(argv=None):
     model, processor = load_model(init, d.device, dtype=torch.float32, grad_ckpt=cfg.grad_ckpt)
     pad_id = processor.tokenizer.pad_token_id
     view = ViewConfig(visual_format=cfg.visual_format, timestamps=cfg.timestamps, global_frames=cfg.max_frames,
-                      global_fps=cfg.global_fps, max_pixels=cfg.max_pixels, crop_max_frames=cfg.crop_max_frames,
+                      global_fps=cfg.global_fps, time_grid=cfg.time_grid, max_pixels=cfg.max_pixels,
+                      crop_max_frames=cfg.crop_max_frames,
                       crop_max_pixels=cfg.crop_max_pixels, longvt_text=cfg.longvt_text)
 
     # ---- data: every rank renders a strided share; lengths and failures are shared so all ranks agree

@@ -136,7 +136,8 @@ def test_dynamic_sampling_replaces_then_drops_flat_groups(needle_data, tmp_path,
 
 def test_toy_reward_rises(needle_data, tmp_path, monkeypatch):
     """Reward 1 when the reply contains "red". A random tiny model almost never says it, so we first align the
-    (tied) embedding of "red" with the model's mean final hidden state: ~10% of tokens, a frequent token."""
+    (tied) embedding of "red" with the model's mean final hidden state: a logit boost of log(V / 20), so about
+    5% of tokens, a frequent token (V: the vocabulary size)."""
     model, processor = load_model("tiny")
     red = processor.tokenizer.convert_tokens_to_ids("red")
     trajs = rollout(model.eval(), processor, load_samples(needle_data)[:2], 4, RolloutConfig(max_new_tokens=6),
@@ -147,7 +148,7 @@ def test_toy_reward_rises(needle_data, tmp_path, monkeypatch):
         h = model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                         position_ids=b["position_ids"], **vision).last_hidden_state[b["policy_mask"].bool()]
         u = h.mean(0)
-        model.get_input_embeddings().weight[red] = 7.5 * u / u.norm() ** 2
+        model.get_input_embeddings().weight[red] = math.log(len(processor.tokenizer) / 20) * u / u.norm() ** 2
     save_checkpoint(model, processor, str(tmp_path / "init"))
     says_red = lambda s, trajs, *a: [(float(any(red in turn for turn in t.turn_ids)), {}) for t in trajs]  # noqa: E731
     monkeypatch.setattr(train_grpo, "reward_batch", says_red)

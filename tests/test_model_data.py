@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ def needle_set(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- tokenizer and model
-def test_tiny_tokenizer_is_lossless_and_copies_numbers_in_one_token():
+def test_tiny_tokenizer_is_lossless_and_writes_numbers_digit_by_digit():
     tok = build_tiny_tokenizer()
     rng = random.Random(0)
     alphabet = "abcdefghijklmnopqrstuvwxyz ABC0123456789.,:{}\"'\n\t<>/_-éü"
@@ -41,9 +42,11 @@ def test_tiny_tokenizer_is_lossless_and_copies_numbers_in_one_token():
         assert tok.decode(tok.encode(s, add_special_tokens=False)) == s
     # characters outside ASCII and Latin-1 become <unk>, one per character, and nothing else is lost
     assert tok.decode(tok.encode("a中b", add_special_tokens=False)) == "a<unk>b"
-    for t in ["<|im_start|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<think>", "</answer>", "137", "crop_video"]:
+    for t in ["<|im_start|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<think>", "</answer>", "crop_video"]:
         assert len(tok.encode(t, add_special_tokens=False)) == 1, t
-    assert tok.convert_ids_to_tokens(tok.encode("end_time\": 245", add_special_tokens=False))[-1] == "245"
+    # numbers: one token per digit (ten tokens that every timestamp is made of), so 245 is 2, 4, 5
+    assert tok.convert_ids_to_tokens(tok.encode("end_time\": 245", add_special_tokens=False))[-3:] == ["2", "4", "5"]
+    assert len(tok) < 1200  # no per-number tokens
 
 
 def test_tiny_is_seeded_and_save_load_round_trip(tiny, tmp_path):
@@ -272,3 +275,16 @@ def test_renderer_masks_and_concatenation(tiny, needle_set, fmt, stamps):
     with torch.no_grad():
         lp, _ = token_logprobs(model, b["input_ids"], b["attention_mask"], b["position_ids"], **vision)
     assert torch.isfinite(lp).all() and positions(model, r).shape == (3, len(ids))
+
+
+def test_global_times_on_a_round_grid():
+    """time_grid: frames at 0, s, 2s, ... with s the spacing rounded up to a multiple of the grid; 0: slice centres."""
+    v = ViewConfig()  # 64 frames, 0.1 fps, grid 5
+    assert global_times(240, v) == [float(10 * i) for i in range(24)]             # fps cap: one per 10 s
+    assert global_times(900, v) == [float(15 * i) for i in range(60)]             # 900 / 64 = 14.1 -> 15
+    assert global_times(223, replace(v, global_fps=40.5 / 223)) == [float(10 * i) for i in range(23)]  # 5.5 -> 10
+    assert global_times(7.3, v) == [0.0, 5.0]                                     # at least 2 frames
+    assert global_times(100, replace(v, time_grid=0)) == [5.0, 15.0, 25.0, 35.0, 45.0, 55.0, 65.0, 75.0, 85.0, 95.0]
+    for d in (61.0, 180.0, 299.0, 640.0, 899.0):
+        t = global_times(d, v)
+        assert len(t) <= v.global_frames and t[-1] < d and t[-1] + (t[1] - t[0]) >= d

@@ -1,0 +1,178 @@
+"""How fast does a model shape learn the needle benchmark's grounding step? A measured study, not a unit test.
+
+    python bench/grounding.py                                  # the tiny default shape, 300 steps
+    python bench/grounding.py --hidden=256 --layers=6 --steps=600 --lr=2e-3
+
+The hard step of the needle task is reading the crop window off the prompt: the question names a scene by its
+colour and the policy must write the global-view timestamps around the frames of that colour. This script trains
+only that step, teacher-forced: prompt (the real renderer: system + tool schema + global view + question) and the
+first sentence of the SFT think ("The <colour> scene is around A s to B s."), with the loss on that sentence.
+Frames are drawn in memory (no video files), so each step costs one forward/backward of a short sequence.
+Every --eval_every steps it prints, on held-out layouts (--eval_min/--eval_max seconds long), the greedy
+teacher-forced accuracy of the start and end numbers and the mean IoU of the window they make with the scene.
+"""
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import needle  # noqa: E402
+from data import Renderer, ViewConfig, collate, global_times  # noqa: E402
+from model import TinyConfig, load_model, parse_config  # noqa: E402
+
+
+@dataclass
+class Config:
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 4e-3
+    warmup: int = 10
+    hidden: int = TinyConfig.hidden
+    layers: int = TinyConfig.layers
+    heads: int = TinyConfig.heads
+    kv_heads: int = TinyConfig.kv_heads
+    ffn: int = TinyConfig.ffn
+    min_duration: float = 180.0
+    max_duration: float = 300.0
+    eval_min: float = 180.0
+    eval_max: float = 300.0
+    target: str = "window"       # window: the SFT crop window | own: timestamps of the first and last group of the scene
+    jitter: bool = True          # random global frame count up to the budget, as train_sft's --view_jitter
+    eval_every: int = 100
+    num_eval: int = 64
+    seed: int = 0
+    threads: int = 1
+    out: str = ""                # write the eval lines as JSONL here too
+    number_digits: int = 1       # model.NUMBER_DIGITS: longest number that is one token (4: one token per number)
+    grid: float = ViewConfig.time_grid  # data.ViewConfig.time_grid (0: frames at slice centres)
+
+
+def layout(rng, lo, hi):
+    ncfg = needle.NeedleConfig(size=56)
+    duration = float(round(rng.uniform(lo, hi)))
+    scenes, k, nd = needle.make_layout(rng, duration, ncfg)
+    return duration, scenes, k, nd
+
+
+def own_labels(scene, times):
+    groups = [times[i:i + 2] for i in range(0, len(times), 2)]
+    hit = [g[0] for g in groups if any(scene[0] <= t < scene[1] for t in g)]
+    return hit[0], hit[-1]
+
+
+def example(renderer, view, rng, lo, hi, jitter, target="window"):
+    duration, scenes, k, nd = layout(rng, lo, hi)
+    if jitter:
+        n0 = len(global_times(duration, view))
+        n = rng.randint(n0, max(n0, view.global_frames))
+        view = replace(view, global_fps=(n + 0.5) / duration)
+    times = global_times(duration, view)
+    frames = np.stack([needle.frame_at(t, scenes, nd, 56) for t in times])
+    colour = scenes[k][2]
+    if target == "window":
+        a, b = needle.crop_window_for(scenes[k], times)
+    elif target == "own":
+        a, b = own_labels(scenes[k], times)
+    else:  # "first": the first and last timestamps shown (a copy without grounding)
+        a, b = times[0], times[(len(times) - 1) // 2 * 2]
+    sample = dict(question=f"What colour is the small square that appears during the {colour} scene?")
+    r = Renderer(renderer.proc, view)
+    prompt = r.prompt(sample, frames, times)
+    head = r.text(f"<think>The {colour} scene is around", train=1)
+    num_a = r.text(f" {needle._fmt(a)}", train=1)
+    mid = r.text("s to", train=1)
+    num_b = r.text(f" {needle._fmt(b)}", train=1)
+    tail = r.text("s.", train=1)
+    rendered = prompt + head + num_a + mid + num_b + tail
+    ia = len(prompt.input_ids) + len(head.input_ids) + 1       # the start number's tokens (after the space)
+    ib = ia + len(num_a.input_ids) - 1 + len(mid.input_ids) + 1
+    ra, rb = range(ia, ia + len(num_a.input_ids) - 1), range(ib, ib + len(num_b.input_ids) - 1)
+    return rendered, (ra, rb), (a, b), scenes[k][:2]
+
+
+def iou(w, s):
+    inter = max(0.0, min(w[1], s[1]) - max(w[0], s[0]))
+    union = max(w[1], s[1]) - min(w[0], s[0])
+    return inter / union if union > 0 else 0.0
+
+
+def evaluate(model, proc, view, cfg, pad):
+    rng = random.Random(10_000 + cfg.seed)
+    renderer = Renderer(proc, view)
+    hits_a = hits_b = 0
+    ious = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, cfg.num_eval, cfg.batch_size):
+            exs = [example(renderer, view, rng, cfg.eval_min, cfg.eval_max, False, cfg.target)
+                   for _ in range(min(cfg.batch_size, cfg.num_eval - i))]
+            batch = collate(model, [e[0] for e in exs], pad)
+            vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **vision).logits
+            for b, (_, (ra, rb), (a, bb), scene) in enumerate(exs):
+                pa, pb = [logits[b, t - 1].argmax().item() for t in ra], [logits[b, t - 1].argmax().item() for t in rb]
+                ta, tb = [batch["input_ids"][b, t].item() for t in ra], [batch["input_ids"][b, t].item() for t in rb]
+                hits_a += pa == ta
+                hits_b += pb == tb
+                try:
+                    w = (float(proc.tokenizer.decode(pa)), float(proc.tokenizer.decode(pb)))
+                except ValueError:
+                    w = (0.0, 0.0)
+                ious.append(iou(w, scene))
+    model.train()
+    n = cfg.num_eval
+    return dict(start_acc=hits_a / n, end_acc=hits_b / n, iou=float(np.mean(ious)))
+
+
+def main(argv=None):
+    cfg = parse_config(Config, sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(cfg.threads)
+    import model as M
+    M.NUMBER_DIGITS = cfg.number_digits
+    tiny = TinyConfig(hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads, ffn=cfg.ffn)
+    model, proc = load_model("tiny", tiny=tiny)
+    pad = proc.tokenizer.pad_token_id
+    view = ViewConfig(time_grid=cfg.grid)
+    renderer = Renderer(proc, view)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))))
+    rng = random.Random(cfg.seed)
+    nparams = sum(p.numel() for p in model.parameters())
+    print(f"params {nparams / 1e6:.2f}M  {json.dumps(vars(cfg) if hasattr(cfg, '__dict__') else {})}", flush=True)
+    out = open(cfg.out, "a") if cfg.out else None
+    t0 = time.time()
+    for step in range(1, cfg.steps + 1):
+        exs = [example(renderer, view, rng, cfg.min_duration, cfg.max_duration, cfg.jitter, cfg.target)
+               for _ in range(cfg.batch_size)]
+        batch = collate(model, [e[0] for e in exs], pad)
+        vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
+        hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                             **vision).last_hidden_state
+        target = batch["policy_mask"][:, 1:].bool()
+        logits = model.lm_head(hidden[:, :-1][target])
+        loss = F.cross_entropy(logits, batch["input_ids"][:, 1:][target])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            m = dict(step=step, loss=round(loss.item(), 4), seconds=round(time.time() - t0, 1),
+                     **{k: round(v, 3) for k, v in evaluate(model, proc, view, cfg, pad).items()})
+            print(json.dumps(m), flush=True)
+            if out:
+                out.write(json.dumps(dict(m, config=str(cfg))) + "\n")
+                out.flush()
+
+
+if __name__ == "__main__":
+    main()
