@@ -45,6 +45,7 @@ class Config:
     eval_min: float = 180.0
     eval_max: float = 300.0
     target: str = "window"       # window: the SFT crop window | own: timestamps of the first and last group of the scene
+    max_spacing: float = 0.0     # jitter also draws sparser views, down to one frame per this many seconds (0: off)
     jitter: bool = True          # random global frame count up to the budget, as train_sft's --view_jitter
     eval_every: int = 100
     num_eval: int = 64
@@ -68,10 +69,12 @@ def own_labels(scene, times):
     return hit[0], hit[-1]
 
 
-def example(renderer, view, rng, lo, hi, jitter, target="window"):
+def example(renderer, view, rng, lo, hi, jitter, target="window", max_spacing=0.0):
     duration, scenes, k, nd = layout(rng, lo, hi)
     if jitter:
         n0 = len(global_times(duration, view))
+        if max_spacing:
+            n0 = min(n0, max(2, int(duration / max_spacing)))
         n = rng.randint(n0, max(n0, view.global_frames))
         view = replace(view, global_fps=(n + 0.5) / duration)
     times = global_times(duration, view)
@@ -151,7 +154,8 @@ def main(argv=None):
     out = open(cfg.out, "a") if cfg.out else None
     t0 = time.time()
     for step in range(1, cfg.steps + 1):
-        exs = [example(renderer, view, rng, cfg.min_duration, cfg.max_duration, cfg.jitter, cfg.target)
+        exs = [example(renderer, view, rng, cfg.min_duration, cfg.max_duration, cfg.jitter, cfg.target,
+                           cfg.max_spacing)
                for _ in range(cfg.batch_size)]
         batch = collate(model, [e[0] for e in exs], pad)
         vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}

@@ -13,7 +13,7 @@ from data import (DataError, Renderer, ViewConfig, collate, global_times, global
                   render_sft)
 from model import (COLOURS, build_tiny_tokenizer, compute_init, load_model, parse_config, save_checkpoint,
                    token_logprobs)
-from needle import NeedleConfig, generate
+from needle import NeedleConfig, crop_window_for, generate
 from tools import crop_video, observe
 
 
@@ -288,3 +288,13 @@ def test_global_times_on_a_round_grid():
     for d in (61.0, 180.0, 299.0, 640.0, 899.0):
         t = global_times(d, v)
         assert len(t) <= v.global_frames and t[-1] < d and t[-1] + (t[1] - t[0]) >= d
+
+
+def test_sft_crop_window_of_the_last_scene_reaches_past_the_last_frame():
+    """A 223-s video (frames 0, 10, ..., 220; pairs (0, 10) ... (200, 210), (220,)) whose last scene runs from
+    195 s to the end: the window starts at the pair before the scene and ends one step past the last frame, so a
+    needle at 219.6 s, after the last frame, is inside it (it used to end at 221 or, with a coarser view, 211)."""
+    times = global_times(223, ViewConfig())
+    assert times[-1] == 220.0
+    assert crop_window_for((195.01, 223.0, "teal"), times) == (180.0, 230.0)
+    assert crop_window_for((20.0, 45.0, "navy"), times) == (0.0, 60.0)  # pairs (20, 30), (40, 50) show it
