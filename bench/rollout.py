@@ -25,7 +25,7 @@ from rollout import RolloutConfig, rollout  # noqa: E402
 from tools import observe  # noqa: E402
 
 P, G, NEW = 2, 8, 32
-VIEW = ViewConfig(global_frames=128, global_fps=1.0, max_pixels=112 * 112, crop_max_frames=16,
+VIEW = ViewConfig(global_frames=128, global_fps=1.0, time_grid=0, max_pixels=112 * 112, crop_max_frames=16,
                   crop_max_pixels=112 * 112)
 TURN = '<think>look closer</think><tool_call>{"name": "crop_video", "arguments": {"start_time": 30, "end_time": 60}}</tool_call>'
 ANSWER = "<think>seen</think><answer>red</answer>"
