@@ -9,8 +9,9 @@ of the prompts are single tokens (with and without the space before them), numbe
 anything else falls back to single characters (lossless for ASCII and Latin-1; any other character becomes
 <unk>), plus Qwen's special and tool tokens. Why digits: a window the policy writes is copied from the
 timestamps in its prompt, and with ten digit tokens every timestamp of a 15-minute eval video is made of pieces
-the model saw in training on 3-5 minute videos; with one token per number the model learned the copy far more
-slowly and could not write a number it never saw (bench/grounding.py measures both).
+the model saw in training on 3-5 minute videos (one token per number leaves the tokens of times above 300 s
+untrained); with the round-time global view (data.ViewConfig.time_grid) the window copy is learned much sooner
+(bench/grounding.py measures both).
 """
 import json
 import os

@@ -1,7 +1,9 @@
 """How fast does a model shape learn the needle benchmark's grounding step? A measured study, not a unit test.
 
-    python bench/grounding.py                                  # the tiny default shape, 300 steps
-    python bench/grounding.py --hidden=256 --layers=6 --steps=600 --lr=2e-3
+    python bench/grounding.py                                  # the tiny default shape, 400 steps, ~5 min
+    python bench/grounding.py --number_digits=4 --grid=0        # session-1 tokenizer and global view
+    python bench/grounding.py --eval_min=600 --eval_max=900     # held-out layouts as long as the eval videos
+    python bench/grounding.py --hidden=256 --heads=8 --kv_heads=4 --ffn=768 --lr=2e-3
 
 The hard step of the needle task is reading the crop window off the prompt: the question names a scene by its
 colour and the policy must write the global-view timestamps around the frames of that colour. This script trains
@@ -17,7 +19,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -31,29 +33,30 @@ from model import TinyConfig, load_model, parse_config  # noqa: E402
 
 @dataclass
 class Config:
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 4e-3
-    warmup: int = 10
-    hidden: int = TinyConfig.hidden
+    steps: int = 400                 # optimizer steps (batches of freshly drawn layouts)
+    batch_size: int = 8              # layouts per step
+    lr: float = 4e-3                 # peak AdamW lr (linear warm-up, cosine to 10%)
+    warmup: int = 10                 # warm-up steps
+    hidden: int = TinyConfig.hidden  # model shape (model.TinyConfig)
     layers: int = TinyConfig.layers
     heads: int = TinyConfig.heads
     kv_heads: int = TinyConfig.kv_heads
     ffn: int = TinyConfig.ffn
-    min_duration: float = 180.0
-    max_duration: float = 300.0
-    eval_min: float = 180.0
-    eval_max: float = 300.0
-    target: str = "window"       # window: the SFT crop window | own: timestamps of the first and last group of the scene
-    max_spacing: float = 0.0     # jitter also draws sparser views, down to one frame per this many seconds (0: off)
-    jitter: bool = True          # random global frame count up to the budget, as train_sft's --view_jitter
-    eval_every: int = 100
-    num_eval: int = 64
-    seed: int = 0
-    threads: int = 1
-    out: str = ""                # write the eval lines as JSONL here too
-    number_digits: int = 1       # model.NUMBER_DIGITS: longest number that is one token (4: one token per number)
+    number_digits: int = 1           # model.NUMBER_DIGITS: longest number that is one token (4: one per number)
     grid: float = ViewConfig.time_grid  # data.ViewConfig.time_grid (0: frames at slice centres)
+    min_duration: float = 180.0      # training video lengths, seconds (the needle train split: 3-5 min)
+    max_duration: float = 300.0
+    eval_min: float = 180.0          # held-out video lengths (600-900: the needle eval split)
+    eval_max: float = 300.0
+    target: str = "window"           # window: the SFT crop window | own: times of the first and last pair showing
+                                     # the scene | first: the first and last times shown (a copy, no grounding)
+    jitter: bool = True              # random global frame count up to the budget, as train_sft's --view_jitter
+    max_spacing: float = 0.0         # jitter also draws sparser views, down to one frame per this many s (0: off)
+    eval_every: int = 100            # print a held-out line every N steps (and at the end)
+    num_eval: int = 64               # held-out layouts (the same ones at every eval)
+    seed: int = 0                    # model init is TinyConfig's; this seeds the layouts
+    threads: int = 1                 # torch threads
+    out: str = ""                    # also append the held-out lines to this JSONL file
 
 
 def layout(rng, lo, hi):
@@ -64,6 +67,7 @@ def layout(rng, lo, hi):
 
 
 def own_labels(scene, times):
+    """Timestamps of the first and the last frame pair that show the scene."""
     groups = [times[i:i + 2] for i in range(0, len(times), 2)]
     hit = [g[0] for g in groups if any(scene[0] <= t < scene[1] for t in g)]
     return hit[0], hit[-1]
@@ -150,8 +154,9 @@ def main(argv=None):
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))))
     rng = random.Random(cfg.seed)
     nparams = sum(p.numel() for p in model.parameters())
-    print(f"params {nparams / 1e6:.2f}M  {json.dumps(vars(cfg) if hasattr(cfg, '__dict__') else {})}", flush=True)
+    print(f"params {nparams / 1e6:.2f}M  {json.dumps(asdict(cfg))}", flush=True)
     out = open(cfg.out, "a") if cfg.out else None
+    lines = []
     t0 = time.time()
     for step in range(1, cfg.steps + 1):
         exs = [example(renderer, view, rng, cfg.min_duration, cfg.max_duration, cfg.jitter, cfg.target,
@@ -173,9 +178,11 @@ def main(argv=None):
             m = dict(step=step, loss=round(loss.item(), 4), seconds=round(time.time() - t0, 1),
                      **{k: round(v, 3) for k, v in evaluate(model, proc, view, cfg, pad).items()})
             print(json.dumps(m), flush=True)
+            lines.append(m)
             if out:
-                out.write(json.dumps(dict(m, config=str(cfg))) + "\n")
+                out.write(json.dumps(dict(m, config=asdict(cfg))) + "\n")
                 out.flush()
+    return lines
 
 
 if __name__ == "__main__":

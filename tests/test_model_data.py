@@ -298,3 +298,17 @@ def test_sft_crop_window_of_the_last_scene_reaches_past_the_last_frame():
     assert times[-1] == 220.0
     assert crop_window_for((195.01, 223.0, "teal"), times) == (180.0, 230.0)
     assert crop_window_for((20.0, 45.0, "navy"), times) == (0.0, 60.0)  # pairs (20, 30), (40, 50) show it
+
+
+def test_grounding_study_runs_and_reports(tmp_path):
+    """bench/grounding.py (the study behind the tokenizer and time-grid defaults) runs and writes its lines."""
+    import subprocess
+    import sys
+    out = tmp_path / "g.jsonl"
+    r = subprocess.run([sys.executable, "bench/grounding.py", "--steps=2", "--eval_every=2", "--num_eval=2",
+                        "--batch_size=2", f"--out={out}"], cwd=os.path.dirname(os.path.dirname(__file__)) or ".",
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = json.loads(out.read_text().splitlines()[-1])
+    assert line["step"] == 2 and 0 <= line["start_acc"] <= 1 and 0 <= line["end_acc"] <= 1 and 0 <= line["iou"] <= 1
+    assert line["config"]["number_digits"] == 1 and line["config"]["grid"] == 5.0
