@@ -69,7 +69,7 @@ class Config:
     resample_rounds: int = 2                # extra rollout rounds per step to replace such groups
     dgrpo_task: float = 0.0                 # DGRPO task-difficulty scale (0 = off, at most 2)
     dgrpo_sample: float = 0.0               # DGRPO sample-difficulty scale (0 = off, at most 2)
-    lr: float = 1e-4                        # AdamW learning rate, constant after warmup (LongVT 7B: 1e-6)
+    lr: float = 3e-5                        # AdamW lr, constant after warmup (LongVT 7B: 1e-6; README: 1e-4 vs 3e-5)
     warmup_steps: int = 5                   # linear warmup steps (Adam's first, sign-like steps are the wildest)
     weight_decay: float = 0.0               # AdamW weight decay
     grad_clip: float = 1.0                  # max global grad norm
