@@ -280,7 +280,9 @@ def parse_config(cls, argv=None):
 
 # --------------------------------------------------------------------------- checkpoints
 def atomic_dir(final_dir, write):
-    """Call write(tmp_dir), then swap tmp_dir into place, so a crash mid-write leaves the previous checkpoint intact."""
+    """Call write(tmp_dir), then swap tmp_dir into place, so a crash mid-write leaves the previous checkpoint intact.
+    Subdirectories of the previous dir that the new one does not have (eval.py's default <checkpoint>/eval, say)
+    are moved over after the swap; top-level files are the checkpoint's own and are replaced."""
     parent = os.path.dirname(os.path.abspath(final_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp_ckpt_", dir=parent)
@@ -293,6 +295,9 @@ def atomic_dir(final_dir, write):
             os.rename(final_dir, old)
         os.rename(tmp, final_dir)
         if old:
+            for name in sorted(os.listdir(old)):
+                if os.path.isdir(os.path.join(old, name)) and not os.path.exists(os.path.join(final_dir, name)):
+                    os.rename(os.path.join(old, name), os.path.join(final_dir, name))
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

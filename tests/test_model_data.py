@@ -312,3 +312,24 @@ def test_grounding_study_runs_and_reports(tmp_path):
     line = json.loads(out.read_text().splitlines()[-1])
     assert line["step"] == 2 and 0 <= line["start_acc"] <= 1 and 0 <= line["end_acc"] <= 1 and 0 <= line["iou"] <= 1
     assert line["config"]["number_digits"] == 1 and line["config"]["grid"] == 5.0
+
+
+def test_checkpoint_swap_keeps_subdirectories_it_does_not_write(tmp_path):
+    """eval.py writes <checkpoint>/eval by default; a later save into the same dir (train_sft --resume) swaps the
+    dir atomically and must not drop it. Top-level files are the checkpoint's own and are replaced."""
+    from model import atomic_dir
+    d = str(tmp_path / "ckpt")
+
+    def write(files):
+        def w(tmp):
+            for name, text in files.items():
+                open(os.path.join(tmp, name), "w").write(text)
+        return w
+    atomic_dir(d, write({"model.safetensors": "v1", "model.safetensors.index.json": "stale"}))
+    os.makedirs(os.path.join(d, "eval"))
+    open(os.path.join(d, "eval", "summary.json"), "w").write("{}")
+    atomic_dir(d, write({"model.safetensors": "v2"}))
+    assert sorted(os.listdir(d)) == ["eval", "model.safetensors"]
+    assert open(os.path.join(d, "model.safetensors")).read() == "v2"
+    assert open(os.path.join(d, "eval", "summary.json")).read() == "{}"
+    assert not os.path.exists(d + ".old")
