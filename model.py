@@ -89,8 +89,7 @@ def build_tiny_tokenizer():
         vocab.setdefault(t, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     # A whole known word (longest first), a number without leading zeros (up to NUMBER_DIGITS digits), else one
-    # character.
-    # A word keeps the space before it, so prose costs one token per word.
+    # character. A word keeps the space before it, so prose costs one token per word.
     pattern = r" ?\b(?:" + "|".join(re.escape(w) for w in words) + r")\b|[1-9][0-9]{0,%d}|[\s\S]" % (NUMBER_DIGITS - 1)
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()  # concatenate pieces: decode(encode(s)) == s
