@@ -46,6 +46,8 @@ class Config:
     grid: float = ViewConfig.time_grid  # data.ViewConfig.time_grid (0: frames at slice centres)
     min_duration: float = 180.0      # training video lengths, seconds (the needle train split: 3-5 min)
     max_duration: float = 300.0
+    scene_min: float = 20.0          # training scene lengths, seconds (held-out layouts keep the needle's 20-40)
+    scene_max: float = 40.0
     eval_min: float = 180.0          # held-out video lengths (600-900: the needle eval split)
     eval_max: float = 300.0
     target: str = "window"           # window: the SFT crop window | own: times of the first and last pair showing
@@ -59,8 +61,8 @@ class Config:
     out: str = ""                    # also append the held-out lines to this JSONL file
 
 
-def layout(rng, lo, hi):
-    ncfg = needle.NeedleConfig(size=56)
+def layout(rng, lo, hi, scenes=(20.0, 40.0)):
+    ncfg = needle.NeedleConfig(size=56, scene_min=scenes[0], scene_max=scenes[1])
     duration = float(round(rng.uniform(lo, hi)))
     scenes, k, nd = needle.make_layout(rng, duration, ncfg)
     return duration, scenes, k, nd
@@ -73,8 +75,8 @@ def own_labels(scene, times):
     return hit[0], hit[-1]
 
 
-def example(renderer, view, rng, lo, hi, jitter, target="window", max_spacing=0.0):
-    duration, scenes, k, nd = layout(rng, lo, hi)
+def example(renderer, view, rng, lo, hi, jitter, target="window", max_spacing=0.0, scene_range=(20.0, 40.0)):
+    duration, scenes, k, nd = layout(rng, lo, hi, scene_range)
     if jitter:
         n0 = len(global_times(duration, view))
         if max_spacing:
@@ -160,7 +162,7 @@ def main(argv=None):
     t0 = time.time()
     for step in range(1, cfg.steps + 1):
         exs = [example(renderer, view, rng, cfg.min_duration, cfg.max_duration, cfg.jitter, cfg.target,
-                           cfg.max_spacing)
+                           cfg.max_spacing, (cfg.scene_min, cfg.scene_max))
                for _ in range(cfg.batch_size)]
         batch = collate(model, [e[0] for e in exs], pad)
         vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
