@@ -302,6 +302,23 @@ def atomic_dir(final_dir, write):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def rng_state():
+    """Every RNG a rank draws from (python, numpy, torch CPU, CUDA when present), for trainer_state.pt."""
+    s = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+def set_rng_state(s):
+    """Restore what rng_state() returned (a CUDA state is skipped on a machine without CUDA)."""
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
 def resolve_checkpoint(path):
     """A checkpoint dir, falling back to `<dir>.old` when a crash happened between the two renames of atomic_dir."""
     if not os.path.exists(path) and os.path.isdir(path.rstrip("/") + ".old"):

@@ -28,7 +28,6 @@ rules, counted. On CUDA weights and AdamW stay fp32 with bf16 compute, so that l
 import json
 import math
 import os
-import random
 import re
 import shutil
 import time
@@ -42,7 +41,8 @@ from tqdm import tqdm
 
 import needle
 from data import ViewConfig, collate, load_samples
-from model import atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, token_logprobs
+from model import (atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, rng_state,
+                   set_rng_state, token_logprobs)
 from reward import Judge, RewardConfig, answer_type, reward_batch
 from rollout import RolloutConfig, rollout
 
@@ -219,12 +219,6 @@ def sample_at(samples, seed, i):
     return samples[int(np.random.default_rng([seed, epoch]).permutation(len(samples))[k])]
 
 
-RNG = dict(python=(random.getstate, random.setstate), numpy=(np.random.get_state, np.random.set_state),
-           torch=(torch.get_rng_state, torch.set_rng_state))  # (get, set) of every RNG a rank uses
-if torch.cuda.is_available():
-    RNG["cuda"] = (torch.cuda.get_rng_state, torch.cuda.set_rng_state)
-
-
 LOG_LINE = ("step {step:4d} | reward {reward:.3f} acc {accuracy:.3f} fmt {format:.3f} iou {iou:.3f} | tools "
             "{tool_calls:.2f} err {tool_errors:.2f} judge_fail {judge_failures} | len {response_len:.0f} trunc "
             "{truncated:.2f} zvar {zero_var:.2f} | kl {kl:.4f} clip {clip_frac:.3f} ent {entropy:.2f} gnorm "
@@ -310,8 +304,7 @@ def train(cfg: Config):
         set_optimizer_state_dict(net, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         step, pos = state["step"], state["data_pos"]
         if len(state["rng"]) == d.world:  # with another world size the per-rank RNG streams cannot continue
-            for k, (_, set_state) in RNG.items():
-                set_state(state["rng"][d.rank][k])
+            set_rng_state(state["rng"][d.rank])
     if d.is_main:
         os.makedirs(cfg.out, exist_ok=True)
         old = open(metrics_path).readlines() if state and os.path.exists(metrics_path) else []
@@ -460,7 +453,7 @@ def save(cfg, d, hf, net, processor, opt, step, pos, fsdp):
     o = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: gathered to rank 0's CPU
     named = {n for n, _ in hf.named_parameters()} | {n for n, _ in hf.named_buffers()}  # tied weights once, as HF
     sd = {k: v for k, v in get_model_state_dict(hf, options=o).items() if k in named} if fsdp else None
-    state = dict(step=step, data_pos=pos, config=asdict(cfg), rng=all_gather_obj({k: g() for k, (g, _) in RNG.items()}),
+    state = dict(step=step, data_pos=pos, config=asdict(cfg), rng=all_gather_obj(rng_state()),
                  optimizer=get_optimizer_state_dict(net, opt, options=o))
     if d.is_main:
         def write(tmp):

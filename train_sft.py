@@ -51,14 +51,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import DataError, Renderer, ViewConfig, collate, global_times, normalize_row, read_rows, render_sft
-from model import atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, unwrap
+from model import (atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, rng_state,
+                   set_rng_state, unwrap)
 import needle
 from rollout import RolloutConfig
 from tools import ToolError, video_info
@@ -238,21 +238,6 @@ def epoch_batches(lengths, cfg, epoch):
 
 
 # --------------------------------------------------------------------------- checkpoints
-def rng_state():
-    s = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state()
-    return s
-
-
-def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
-
-
 def save(model, processor, engine, optimizer, scheduler, state, cfg, d):
     """Collective: every rank calls it. Full (CPU) model/optimizer state dicts, written by rank 0, atomically;
     metrics.jsonl so far is carried into the new directory."""
