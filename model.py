@@ -280,26 +280,33 @@ def parse_config(cls, argv=None):
 # --------------------------------------------------------------------------- checkpoints
 def atomic_dir(final_dir, write):
     """Call write(tmp_dir), then swap tmp_dir into place, so a crash mid-write leaves the previous checkpoint intact.
-    Subdirectories of the previous dir that the new one does not have (eval.py's default <checkpoint>/eval, say)
-    are moved over after the swap; top-level files are the checkpoint's own and are replaced."""
+    Subdirectories of the previous dir that the new one does not have (eval.py's default <checkpoint>/eval, GRPO's
+    rollouts/ and eval/) are moved over after the swap, renamed, not copied; top-level files are the checkpoint's
+    own and are replaced. A `.old` dir left by a crash during an earlier swap gives its subdirectories back too."""
     parent = os.path.dirname(os.path.abspath(final_dir))
     os.makedirs(parent, exist_ok=True)
+    old = final_dir.rstrip("/") + ".old"
     tmp = tempfile.mkdtemp(prefix=".tmp_ckpt_", dir=parent)
     try:
         write(tmp)
-        old = None
         if os.path.exists(final_dir):
-            old = final_dir.rstrip("/") + ".old"
+            if os.path.isdir(old):  # an earlier swap crashed after its first rename: keep what only it holds
+                _move_subdirs(old, final_dir)
             shutil.rmtree(old, ignore_errors=True)
             os.rename(final_dir, old)
         os.rename(tmp, final_dir)
-        if old:
-            for name in sorted(os.listdir(old)):
-                if os.path.isdir(os.path.join(old, name)) and not os.path.exists(os.path.join(final_dir, name)):
-                    os.rename(os.path.join(old, name), os.path.join(final_dir, name))
+        if os.path.isdir(old):
+            _move_subdirs(old, final_dir)
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_subdirs(src, dst):
+    """Move each subdirectory of src that dst lacks into dst (a rename: same filesystem)."""
+    for name in sorted(os.listdir(src)):
+        if os.path.isdir(os.path.join(src, name)) and not os.path.exists(os.path.join(dst, name)):
+            os.rename(os.path.join(src, name), os.path.join(dst, name))
 
 
 def rng_state():

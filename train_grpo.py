@@ -448,7 +448,8 @@ def train(cfg: Config):
 
 def save(cfg, d, hf, net, processor, opt, step, pos, fsdp):
     """<out> in HF layout + trainer_state.pt (optimizer, per-rank RNG, data position, step, config), written to a
-    temp dir with the logs so far and swapped in (model.atomic_dir). A collective: every rank calls it."""
+    temp dir with metrics.jsonl so far and swapped in (model.atomic_dir, which keeps rollouts/ and eval/).
+    A collective: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     o = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: gathered to rank 0's CPU
     named = {n for n, _ in hf.named_parameters()} | {n for n, _ in hf.named_buffers()}  # tied weights once, as HF
@@ -460,10 +461,9 @@ def save(cfg, d, hf, net, processor, opt, step, pos, fsdp):
             hf.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
             processor.save_pretrained(tmp)
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-            for name in ("metrics.jsonl", "rollouts", "eval"):  # the logs so far live in <out> too
-                src = os.path.join(cfg.out, name)
-                if os.path.exists(src):
-                    (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(tmp, name))
+            metrics = os.path.join(cfg.out, "metrics.jsonl")  # the log so far; atomic_dir moves rollouts/, eval/
+            if os.path.exists(metrics):
+                shutil.copy(metrics, tmp)
         atomic_dir(cfg.out, write)
     if dist.is_initialized():
         dist.barrier()

@@ -333,3 +333,11 @@ def test_checkpoint_swap_keeps_subdirectories_it_does_not_write(tmp_path):
     assert open(os.path.join(d, "model.safetensors")).read() == "v2"
     assert open(os.path.join(d, "eval", "summary.json")).read() == "{}"
     assert not os.path.exists(d + ".old")
+    # a crash after an earlier swap's first rename (ckpt.old holds rollouts/, the new ckpt does not): the next
+    # swap gives rollouts/ back instead of deleting ckpt.old with it
+    os.makedirs(os.path.join(d + ".old", "rollouts"))
+    open(os.path.join(d + ".old", "rollouts", "step_0010.jsonl"), "w").write("x")
+    atomic_dir(d, write({"model.safetensors": "v3"}))
+    assert sorted(os.listdir(d)) == ["eval", "model.safetensors", "rollouts"]
+    assert open(os.path.join(d, "rollouts", "step_0010.jsonl")).read() == "x"
+    assert not os.path.exists(d + ".old")
