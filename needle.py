@@ -103,12 +103,19 @@ def write_video(path, duration, scenes, needle, cfg: NeedleConfig):
     os.replace(tmp, path)
 
 
+def pairs_showing(scene, times):
+    """(groups, hit): the global view's frame pairs (the groups that get one timestamp) and the indices of those
+    with a frame inside the scene."""
+    s, e = scene[0], scene[1]
+    groups = [times[i:i + 2] for i in range(0, len(times), 2)]
+    return groups, [j for j, g in enumerate(groups) if any(s <= t < e for t in g)]
+
+
 def crop_window_for(scene, times):
     """The window a model can read off its prompt: from the timestamp of the global-view group before the
     first group showing the scene to the timestamp of the group after the last one (groups = frame pairs)."""
     s, e = scene[0], scene[1]
-    groups = [times[i:i + 2] for i in range(0, len(times), 2)]
-    hit = [j for j, g in enumerate(groups) if any(s <= t < e for t in g)]
+    groups, hit = pairs_showing(scene, times)
     if not hit:  # cannot happen when scene_min exceeds the global frame spacing
         return float(int(s)), float(int(e) + 1)
     a = groups[hit[0] - 1][0] if hit[0] > 0 else 0.0

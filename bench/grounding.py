@@ -68,14 +68,7 @@ def layout(rng, lo, hi, scenes=(20.0, 40.0)):
     return duration, scenes, k, nd
 
 
-def own_labels(scene, times):
-    """Timestamps of the first and the last frame pair that show the scene."""
-    groups = [times[i:i + 2] for i in range(0, len(times), 2)]
-    hit = [g[0] for g in groups if any(scene[0] <= t < scene[1] for t in g)]
-    return hit[0], hit[-1]
-
-
-def example(renderer, view, rng, lo, hi, jitter, target="window", max_spacing=0.0, scene_range=(20.0, 40.0)):
+def example(proc, view, rng, lo, hi, jitter, target="window", max_spacing=0.0, scene_range=(20.0, 40.0)):
     duration, scenes, k, nd = layout(rng, lo, hi, scene_range)
     if jitter:
         n0 = len(global_times(duration, view))
@@ -89,11 +82,12 @@ def example(renderer, view, rng, lo, hi, jitter, target="window", max_spacing=0.
     if target == "window":
         a, b = needle.crop_window_for(scenes[k], times)
     elif target == "own":
-        a, b = own_labels(scenes[k], times)
+        groups, hit = needle.pairs_showing(scenes[k], times)  # the first and last pair showing the scene
+        a, b = groups[hit[0]][0], groups[hit[-1]][0]
     else:  # "first": the first and last timestamps shown (a copy without grounding)
         a, b = times[0], times[(len(times) - 1) // 2 * 2]
     sample = dict(question=f"What colour is the small square that appears during the {colour} scene?")
-    r = Renderer(renderer.proc, view)
+    r = Renderer(proc, view)
     prompt = r.prompt(sample, frames, times)
     head = r.text(f"<think>The {colour} scene is around", train=1)
     num_a = r.text(f" {needle._fmt(a)}", train=1)
@@ -115,13 +109,12 @@ def iou(w, s):
 
 def evaluate(model, proc, view, cfg, pad):
     rng = random.Random(10_000 + cfg.seed)
-    renderer = Renderer(proc, view)
     hits_a = hits_b = 0
     ious = []
     model.eval()
     with torch.no_grad():
         for i in range(0, cfg.num_eval, cfg.batch_size):
-            exs = [example(renderer, view, rng, cfg.eval_min, cfg.eval_max, False, cfg.target)
+            exs = [example(proc, view, rng, cfg.eval_min, cfg.eval_max, False, cfg.target)
                    for _ in range(min(cfg.batch_size, cfg.num_eval - i))]
             batch = collate(model, [e[0] for e in exs], pad)
             vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
@@ -150,7 +143,6 @@ def main(argv=None):
     model, proc = load_model("tiny", tiny=tiny)
     pad = proc.tokenizer.pad_token_id
     view = ViewConfig(time_grid=cfg.grid)
-    renderer = Renderer(proc, view)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))))
@@ -161,7 +153,7 @@ def main(argv=None):
     lines = []
     t0 = time.time()
     for step in range(1, cfg.steps + 1):
-        exs = [example(renderer, view, rng, cfg.min_duration, cfg.max_duration, cfg.jitter, cfg.target,
+        exs = [example(proc, view, rng, cfg.min_duration, cfg.max_duration, cfg.jitter, cfg.target,
                            cfg.max_spacing, (cfg.scene_min, cfg.scene_max))
                for _ in range(cfg.batch_size)]
         batch = collate(model, [e[0] for e in exs], pad)
