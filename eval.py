@@ -340,6 +340,7 @@ def main(argv=None):
         print_summary(summary)
         print(f"wrote {out}/predictions.jsonl, summary.json" + (", report.html" if cfg.report_samples else ""))
     if dist.is_initialized():
+        dist.barrier()  # no rank leaves (and tears its connections down) while rank 0 still writes
         dist.destroy_process_group()
 
 

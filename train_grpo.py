@@ -443,6 +443,7 @@ def train(cfg: Config):
     if d.is_main and cfg.curve:
         write_curve(cfg.out)
     if dist.is_initialized():
+        dist.barrier()  # rank 0 may still be drawing the curve
         dist.destroy_process_group()
 
 

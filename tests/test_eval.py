@@ -22,6 +22,7 @@ import eval as ev  # noqa: E402
 from data import Renderer, load_samples, render_sft  # noqa: E402
 from model import load_model  # noqa: E402
 from needle import NeedleConfig, generate  # noqa: E402
+from conftest import ranks_output, run_ranks  # noqa: E402
 
 FAST = ["--max_frames=4", "--max_pixels=784", "--crop_max_frames=4", "--crop_max_pixels=784"]
 FAST_CFG = dict(max_frames=4, max_pixels=784, crop_max_frames=4, crop_max_pixels=784)
@@ -295,12 +296,11 @@ def test_report_renders_in_chromium(scripted_run, tmp_path):
 # --------------------------------------------------------------------------- distributed and the opt-in overfit
 def test_torchrun_two_ranks(needle_dir, tmp_path):
     out = str(tmp_path / "out")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "eval.py", "--model=tiny", f"--data={needle_dir}/eval.jsonl", f"--out={out}",
-                        "--max_new_tokens=4", "--report_samples=0", f"--export_rft={out}/rft.jsonl",
-                        "--save_trajectories=true", *FAST],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
-    assert r.returncode == 0, failure(r)
+    r = run_ranks([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "eval.py", "--model=tiny", f"--data={needle_dir}/eval.jsonl", f"--out={out}",
+                   "--max_new_tokens=4", "--report_samples=0", f"--export_rft={out}/rft.jsonl",
+                   "--save_trajectories=true", *FAST], cwd=ROOT, timeout=300, env=ENV)
+    assert r.returncode == 0, ranks_output(r)
     preds = [json.loads(line) for line in open(os.path.join(out, "predictions.jsonl"))]
     s = json.load(open(os.path.join(out, "summary.json")))
     assert [p["index"] for p in preds] == [0, 1, 2] and s["n"] == 3 and s["scored"] == 3

@@ -4,7 +4,6 @@ Tiny needle videos, 2-frame global views, no tool schema and 2-token turns keep 
 import json
 import math
 import os
-import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +15,7 @@ from safetensors.torch import load_file
 import train_grpo
 from data import ViewConfig, collate, load_samples
 from model import load_model, save_checkpoint
+from conftest import ranks_output, run_ranks
 from needle import NeedleConfig, generate
 from rollout import RolloutConfig, rollout
 from train_grpo import Config, dgrpo_weights, group_advantages, grpo_loss
@@ -182,8 +182,8 @@ def torchrun(script, data, out, **kw):
                log_rollouts_every=2, save_every=2, **kw)
     args = [f"--{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in {**cfg, "view": VIEW}.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = run_ranks(cmd, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, ranks_output(p)
     return metrics(out)
 
 

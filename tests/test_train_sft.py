@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import train_sft
 from data import Renderer, ViewConfig, collate, render_sft
 from model import load_model, resolve_checkpoint, token_logprobs
+from conftest import ranks_output, run_ranks
 from needle import NeedleConfig, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,8 +113,8 @@ def test_two_processes_match_one(sft_file, tmp_path, parallel):
     two = str(tmp_path / parallel)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_sft.py",
            *args(sft_file, two, parallel=parallel)]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = run_ranks(cmd, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, ranks_output(p)
     for a, b in zip(metrics(one), metrics(two), strict=True):
         assert a["policy_tokens"] == b["policy_tokens"] and a["tokens"] == b["tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
