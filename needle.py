@@ -34,7 +34,9 @@ NEEDLE_COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
 class NeedleConfig:
     out: str = "data/needle"       # output folder (videos/, train.jsonl, eval.jsonl, sft.jsonl)
     num_train: int = 192           # training samples (one video each); sft.jsonl covers the same videos
-    num_eval: int = 32             # held-out samples
+    num_eval: int = 32             # held-out samples (eval.jsonl: the longer eval videos)
+    num_eval_short: int = 32       # held-out samples with the training videos' lengths (eval_short.jsonl): tells
+                                   # what a stage learned apart from how it carries over to longer videos
     seed: int = 0                  # everything is deterministic for a seed
     min_duration: float = 180.0    # training video length range, seconds
     max_duration: float = 300.0
@@ -179,7 +181,8 @@ def retarget(sample, view):
 
 
 def make_sample(i, split, rng, cfg: NeedleConfig, video_dir):
-    lo, hi = (cfg.min_duration, cfg.max_duration) if split == "train" else (cfg.eval_min_duration, cfg.eval_max_duration)
+    short = split in ("train", "eval_short")
+    lo, hi = (cfg.min_duration, cfg.max_duration) if short else (cfg.eval_min_duration, cfg.eval_max_duration)
     duration = float(round(rng.uniform(lo, hi)))
     scenes, k, needle = make_layout(rng, duration, cfg)
     name = f"{split}_{i:05d}.mp4"
@@ -204,8 +207,10 @@ def generate(cfg: NeedleConfig):
     video_dir = os.path.join(cfg.out, "videos")
     os.makedirs(video_dir, exist_ok=True)
     rng = random.Random(cfg.seed)
-    rows = {"train": [], "eval": [], "sft": []}
-    jobs = [("train", i) for i in range(cfg.num_train)] + [("eval", i) for i in range(cfg.num_eval)]
+    rows = {"train": [], "eval": [], "sft": [], "eval_short": []}
+    # eval_short last: the train and eval splits of a seed do not depend on it
+    jobs = [("train", i) for i in range(cfg.num_train)] + [("eval", i) for i in range(cfg.num_eval)] + \
+        [("eval_short", i) for i in range(cfg.num_eval_short)]
     for split, i in tqdm(jobs, desc=f"needle videos -> {cfg.out}"):
         sample, (scenes, k, needle) = make_sample(i, split, rng, cfg, video_dir)
         rows[split].append(sample)
@@ -230,7 +235,8 @@ def ensure(path, **overrides):
 def main(argv=None):
     cfg = parse_config(NeedleConfig, sys.argv[1:] if argv is None else argv)
     rows = generate(cfg)
-    print(f"wrote {len(rows['train'])} train, {len(rows['eval'])} eval, {len(rows['sft'])} sft samples to {cfg.out}")
+    print(f"wrote {len(rows['train'])} train, {len(rows['eval'])} eval, {len(rows['eval_short'])} eval_short, "
+          f"{len(rows['sft'])} sft samples to {cfg.out}")
 
 
 if __name__ == "__main__":

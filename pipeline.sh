@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The three-stage LongVT recipe end to end on the embedded default (synthetic needle videos + tiny model):
 #   data -> stage 1 SFT -> stage 2 GRPO (torchrun, 2 processes) -> stage 3 RFT (export + SFT from GRPO)
-#   -> eval of every stage and of the no-tool baseline on the held-out (longer) videos -> results table.
+#   -> eval of every stage and of the no-tool baseline on the held-out (longer) videos, and of every stage on
+#   held-out videos as long as the training ones -> results table.
 #
 #   bash pipeline.sh                                  # defaults, writes runs/ and runs/results.md
 #   RUNS=/tmp/r DATA=/tmp/d DATA_ARGS="--num_train=8" SFT_ARGS="--steps=3" bash pipeline.sh   # shrunken
@@ -54,6 +55,10 @@ fi
 for s in sft grpo rft; do
   stage "eval: $s"
   $PY eval.py --model="$RUNS/$s" --data="$DATA/eval.jsonl" --out="$RUNS/$s/eval" $EVAL_ARGS
+  if [ -s "$DATA/eval_short.jsonl" ]; then  # held-out layouts as long as the training videos (data of older runs lack it)
+    stage "eval: $s on training-length videos"
+    $PY eval.py --model="$RUNS/$s" --data="$DATA/eval_short.jsonl" --out="$RUNS/$s/eval_short" $EVAL_ARGS
+  fi
 done
 stage "eval: no-tool baseline (the final model, answering from the global view)"
 $PY eval.py --model="$RUNS/rft" --data="$DATA/eval.jsonl" --out="$RUNS/rft/eval_notool" --tools=false $EVAL_ARGS
@@ -63,11 +68,17 @@ $PY - "$RUNS" "$(( $(date +%s) - start ))" <<'EOF'
 import json, os, sys
 runs, secs = sys.argv[1], int(sys.argv[2])
 rows = [("no-tool baseline", "rft/eval_notool"), ("SFT", "sft/eval"), ("GRPO", "grpo/eval"), ("RFT", "rft/eval")]
-lines = ["| stage | accuracy | mean IoU | tool calls / episode | format rate | n |", "|---|---|---|---|---|---|"]
-for name, d in rows:
+head = ["| stage | accuracy | mean IoU | tool calls / episode | format rate | n |", "|---|---|---|---|---|---|"]
+lines = ["held-out eval videos (longer than training):", "", *head]
+def row(name, d):
     s = json.load(open(os.path.join(runs, d, "summary.json")))
-    lines.append(f"| {name} | {s['accuracy']:.3f} | {s['mean_iou']:.3f} | {s['tool_calls_per_episode']:.2f} "
-                 f"| {s['format_rate']:.3f} | {s['n']} |")
+    return (f"| {name} | {s['accuracy']:.3f} | {s['mean_iou']:.3f} | {s['tool_calls_per_episode']:.2f} "
+            f"| {s['format_rate']:.3f} | {s['n']} |")
+lines += [row(name, d) for name, d in rows]
+short = [(name, d + "_short") for name, d in rows[1:] if os.path.isdir(os.path.join(runs, d + "_short"))]
+if short:
+    lines += ["", "held-out videos as long as the training ones (eval_short.jsonl):", "", *head]
+    lines += [row(name, d) for name, d in short]
 lines.append(f"\npipeline wall time: {secs} s")
 open(os.path.join(runs, "results.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))

@@ -27,7 +27,8 @@ def tiny():
 @pytest.fixture(scope="module")
 def needle_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("needle")
-    cfg = NeedleConfig(out=str(out), num_train=12, num_eval=4, min_duration=180, max_duration=300, seed=11)
+    cfg = NeedleConfig(out=str(out), num_train=12, num_eval=4, num_eval_short=3, min_duration=180, max_duration=300,
+                       seed=11)
     generate(cfg)
     return out, cfg
 
@@ -194,7 +195,7 @@ def needle_pixels(frame, colour):
 
 def test_needle_generator_is_deterministic(needle_set, tmp_path):
     out, cfg = needle_set
-    cfg2 = NeedleConfig(**{**cfg.__dict__, "out": str(tmp_path), "num_train": 3, "num_eval": 1})
+    cfg2 = NeedleConfig(**{**cfg.__dict__, "out": str(tmp_path), "num_train": 3, "num_eval": 1, "num_eval_short": 0})
     generate(cfg2)
     a = [json.loads(l) for l in open(out / "train.jsonl")][:3]
     b = [json.loads(l) for l in open(tmp_path / "train.jsonl")]
@@ -203,7 +204,24 @@ def test_needle_generator_is_deterministic(needle_set, tmp_path):
     assert digest(out / "videos/train_00000.mp4") == digest(tmp_path / "videos/train_00000.mp4")
 
 
-@pytest.mark.parametrize("split", ["train", "eval"])
+def test_needle_eval_short_split(needle_set, tmp_path):
+    """eval_short.jsonl: held-out layouts with the training videos' lengths, generated after the other splits so
+    the train and eval splits of a seed are the same with or without it."""
+    out, cfg = needle_set
+    short = load_samples(str(out / "eval_short.jsonl"))
+    train = load_samples(str(out / "train.jsonl"))
+    assert [s["id"] for s in short] == ["eval_short_00000", "eval_short_00001", "eval_short_00002"]
+    assert all(cfg.min_duration <= s["duration"] <= cfg.max_duration for s in short)
+    assert all(os.path.isfile(s["video"]) for s in short)
+    layouts = {json.dumps(s["scenes"]) for s in train}
+    assert not any(json.dumps(s["scenes"]) in layouts for s in short)  # held out
+    generate(NeedleConfig(**{**cfg.__dict__, "out": str(tmp_path), "num_eval_short": 0}))
+    for split in ("train", "eval"):
+        assert open(tmp_path / f"{split}.jsonl").read() == open(out / f"{split}.jsonl").read()
+    assert open(tmp_path / "eval_short.jsonl").read() == ""
+
+
+@pytest.mark.parametrize("split", ["train", "eval", "eval_short"])
 def test_needle_seen_by_crop_missed_by_global_view(needle_set, split):
     """The benchmark's thesis, measured: a crop of the evidence window shows the needle, the global view
     mostly does not (train: 3-5 min videos; eval: 10-15 min)."""

@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_pipeline_shrunken(tmp_path):
     runs, data = tmp_path / "runs", tmp_path / "data"
     env = dict(os.environ, PY=sys.executable, RUNS=str(runs), DATA=str(data), OMP_NUM_THREADS="1",
-               DATA_ARGS="--num_train=4 --num_eval=2 --min_duration=60 --max_duration=80 --eval_min_duration=60 "
+               DATA_ARGS="--num_train=4 --num_eval=2 --num_eval_short=1 --min_duration=60 --max_duration=80 --eval_min_duration=60 "
                          "--eval_max_duration=80",
                SFT_ARGS="--steps=2 --batch_size=2 --micro_batch_size=2",
                GRPO_ARGS="--steps=2 --prompts_per_step=2 --group_size=2 --max_new_tokens=16 --eval_every=0 "
@@ -25,7 +25,10 @@ def test_pipeline_shrunken(tmp_path):
     for d in ("sft/eval", "grpo/eval", "rft/eval", "rft/eval_notool"):
         s = json.loads((runs / d / "summary.json").read_text())
         assert s["n"] == 2 and 0 <= s["accuracy"] <= 1
+    for d in ("sft/eval_short", "grpo/eval_short", "rft/eval_short"):
+        assert json.loads((runs / d / "summary.json").read_text())["n"] == 1
     assert json.loads((runs / "rft/eval_notool/summary.json").read_text())["tool_calls_per_episode"] == 0
     assert (runs / "grpo" / "reward_curve.svg").read_text().lstrip().startswith("<svg")
     table = (runs / "results.md").read_text()
     assert all(name in table for name in ("no-tool baseline", "SFT", "GRPO", "RFT"))
+    assert table.count("| SFT |") == 2 and "as long as the training ones" in table
