@@ -4,6 +4,7 @@
     python bench/grounding.py --number_digits=4 --grid=0        # session-1 tokenizer and global view
     python bench/grounding.py --eval_min=600 --eval_max=900     # held-out layouts as long as the eval videos
     python bench/grounding.py --hidden=256 --heads=8 --kv_heads=4 --ffn=768 --lr=2e-3
+    python bench/grounding.py --factors=true                    # + held-out sets changing one factor at a time
 
 The hard step of the needle task is reading the crop window off the prompt: the question names a scene by its
 colour and the policy must write the global-view timestamps around the frames of that colour. This script trains
@@ -59,6 +60,8 @@ class Config:
     seed: int = 0                    # model init is TinyConfig's; this seeds the layouts
     threads: int = 1                 # torch threads
     out: str = ""                    # also append the held-out lines to this JSONL file
+    factors: bool = False            # at the end, also evaluate held-out sets that change one thing at a time
+                                     # (video length, view step, frame count): see FACTORS
 
 
 def layout(rng, lo, hi, scenes=(20.0, 40.0)):
@@ -99,6 +102,18 @@ def example(proc, view, rng, lo, hi, jitter, target="window", max_spacing=0.0, s
     ib = ia + len(num_a.input_ids) - 1 + len(mid.input_ids) + 1
     ra, rb = range(ia, ia + len(num_a.input_ids) - 1), range(ib, ib + len(num_b.input_ids) - 1)
     return rendered, (ra, rb), (a, b), scenes[k][:2]
+
+
+# name: (held-out video lengths in s, overrides of the global view); the default view is 10 s between frames
+# (15 s above 640 s), at most 64 frames
+FACTORS = {
+    "3-5 min (the training lengths)": ((180, 300), {}),
+    "3-5 min, 15 s step": ((180, 300), dict(global_fps=1 / 15)),
+    "3-5 min, 64 frames (5 s step)": ((180, 300), dict(global_fps=1.0)),
+    "5-8 min": ((300, 480), {}),
+    "10-15 min (the eval lengths)": ((600, 900), {}),
+    "10-15 min, 10 s step (60-90 frames)": ((600, 900), dict(global_frames=90)),
+}
 
 
 def iou(w, s):
@@ -176,6 +191,12 @@ def main(argv=None):
             if out:
                 out.write(json.dumps(dict(m, config=asdict(cfg))) + "\n")
                 out.flush()
+    if cfg.factors:
+        for name, ((lo, hi), over) in FACTORS.items():
+            r = evaluate(model, proc, replace(view, **over), replace(cfg, eval_min=lo, eval_max=hi), pad)
+            m = dict(factor=name, **{k: round(v, 3) for k, v in r.items()})
+            print(json.dumps(m), flush=True)
+            lines.append(m)
     return lines
 
 

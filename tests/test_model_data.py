@@ -324,12 +324,15 @@ def test_grounding_study_runs_and_reports(tmp_path):
     import sys
     out = tmp_path / "g.jsonl"
     r = subprocess.run([sys.executable, "bench/grounding.py", "--steps=2", "--eval_every=2", "--num_eval=2",
-                        "--batch_size=2", f"--out={out}"], cwd=os.path.dirname(os.path.dirname(__file__)) or ".",
+                        "--batch_size=2", "--factors=true", f"--out={out}"], cwd=os.path.dirname(os.path.dirname(__file__)) or ".",
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     line = json.loads(out.read_text().splitlines()[-1])
     assert line["step"] == 2 and 0 <= line["start_acc"] <= 1 and 0 <= line["end_acc"] <= 1 and 0 <= line["iou"] <= 1
     assert line["config"]["number_digits"] == 1 and line["config"]["grid"] == 5.0
+    factors = [json.loads(x) for x in r.stdout.splitlines() if x.startswith('{"factor"')]
+    from bench.grounding import FACTORS
+    assert [f["factor"] for f in factors] == list(FACTORS) and all(0 <= f["iou"] <= 1 for f in factors)
 
 
 def test_checkpoint_swap_keeps_subdirectories_it_does_not_write(tmp_path):
