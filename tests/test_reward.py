@@ -86,6 +86,16 @@ class FakeJudge:
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                     fake.auth.append(self.headers.get("Authorization"))
                     fake.prompts.append(body["messages"][-1]["content"])
+                done = False
+
+                def reply(code, payload):
+                    # leaves the in-flight count before the bytes go out: the client may send its next request
+                    # as soon as it reads them, and that one must not count as a 17th concurrent request
+                    nonlocal done
+                    with fake.lock:
+                        fake.in_flight -= 1
+                    done = True
+                    return self.send(code, payload)
                 try:
                     if fake.die_after is not None and n > fake.die_after:
                         fake.stop()  # dies mid-run: this request gets no reply, later ones are refused
@@ -94,15 +104,16 @@ class FakeJudge:
                     time.sleep(fake.delay)
                     if n <= fake.fail_first or fake.mode in ("500", "429", "400"):
                         code = 500 if n <= fake.fail_first else int(fake.mode)
-                        return self.send(code, {"error": "fault injected"})
+                        return reply(code, {"error": "fault injected"})
                     if fake.mode == "notjson":
-                        return self.send(200, "<html>502 bad gateway</html>")
+                        return reply(200, "<html>502 bad gateway</html>")
                     content = "The weather is lovely today." if fake.mode == "garbage" else \
                         fake.reply.format(v=fake.verdict(body["messages"][-1]["content"]))
-                    self.send(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
+                    reply(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
                 finally:
-                    with fake.lock:
-                        fake.in_flight -= 1
+                    if not done:
+                        with fake.lock:
+                            fake.in_flight -= 1
 
         return Handler
 
