@@ -17,7 +17,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 def run_ranks(cmd, **kw):
     """subprocess.run(cmd, capture_output=True, text=True, **kw) for a torchrun command, run a second time when
     a rank died by a signal (a native abort, not a Python error): CI once saw one rank of a 2-rank eval end by
-    SIGABRT with no Python traceback, and it did not reproduce in 65 local runs. The first failure is reported
+    SIGABRT with no Python traceback, and it did not reproduce in 31 local runs. The first failure is reported
     as a warning with the ranks' own output (the stacks PYTHONFAULTHANDLER printed); a second failure fails."""
     import subprocess
     import warnings

@@ -86,34 +86,30 @@ class FakeJudge:
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                     fake.auth.append(self.headers.get("Authorization"))
                     fake.prompts.append(body["messages"][-1]["content"])
-                done = False
-
-                def reply(code, payload):
-                    # leaves the in-flight count before the bytes go out: the client may send its next request
-                    # as soon as it reads them, and that one must not count as a 17th concurrent request
-                    nonlocal done
+                try:
+                    response = self.respond(n, body)
+                finally:
+                    # out of the in-flight count before the bytes go out: the client may send its next request as
+                    # soon as it reads them, and that one must not count as a 17th concurrent request
                     with fake.lock:
                         fake.in_flight -= 1
-                    done = True
-                    return self.send(code, payload)
-                try:
-                    if fake.die_after is not None and n > fake.die_after:
-                        fake.stop()  # dies mid-run: this request gets no reply, later ones are refused
-                        self.close_connection = True
-                        return
-                    time.sleep(fake.delay)
-                    if n <= fake.fail_first or fake.mode in ("500", "429", "400"):
-                        code = 500 if n <= fake.fail_first else int(fake.mode)
-                        return reply(code, {"error": "fault injected"})
-                    if fake.mode == "notjson":
-                        return reply(200, "<html>502 bad gateway</html>")
-                    content = "The weather is lovely today." if fake.mode == "garbage" else \
-                        fake.reply.format(v=fake.verdict(body["messages"][-1]["content"]))
-                    reply(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
-                finally:
-                    if not done:
-                        with fake.lock:
-                            fake.in_flight -= 1
+                if response is not None:
+                    self.send(*response)
+
+            def respond(self, n, body):
+                """(status, body) of the n-th chat request, or None for no reply."""
+                if fake.die_after is not None and n > fake.die_after:
+                    fake.stop()  # dies mid-run: this request gets no reply, later ones are refused
+                    self.close_connection = True
+                    return None
+                time.sleep(fake.delay)
+                if n <= fake.fail_first or fake.mode in ("500", "429", "400"):
+                    return 500 if n <= fake.fail_first else int(fake.mode), {"error": "fault injected"}
+                if fake.mode == "notjson":
+                    return 200, "<html>502 bad gateway</html>"
+                content = "The weather is lovely today." if fake.mode == "garbage" else \
+                    fake.reply.format(v=fake.verdict(body["messages"][-1]["content"]))
+                return 200, {"choices": [{"message": {"role": "assistant", "content": content}}]}
 
         return Handler
 
