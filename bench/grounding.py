@@ -60,6 +60,10 @@ class Config:
     seed: int = 0                    # model init is TinyConfig's; this seeds the layouts
     threads: int = 1                 # torch threads
     out: str = ""                    # also append the held-out lines to this JSONL file
+    curriculum: int = 0              # grow the training video lengths over this many steps, from --start_min..
+                                     # --start_max (few scenes) to --min_duration..--max_duration (0: off)
+    start_min: float = 60.0
+    start_max: float = 90.0
     factors: bool = False            # at the end, also evaluate held-out sets that change one thing at a time
                                      # (video length, view step, frame count): see FACTORS
 
@@ -168,7 +172,9 @@ def main(argv=None):
     lines = []
     t0 = time.time()
     for step in range(1, cfg.steps + 1):
-        exs = [example(proc, view, rng, cfg.min_duration, cfg.max_duration, cfg.jitter, cfg.target,
+        f = min(1.0, step / cfg.curriculum) if cfg.curriculum else 1.0
+        lo, hi = cfg.start_min + f * (cfg.min_duration - cfg.start_min), cfg.start_max + f * (cfg.max_duration - cfg.start_max)
+        exs = [example(proc, view, rng, lo, hi, cfg.jitter, cfg.target,
                            cfg.max_spacing, (cfg.scene_min, cfg.scene_max))
                for _ in range(cfg.batch_size)]
         batch = collate(model, [e[0] for e in exs], pad)
