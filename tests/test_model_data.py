@@ -362,3 +362,33 @@ def test_checkpoint_swap_keeps_subdirectories_it_does_not_write(tmp_path):
     assert sorted(os.listdir(d)) == ["eval", "model.safetensors", "rollouts"]
     assert open(os.path.join(d, "rollouts", "step_0010.jsonl")).read() == "x"
     assert not os.path.exists(d + ".old")
+
+
+def test_reading_study_crops_like_the_tool_and_runs(tmp_path):
+    """bench/reading.py draws its crops in memory: the frame times must be the ones tools.crop_video decodes from a
+    real needle video, and the target after "show a" must be the square's colour. A short run (perception warm-up
+    then the in-context task) reports both stages."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import reading
+    from model import load_model
+    from needle import NeedleConfig, make_layout, write_video
+    from tools import crop_video
+    cfg = NeedleConfig(size=56)
+    scenes, k, nd = make_layout(random.Random(3), 200.0, cfg)
+    path = str(tmp_path / "v.mp4")
+    write_video(path, 200.0, scenes, nd, cfg)
+    view = ViewConfig()
+    for a, b in [(0.0, 60.0), (37.0, 101.0), (150.0, 199.0)]:
+        clip = crop_video(path, a, b, fps=view.crop_fps, max_frames=view.crop_max_frames, min_frames=view.crop_min_frames)
+        assert reading.crop_times(a, b, view) == pytest.approx(list(clip.timestamps), abs=1e-6)
+    _, proc = load_model("tiny")
+    rcfg = reading.Config()
+    rendered, (i1, i2) = reading.example(proc, view, random.Random(0), rcfg)
+    tok = proc.tokenizer
+    assert tok.decode(rendered.input_ids[i1]).strip() == tok.decode(rendered.input_ids[i2]).strip()
+    assert tok.decode(rendered.input_ids[i1]).strip() in reading.needle.NEEDLE_COLOURS
+    assert sum(rendered.policy_mask) > 0 and all(m == 0 for m in rendered.policy_mask[:i1])
+    lines = reading.main(["--pretrain=2", "--steps=2", "--eval_every=2", "--num_eval=2", "--batch_size=2"])
+    assert [x["stage"] for x in lines] == ["pretrain (isolated)", "in context"]
+    assert all(0 <= x["answer_acc"] <= 1 and 0 <= x["think_colour_acc"] <= 1 for x in lines)
