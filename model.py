@@ -46,6 +46,7 @@ assistant user system helpful provided following given options option choose let
 need needed more available only once must within inside outside invalid empty long short range
 please carefully final answered answering here processed use using used about around closely closer densely
 default duration give greater misses moment optional part reply signature sparsely now wrong really args
+flash flashes
 """.split()
 COLOURS = {  # RGB of the needle benchmark's colours (also tokens of the tiny vocabulary)
     "red": (230, 25, 35), "green": (30, 180, 60), "blue": (30, 60, 230), "yellow": (245, 225, 30),

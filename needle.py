@@ -1,9 +1,9 @@
 """The synthetic long-video "needle" benchmark (the embedded default), run through `python data.py`.
 
 Each video is minutes long, low resolution, and made of solid-colour scenes of `scene_min`..`scene_max`
-seconds. One scene, whose colour appears nowhere else in the video, holds the needle: a small square of
-another colour, visible for `needle_seconds`. Questions name that scene by its colour and ask for the
-square's colour (or, for `when_fraction` of them, the second it appears). The global view (one frame per
+seconds. One scene, whose colour appears nowhere else in the video, holds the needle: for `needle_seconds`
+the frame flashes another colour (or, with `square` < 1, a square of that colour appears). Questions name that
+scene by its colour and ask for the needle's colour (or, for `when_fraction` of them, the second it appears). The global view (one frame per
 10 or 15 s, at round times: data.global_times) shows every scene but rarely catches the needle; a 1-fps crop of
 the scene always does.
 
@@ -47,6 +47,9 @@ class NeedleConfig:
     scene_min: float = 20.0        # scene length range, seconds
     scene_max: float = 40.0
     needle_seconds: float = 2.0    # how long the square is visible
+    square: float = 1.0            # side of the square as a fraction of the frame's: 1 = the whole frame flashes
+                                   # the needle colour (the default); 0.25 = a small square (bench/reading.py: the
+                                   # tiny vision tower needs tens of thousands of examples to see it)
     when_fraction: float = 0.2     # fraction of "when does it appear" questions (answered in seconds)
     imperfect_fraction: float = 0.3  # fraction of SFT trajectories that first crop a wrong scene
 
@@ -70,8 +73,8 @@ def make_layout(rng, duration, cfg: NeedleConfig):
     s, e, _ = scenes[k]
     margin = 1.0
     start = round(rng.uniform(s + margin, e - margin - cfg.needle_seconds), 2)
-    side = cfg.size // 4
-    x, y = rng.randrange(0, cfg.size - side), rng.randrange(0, cfg.size - side)
+    side = max(1, int(round(cfg.size * cfg.square)))
+    x, y = rng.randrange(0, cfg.size - side + 1), rng.randrange(0, cfg.size - side + 1)
     return scenes, k, dict(start=start, end=round(start + cfg.needle_seconds, 2), colour=rng.choice(NEEDLE_COLOURS),
                            x=x, y=y, side=side)
 
@@ -130,6 +133,11 @@ def _fmt(t):
     return str(int(t)) if float(t).is_integer() else f"{t:.1f}"
 
 
+def thing(cfg: NeedleConfig):
+    """What the questions and the SFT thinks call the needle."""
+    return "flash" if cfg.square >= 1 else "small square"
+
+
 def call_text(a, b):
     return f'<tool_call>{{"name": "crop_video", "arguments": {{"start_time": {_fmt(a)}, "end_time": {_fmt(b)}}}}}</tool_call>'
 
@@ -145,12 +153,12 @@ def sft_turns(sample, scenes, k, needle, rng, cfg: NeedleConfig):
         if wb <= a or wa >= b:  # a wrong crop that really misses the needle scene
             turns.append(f"<think>The {colour} scene may be around {_fmt(wa)}s to {_fmt(wb)}s. "
                          f"I will crop it.</think>{call_text(wa, wb)}")
-            turns.append(f"<think>No square in this part: this is the {scenes[j][2]} scene. The {colour} scene is "
+            turns.append(f"<think>No {thing(cfg).split()[-1]} in this part: this is the {scenes[j][2]} scene. The {colour} scene is "
                          f"around {_fmt(a)}s to {_fmt(b)}s.</think>{call_text(a, b)}")
     if not turns:
         turns.append(f"<think>The {colour} scene is around {_fmt(a)}s to {_fmt(b)}s. I will crop it to look "
-                     f"for the square.</think>{call_text(a, b)}")
-    turns.append(f"<think>The cropped frames show a {needle['colour']} square at about "
+                     f"for the {thing(cfg).split()[-1]}.</think>{call_text(a, b)}")
+    turns.append(f"<think>The cropped frames show a {needle['colour']} {thing(cfg).split()[-1]} at about "
                  f"{_fmt(round(needle['start']))}s.</think><answer>{sample['answer']}</answer>")
     return turns
 
@@ -191,15 +199,69 @@ def make_sample(i, split, rng, cfg: NeedleConfig, video_dir):
         write_video(path, duration, scenes, needle, cfg)
     colour = scenes[k][2]
     if rng.random() < cfg.when_fraction:
-        q = f"At what second does the small square appear in the {colour} scene?"
+        q = f"At what second does the {thing(cfg)} appear in the {colour} scene?"
         answer, atype = str(round(needle["start"])), "time"
     else:
-        q = f"What colour is the small square that appears during the {colour} scene?"
+        q = f"What colour is the {thing(cfg)} that appears during the {colour} scene?"
         answer, atype = needle["colour"], "text"
     sample = dict(id=f"{split}_{i:05d}", video=f"videos/{name}", question=q, answer=answer, answer_type=atype,
                   window=[scenes[k][0], scenes[k][1]], duration=duration,
                   needle=dict(needle, scene=colour), scenes=scenes)
     return sample, (scenes, k, needle)
+
+
+def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), size=56):
+    """An in-memory crop alone, for the reading warm-up: `pairs` temporal patches (2 frames each) of one scene at
+    1-2 s spacing, the needle in 1-2 consecutive frames, in the observation's wording, then the whole answer turn
+    as the SFT data writes it (loss on it). Frames are drawn at `size` px (the crop pixel budget's side)."""
+    col, scene = rng.choice(NEEDLE_COLOURS), [(0.0, 1e9, rng.choice(SCENE_COLOURS))]
+    side = max(1, int(round(size * cfg.square)))
+    t0, step = float(rng.randrange(0, 600)), rng.choice([1.0, 1.5, 2.0])
+    times = [t0 + i * step for i in range(2 * pairs)]
+    j = rng.randrange(2 * pairs)
+    shown = {j, min(j + rng.randrange(2), 2 * pairs - 1)}
+    nd = dict(start=-1.0, end=-1.0, colour=col, side=side, x=rng.randrange(size - side + 1),
+              y=rng.randrange(size - side + 1))
+    on = dict(nd, start=0.0, end=1.0)
+    frames = np.stack([frame_at(0.5, scene, on if i in shown else nd, size) for i in range(2 * pairs)])
+    obs = dict(frames=frames, timestamps=times, text=f"Frames from {_fmt(times[0])}s to {_fmt(times[-1] + step)}s.")
+    turn = (f"<think>The cropped frames show a {col} {thing(cfg).split()[-1]} at about {_fmt(round(times[j]))}s."
+            f"</think><answer>{col}</answer>")
+    head = renderer.text("<|im_start|>user\n")  # the observation chunk opens with the previous turn's <|im_end|>
+    return head + renderer.observation(obs) + renderer.assistant(turn, final=True)
+
+
+def reading_warmup(model, processor, view, steps, lr=4e-3, seed=0, max_pairs=8, batch_size=16, cfg=NeedleConfig()):
+    """Train the reading skill alone before SFT: `steps` AdamW steps (warm-up 10, cosine to 10%) on fresh
+    reading_example batches of 1..max_pairs temporal patches. The tiny model from scratch does not learn to read the
+    needle inside the full SFT context (bench/reading.py); after this it does. Deterministic for a seed."""
+    import math
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+    from data import Renderer, collate
+    r, rng = Renderer(processor, view), random.Random(seed)
+    size = int(math.isqrt(view.crop_max_pixels))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    pad = processor.tokenizer.pad_token_id
+    losses = []
+    for _ in tqdm(range(steps), desc="reading warm-up", mininterval=5):
+        batch = collate(model, [reading_example(r, rng, rng.randint(1, max_pairs), cfg, size)
+                                for _ in range(batch_size)], pad)
+        vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
+        hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                             **vision).last_hidden_state
+        target = batch["policy_mask"][:, 1:].bool()
+        loss = F.cross_entropy(model.lm_head(hidden[:, :-1][target]), batch["input_ids"][:, 1:][target])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
 
 
 def generate(cfg: NeedleConfig):

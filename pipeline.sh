@@ -31,7 +31,7 @@ EVAL_ARGS="--max_new_tokens=128 $EVAL_ARGS"  # the tiny policy's turns are < 100
 done_() { [ -f "$1/done" ]; }
 
 stage "stage 1: SFT cold start -> $RUNS/sft"
-done_ "$RUNS/sft" || { $PY train_sft.py --data="$DATA/sft.jsonl" --out="$RUNS/sft" $SFT_ARGS && touch "$RUNS/sft/done"; }
+done_ "$RUNS/sft" || { $PY train_sft.py --data="$DATA/sft.jsonl" --out="$RUNS/sft" --reading_warmup=600 $SFT_ARGS && touch "$RUNS/sft/done"; }
 
 stage "stage 2: GRPO with $NPROC processes -> $RUNS/grpo"
 done_ "$RUNS/grpo" || { $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train_grpo.py \

@@ -96,6 +96,9 @@ class Config:
     cache: bool = True              # keep rendered samples in memory (false: re-render each time)
     workers: int = 2                # threads rendering samples at start-up (video decoding, processor)
     threads: int = 1                # CPU only: torch intra-op threads (0 = torch's default; see above)
+    reading_warmup: int = -1        # steps of needle.reading_warmup (in-memory crops alone) before SFT; -1: 600 when
+                                    # the tiny model starts from scratch on the default needle data, else 0
+    reading_max_pairs: int = 8      # its crops show 1..this many temporal patches
     view_jitter: bool = True        # render each sample's global view with a random frame count (fixed per sample)
                                     # between its default and max_frames, so short videos also train long prompts
     max_turns: int = RolloutConfig.max_turns        # tool calls per episode (the last observation says so)
@@ -356,6 +359,13 @@ def main(argv=None):
         if isinstance(r, str):  # it rendered at start-up: the files changed under us
             raise RuntimeError(f"sample {r} could be read at start-up but no longer")
         return r
+
+    # ---- the reading warm-up (needle data, tiny model from scratch): every rank runs the same seeded steps
+    warm = cfg.reading_warmup if cfg.reading_warmup >= 0 else (600 if init == "tiny" and cfg.data == DEFAULT_DATA else 0)
+    if warm and not cfg.resume:
+        losses = needle.reading_warmup(model, processor, view, warm, lr=cfg.lr, seed=cfg.seed,
+                                       max_pairs=cfg.reading_max_pairs)
+        print0(f"reading warm-up: {warm} steps, loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}")
 
     # ---- optimisation
     engine = wrap(model, cfg, d)

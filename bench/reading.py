@@ -46,6 +46,9 @@ class Config:
     needle_frames: int = 1           # with --isolated: frames of the two that show the square (1 or 2)
     pretrain: int = 0                # first this many steps of the --isolated task (batch 16, same square), then
                                      # the configured one: does a perception warm-up make the in-context step learnable?
+    max_pairs: int = 1               # isolated examples show 1..max_pairs temporal patches (the haystack)
+    context_lr: float = 0.0          # peak lr of the in-context stage (0: --lr)
+    mix: int = 0                     # isolated examples added to every in-context batch
     crop_size: int = 56              # side of a cropped frame in pixels (data.ViewConfig.crop_max_pixels = side^2)
     eval_every: int = 100
     num_eval: int = 64
@@ -60,22 +63,27 @@ def crop_times(a, b, view: ViewConfig, fps=2):
     return [math.floor((a + (i + 0.5) * step) * fps) / fps for i in range(n)]
 
 
-def isolated(proc, view, rng, cfg):
-    """One temporal patch (2 frames of a scene) with the square in --needle_frames of them, nothing else."""
-    col, scene = rng.choice(needle.NEEDLE_COLOURS), [(0.0, 10.0, rng.choice(needle.SCENE_COLOURS))]
+def isolated(proc, view, rng, cfg, pairs=1):
+    """A short crop alone: `pairs` temporal patches (2 frames each) of one scene, the square in --needle_frames
+    consecutive frames of them, in the observation's wording, then the answer turn's "show a" and the colour."""
+    col, scene = rng.choice(needle.NEEDLE_COLOURS), [(0.0, 1e9, rng.choice(needle.SCENE_COLOURS))]
     side = cfg.square * (cfg.crop_size // 56)
-    nd = dict(start=0.0, end=1.0, colour=col, side=side, x=rng.randrange(cfg.crop_size - side),
-              y=rng.randrange(cfg.crop_size - side))
-    shown = set(rng.sample(range(2), cfg.needle_frames))
-    frames = np.stack([needle.frame_at(0.5 if i in shown else 5.0, scene, nd, cfg.crop_size) for i in range(2)])
+    nd = dict(start=0.0, end=1.0, colour=col, side=side, x=rng.randrange(cfg.crop_size - side + 1),
+              y=rng.randrange(cfg.crop_size - side + 1))
+    j = rng.randrange(2 * pairs - cfg.needle_frames + 1)
+    if cfg.needle_frames == 2 and pairs == 1:
+        j = 0
+    shown = set(range(j, j + cfg.needle_frames))
+    frames = np.stack([needle.frame_at(0.5 if i in shown else 5.0, scene, nd, cfg.crop_size) for i in range(2 * pairs)])
     r = Renderer(proc, view)
-    ctx = r.text("<|im_start|>user\n") + r.visual(frames, [0.0, 0.5]) + r.text("The square is")
+    ctx = (r.text("<tool_response>") + r.visual(frames, [float(i) for i in range(2 * pairs)])
+           + r.text("</tool_response><|im_end|>\n<|im_start|>assistant\n<think>The cropped frames show a"))
     return ctx + r.text(f" {col}", train=1), (len(ctx.input_ids), len(ctx.input_ids))
 
 
 def example(proc, view, rng, cfg):
     if cfg.isolated:
-        return isolated(proc, view, rng, cfg)
+        return isolated(proc, view, rng, cfg, rng.randint(1, cfg.max_pairs))
     crop_size, square = cfg.crop_size, cfg.square
     duration, scenes, k, nd = layout(rng, cfg.min_duration, cfg.max_duration)
     nd = dict(nd, side=square, x=min(nd["x"], 56 - square), y=min(nd["y"], 56 - square))
@@ -123,15 +131,17 @@ def evaluate(model, proc, view, cfg, pad):
     return dict(think_colour_acc=hit_think / cfg.num_eval, answer_acc=hit_answer / cfg.num_eval)
 
 
-def train(model, proc, view, cfg, pad, steps, batch_size, tag=""):
-    """steps AdamW steps (linear warm-up, cosine to 10%) on freshly drawn examples of cfg's kind."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+def train(model, proc, view, cfg, pad, steps, batch_size, tag="", lr=None, mix=0):
+    """steps AdamW steps (linear warm-up, cosine to 10%) on freshly drawn examples of cfg's kind (plus `mix`
+    isolated examples per step)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr or cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     rng = random.Random(cfg.seed + len(tag))
     lines, t0 = [], time.time()
     for step in range(1, steps + 1):
         exs = [example(proc, view, rng, cfg) for _ in range(batch_size)]
+        exs += [isolated(proc, view, rng, cfg, rng.randint(1, cfg.max_pairs)) for _ in range(mix)]
         batch = collate(model, [e[0] for e in exs], pad)
         vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
         hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
@@ -162,7 +172,7 @@ def main(argv=None):
     lines = []
     if cfg.pretrain:  # first the isolated perception task (batch 16), then the configured one
         lines += train(model, proc, view, replace(cfg, isolated=True), pad, cfg.pretrain, 16, "pretrain (isolated)")
-    return lines + train(model, proc, view, cfg, pad, cfg.steps, cfg.batch_size)
+    return lines + train(model, proc, view, cfg, pad, cfg.steps, cfg.batch_size, lr=cfg.context_lr, mix=cfg.mix)
 
 
 if __name__ == "__main__":
