@@ -392,3 +392,45 @@ def test_reading_study_crops_like_the_tool_and_runs(tmp_path):
     lines = reading.main(["--pretrain=2", "--steps=2", "--eval_every=2", "--num_eval=2", "--batch_size=2"])
     assert [x["stage"] for x in lines] == ["pretrain (isolated)", "in context"]
     assert all(0 <= x["answer_acc"] <= 1 and 0 <= x["think_colour_acc"] <= 1 for x in lines)
+
+
+def test_needle_is_a_whole_frame_flash_by_default_and_a_small_square_on_request(tmp_path):
+    """Decoded from the written video: at the needle's time the whole frame is the needle colour (default), or a
+    square of a quarter of the side is (square=0.25); the questions name what to look for."""
+    from needle import NeedleConfig, make_sample
+    from tools import decode_frames
+    for square, word in [(1.0, "flash"), (0.25, "small square")]:
+        cfg = NeedleConfig(size=112, square=square, when_fraction=0.0)
+        d = tmp_path / word.replace(" ", "_")
+        d.mkdir()
+        sample, (scenes, k, nd) = make_sample(0, "train", random.Random(4), cfg, str(d))
+        assert f"the {word} that appears" in sample["question"]
+        t = nd["start"] + cfg.needle_seconds / 2
+        frame = decode_frames(os.path.join(str(d), os.path.basename(sample["video"])), [t], 112 * 112)[0][0]
+        want = np.array(COLOURS[nd["colour"]], float)
+        near = np.abs(frame.astype(float) - want).max(-1) < 40  # h264 is lossy
+        assert nd["side"] == round(112 * square)
+        assert near.mean() == pytest.approx(square ** 2, abs=0.06)
+
+
+def test_reading_example_and_warmup():
+    """needle.reading_example: the loss is on exactly the answer turn (the SFT wording), its colour is a needle
+    colour, the vision blocks that differ from a plain scene block are the 1-2 holding the needle frames.
+    needle.reading_warmup lowers its loss within a few steps, deterministically."""
+    import needle
+    model, proc = load_model("tiny")
+    r, tok = Renderer(proc, ViewConfig()), proc.tokenizer
+    for seed in range(4):
+        ex = needle.reading_example(r, random.Random(seed), pairs=4)
+        turn = tok.decode([i for i, m in zip(ex.input_ids, ex.policy_mask) if m])
+        col = turn.split("<answer>")[1].split("</answer>")[0]
+        assert col in needle.NEEDLE_COLOURS and turn.startswith(f"<think>The cropped frames show a {col} flash at about ")
+        assert turn.endswith("</answer><|im_end|>") and tok.decode(ex.input_ids[:ex.policy_mask.index(1)]).endswith(
+            "</tool_response><|im_end|>\n<|im_start|>assistant\n")
+        px = ex.vision["pixel_values_videos"].reshape(4, -1)  # one row per temporal patch (2 frames)
+        counts = torch.bincount(torch.unique(px, dim=0, return_inverse=True)[1])
+        assert 4 - counts.max() in (1, 2)  # the plain blocks are all equal; 1-2 blocks hold the flash
+    losses = needle.reading_warmup(model, proc, ViewConfig(), 15, max_pairs=2, batch_size=4)
+    assert losses[-1] < losses[0] - 2
+    model2, _ = load_model("tiny")
+    assert needle.reading_warmup(model2, proc, ViewConfig(), 15, max_pairs=2, batch_size=4) == losses
