@@ -211,11 +211,12 @@ def make_sample(i, split, rng, cfg: NeedleConfig, video_dir):
 
 
 def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), size=56):
-    """An in-memory crop alone, for the reading warm-up: `pairs` temporal patches (2 frames each) of one scene at
-    1-2 s spacing, the needle in 1-2 consecutive frames, in the observation's wording, then the whole answer turn
-    as the SFT data writes it (loss on it). Frames are drawn at `size` px (the crop pixel budget's side)."""
+    """An in-memory crop alone, for the reading warm-up: the question (either kind, as often as in the data), then
+    `pairs` temporal patches (2 frames each) of one scene at 1-2 s spacing, the needle in 1-2 consecutive frames, in
+    the observation's wording, then the whole answer turn as the SFT data writes it (loss on it). Frames are drawn at `size` px (the crop pixel budget's side)."""
     col, scene = rng.choice(NEEDLE_COLOURS), [(0.0, 1e9, rng.choice(SCENE_COLOURS))]
     side = max(1, int(round(size * cfg.square)))
+    when = rng.random() < cfg.when_fraction
     t0, step = float(rng.randrange(0, 600)), rng.choice([1.0, 1.5, 2.0])
     times = [t0 + i * step for i in range(2 * pairs)]
     j = rng.randrange(2 * pairs)
@@ -225,9 +226,12 @@ def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), si
     on = dict(nd, start=0.0, end=1.0)
     frames = np.stack([frame_at(0.5, scene, on if i in shown else nd, size) for i in range(2 * pairs)])
     obs = dict(frames=frames, timestamps=times, text=f"Frames from {_fmt(times[0])}s to {_fmt(times[-1] + step)}s.")
-    turn = (f"<think>The cropped frames show a {col} {thing(cfg).split()[-1]} at about {_fmt(round(times[j]))}s."
-            f"</think><answer>{col}</answer>")
-    head = renderer.text("<|im_start|>user\n")  # the observation chunk opens with the previous turn's <|im_end|>
+    w, at = thing(cfg), _fmt(round(times[j]))
+    q = (f"At what second does the {w} appear in the {scene[0][2]} scene?" if when
+         else f"What colour is the {w} that appears during the {scene[0][2]} scene?")
+    turn = (f"<think>The cropped frames show a {col} {w.split()[-1]} at about {at}s.</think>"
+            f"<answer>{at if when else col}</answer>")
+    head = renderer.text(f"<|im_start|>user\n{q}")  # the observation chunk opens with the user turn's <|im_end|>
     return head + renderer.observation(obs) + renderer.assistant(turn, final=True)
 
 

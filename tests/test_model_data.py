@@ -420,16 +420,22 @@ def test_reading_example_and_warmup():
     import needle
     model, proc = load_model("tiny")
     r, tok = Renderer(proc, ViewConfig()), proc.tokenizer
-    for seed in range(4):
+    kinds = set()
+    for seed in range(12):
         ex = needle.reading_example(r, random.Random(seed), pairs=4)
         turn = tok.decode([i for i, m in zip(ex.input_ids, ex.policy_mask) if m])
-        col = turn.split("<answer>")[1].split("</answer>")[0]
+        col = turn.split("show a ")[1].split(" ")[0]
+        ans, t = turn.split("<answer>")[1].split("</answer>")[0], turn.split("at about ")[1].split("s.")[0]
+        q = tok.decode(ex.input_ids[:ex.policy_mask.index(1)])
         assert col in needle.NEEDLE_COLOURS and turn.startswith(f"<think>The cropped frames show a {col} flash at about ")
+        assert ans == (t if "At what second" in q else col), (q, turn)  # the answer follows the question's kind
+        kinds.add("At what second" in q)
         assert turn.endswith("</answer><|im_end|>") and tok.decode(ex.input_ids[:ex.policy_mask.index(1)]).endswith(
             "</tool_response><|im_end|>\n<|im_start|>assistant\n")
         px = ex.vision["pixel_values_videos"].reshape(4, -1)  # one row per temporal patch (2 frames)
         counts = torch.bincount(torch.unique(px, dim=0, return_inverse=True)[1])
         assert 4 - counts.max() in (1, 2)  # the plain blocks are all equal; 1-2 blocks hold the flash
+    assert kinds == {True, False}
     losses = needle.reading_warmup(model, proc, ViewConfig(), 15, max_pairs=2, batch_size=4)
     assert losses[-1] < losses[0] - 2
     model2, _ = load_model("tiny")
