@@ -33,12 +33,18 @@ EVAL_ARGS="--max_new_tokens=128 $EVAL_ARGS"  # the tiny policy's turns are < 100
 done_() { [ -f "$1/done" ]; }
 
 stage "stage 1: SFT cold start -> $RUNS/sft"
-done_ "$RUNS/sft" || { $PY train_sft.py --data="$DATA/sft.jsonl" --out="$RUNS/sft" --reading_warmup=600 $SFT_ARGS && touch "$RUNS/sft/done"; }
+if ! done_ "$RUNS/sft"; then  # (an if, not `||`: set -e does not stop on a failure inside an || list)
+  $PY train_sft.py --data="$DATA/sft.jsonl" --out="$RUNS/sft" --reading_warmup=600 $SFT_ARGS
+  touch "$RUNS/sft/done"
+fi
 
 stage "stage 2: GRPO with $NPROC processes -> $RUNS/grpo"
-done_ "$RUNS/grpo" || { $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train_grpo.py \
-  --init="$RUNS/sft" --data="$DATA/train.jsonl" --eval_data="$DATA/eval.jsonl" --out="$RUNS/grpo" --curve=true \
-  $GRPO_ARGS && touch "$RUNS/grpo/done"; }
+if ! done_ "$RUNS/grpo"; then
+  $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train_grpo.py \
+    --init="$RUNS/sft" --data="$DATA/train.jsonl" --eval_data="$DATA/eval.jsonl" --out="$RUNS/grpo" --curve=true \
+    $GRPO_ARGS
+  touch "$RUNS/grpo/done"
+fi
 
 stage "stage 3: RFT data (correct, IoU >= 0.3 trajectories of the GRPO policy on 32 train samples x 2)"
 [ -f "$RUNS/rft.jsonl" ] || $PY eval.py --model="$RUNS/grpo" --data="$DATA/train.jsonl" --out="$RUNS/grpo/eval_train" \

@@ -309,7 +309,6 @@ def main(argv=None):
     if cfg.resume and not os.path.exists(os.path.join(cfg.out, "trainer_state.pt")):
         raise SystemExit(f"--resume: no checkpoint in {cfg.out}")
     if cfg.data == DEFAULT_DATA and d.is_main:
-        import needle
         needle.ensure(DEFAULT_DATA)
     barrier()
 

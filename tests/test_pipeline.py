@@ -32,3 +32,16 @@ def test_pipeline_shrunken(tmp_path):
     table = (runs / "results.md").read_text()
     assert all(name in table for name in ("no-tool baseline", "SFT", "GRPO", "RFT"))
     assert table.count("| SFT |") == 2 and "as long as the training ones" in table
+
+
+def test_pipeline_stops_at_a_failed_stage(tmp_path):
+    """A stage that fails (here SFT, on a batch size that does not divide) ends the pipeline with its exit status;
+    the next stage never starts on a missing checkpoint."""
+    env = dict(os.environ, PY=sys.executable, RUNS=str(tmp_path / "runs"), DATA=str(tmp_path / "data"), OMP_NUM_THREADS="1",
+               DATA_ARGS="--num_train=2 --num_eval=1 --num_eval_short=0 --min_duration=60 --max_duration=60 "
+                         "--eval_min_duration=60 --eval_max_duration=60",
+               SFT_ARGS="--steps=1 --batch_size=3 --micro_batch_size=2 --reading_warmup=0")
+    p = subprocess.run(["bash", "pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "stage 1: SFT" in p.stdout and "stage 2" not in p.stdout
+    assert not (tmp_path / "runs" / "sft" / "done").exists()
