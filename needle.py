@@ -3,9 +3,9 @@
 Each video is minutes long, low resolution, and made of solid-colour scenes of `scene_min`..`scene_max`
 seconds. One scene, whose colour appears nowhere else in the video, holds the needle: for `needle_seconds`
 the frame flashes another colour (or, with `square` < 1, a square of that colour appears). Questions name that
-scene by its colour and ask for the needle's colour (or, for `when_fraction` of them, the second it appears). The global view (one frame per
-10 or 15 s, at round times: data.global_times) shows every scene but rarely catches the needle; a 1-fps crop of
-the scene always does.
+scene by its colour and ask for the needle's colour (or, for `when_fraction` of them, the second it appears).
+The global view (one frame per 10 or 15 s, at round times: data.global_times) shows every scene but rarely
+catches the needle; a 1-fps crop of the scene always does.
 
 Why these numbers: scenes of >= 20 s are seen by >= 1 global frame even in a 15-minute video (60 frames,
 one per 15 s); the SFT crop of a scene (from the frame pair before it to the pair after it) spans <= ~95 s,
@@ -153,7 +153,8 @@ def sft_turns(sample, scenes, k, needle, rng, cfg: NeedleConfig):
         if wb <= a or wa >= b:  # a wrong crop that really misses the needle scene
             turns.append(f"<think>The {colour} scene may be around {_fmt(wa)}s to {_fmt(wb)}s. "
                          f"I will crop it.</think>{call_text(wa, wb)}")
-            turns.append(f"<think>No {thing(cfg).split()[-1]} in this part: this is the {scenes[j][2]} scene. The {colour} scene is "
+            turns.append(f"<think>No {thing(cfg).split()[-1]} in this part: this is the {scenes[j][2]} scene. "
+                         f"The {colour} scene is "
                          f"around {_fmt(a)}s to {_fmt(b)}s.</think>{call_text(a, b)}")
     if not turns:
         turns.append(f"<think>The {colour} scene is around {_fmt(a)}s to {_fmt(b)}s. I will crop it to look "
@@ -213,7 +214,8 @@ def make_sample(i, split, rng, cfg: NeedleConfig, video_dir):
 def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), size=56):
     """An in-memory crop alone, for the reading warm-up: the question (either kind, as often as in the data), then
     `pairs` temporal patches (2 frames each) of one scene at 1-2 s spacing, the needle in 1-2 consecutive frames, in
-    the observation's wording, then the whole answer turn as the SFT data writes it (loss on it). Frames are drawn at `size` px (the crop pixel budget's side)."""
+    the observation's wording, then the whole answer turn as the SFT data writes it (loss on it). Frames are drawn
+    at `size` px (the crop pixel budget's side)."""
     col, scene = rng.choice(NEEDLE_COLOURS), [(0.0, 1e9, rng.choice(SCENE_COLOURS))]
     side = max(1, int(round(size * cfg.square)))
     when = rng.random() < cfg.when_fraction

@@ -360,7 +360,8 @@ def main(argv=None):
         return r
 
     # ---- the reading warm-up (needle data, tiny model from scratch): every rank runs the same seeded steps
-    warm = cfg.reading_warmup if cfg.reading_warmup >= 0 else (600 if init == "tiny" and cfg.data == DEFAULT_DATA else 0)
+    auto = 600 if init == "tiny" and cfg.data == DEFAULT_DATA else 0
+    warm = cfg.reading_warmup if cfg.reading_warmup >= 0 else auto
     if warm and not cfg.resume:
         losses = needle.reading_warmup(model, processor, view, warm, lr=cfg.lr, seed=cfg.seed,
                                        max_pairs=cfg.reading_max_pairs)

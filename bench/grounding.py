@@ -173,7 +173,8 @@ def main(argv=None):
     t0 = time.time()
     for step in range(1, cfg.steps + 1):
         f = min(1.0, step / cfg.curriculum) if cfg.curriculum else 1.0
-        lo, hi = cfg.start_min + f * (cfg.min_duration - cfg.start_min), cfg.start_max + f * (cfg.max_duration - cfg.start_max)
+        lo = cfg.start_min + f * (cfg.min_duration - cfg.start_min)
+        hi = cfg.start_max + f * (cfg.max_duration - cfg.start_max)
         exs = [example(proc, view, rng, lo, hi, cfg.jitter, cfg.target,
                            cfg.max_spacing, (cfg.scene_min, cfg.scene_max))
                for _ in range(cfg.batch_size)]

@@ -380,7 +380,8 @@ def test_reading_study_crops_like_the_tool_and_runs(tmp_path):
     write_video(path, 200.0, scenes, nd, cfg)
     view = ViewConfig()
     for a, b in [(0.0, 60.0), (37.0, 101.0), (150.0, 199.0)]:
-        clip = crop_video(path, a, b, fps=view.crop_fps, max_frames=view.crop_max_frames, min_frames=view.crop_min_frames)
+        clip = crop_video(path, a, b, fps=view.crop_fps, max_frames=view.crop_max_frames,
+                          min_frames=view.crop_min_frames)
         assert reading.crop_times(a, b, view) == pytest.approx(list(clip.timestamps), abs=1e-6)
     _, proc = load_model("tiny")
     rcfg = reading.Config()
@@ -427,7 +428,8 @@ def test_reading_example_and_warmup():
         col = turn.split("show a ")[1].split(" ")[0]
         ans, t = turn.split("<answer>")[1].split("</answer>")[0], turn.split("at about ")[1].split("s.")[0]
         q = tok.decode(ex.input_ids[:ex.policy_mask.index(1)])
-        assert col in needle.NEEDLE_COLOURS and turn.startswith(f"<think>The cropped frames show a {col} flash at about ")
+        assert col in needle.NEEDLE_COLOURS
+        assert turn.startswith(f"<think>The cropped frames show a {col} flash at about ")
         assert ans == (t if "At what second" in q else col), (q, turn)  # the answer follows the question's kind
         kinds.add("At what second" in q)
         assert turn.endswith("</answer><|im_end|>") and tok.decode(ex.input_ids[:ex.policy_mask.index(1)]).endswith(

@@ -37,7 +37,8 @@ def test_pipeline_shrunken(tmp_path):
 def test_pipeline_stops_at_a_failed_stage(tmp_path):
     """A stage that fails (here SFT, on a batch size that does not divide) ends the pipeline with its exit status;
     the next stage never starts on a missing checkpoint."""
-    env = dict(os.environ, PY=sys.executable, RUNS=str(tmp_path / "runs"), DATA=str(tmp_path / "data"), OMP_NUM_THREADS="1",
+    env = dict(os.environ, PY=sys.executable, RUNS=str(tmp_path / "runs"), DATA=str(tmp_path / "data"),
+               OMP_NUM_THREADS="1",
                DATA_ARGS="--num_train=2 --num_eval=1 --num_eval_short=0 --min_duration=60 --max_duration=60 "
                          "--eval_min_duration=60 --eval_max_duration=60",
                SFT_ARGS="--steps=1 --batch_size=3 --micro_batch_size=2 --reading_warmup=0")
