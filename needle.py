@@ -46,7 +46,7 @@ class NeedleConfig:
     size: int = 112                # width = height, pixels
     scene_min: float = 20.0        # scene length range, seconds
     scene_max: float = 40.0
-    needle_seconds: float = 2.0    # how long the square is visible
+    needle_seconds: float = 2.0    # how long the needle is visible
     square: float = 1.0            # side of the square as a fraction of the frame's: 1 = the whole frame flashes
                                    # the needle colour (the default); 0.25 = a small square (bench/reading.py: the
                                    # tiny vision tower needs tens of thousands of examples to see it)
@@ -240,7 +240,8 @@ def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), si
 def reading_warmup(model, processor, view, steps, lr=4e-3, seed=0, max_pairs=8, batch_size=16, cfg=NeedleConfig()):
     """Train the reading skill alone before SFT: `steps` AdamW steps (warm-up 10, cosine to 10%) on fresh
     reading_example batches of 1..max_pairs temporal patches. The tiny model from scratch does not learn to read the
-    needle inside the full SFT context (bench/reading.py); after this it does. Deterministic for a seed."""
+    needle inside the full SFT context (bench/reading.py); after this warm-up the pipeline's policy reads it in part
+    (README results). Deterministic for a seed."""
     import math
     import torch
     import torch.nn.functional as F
