@@ -237,38 +237,46 @@ def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), si
     return head + renderer.observation(obs) + renderer.assistant(turn, final=True)
 
 
-def reading_warmup(model, processor, view, steps, lr=4e-3, seed=0, max_pairs=8, batch_size=16, cfg=NeedleConfig()):
-    """Train the reading skill alone before SFT: `steps` AdamW steps (warm-up 10, cosine to 10%) on fresh
-    reading_example batches of 1..max_pairs temporal patches. The tiny model from scratch does not learn to read the
-    needle inside the full SFT context (bench/reading.py); after this warm-up the pipeline's policy reads it in part
-    (README results). Deterministic for a seed."""
+def fit(model, draw, steps, lr, warmup=10, on_step=None):
+    """The one training loop of the reading warm-up and the bench/ studies: `steps` teacher-forced AdamW steps
+    (betas 0.9/0.95, no weight decay; linear warm-up over `warmup` steps, then cosine to 10% of lr; grad norm
+    clipped at 1) on the batches draw(step) returns (data.collate batches, step from 1). The loss is the mean NLL
+    of their policy tokens (train_sft.policy_nll). on_step(step, loss) runs after each step. Returns the losses."""
     import math
     import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
-    from data import Renderer, collate
-    r, rng = Renderer(processor, view), random.Random(seed)
-    size = int(math.isqrt(view.crop_max_pixels))
+    from train_sft import policy_nll  # imported here: train_sft imports this module
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    pad = processor.tokenizer.pad_token_id
     losses = []
-    for _ in tqdm(range(steps), desc="reading warm-up", mininterval=5):
-        batch = collate(model, [reading_example(r, rng, rng.randint(1, max_pairs), cfg, size)
-                                for _ in range(batch_size)], pad)
-        vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
-        hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                             **vision).last_hidden_state
-        target = batch["policy_mask"][:, 1:].bool()
-        loss = F.cross_entropy(model.lm_head(hidden[:, :-1][target]), batch["input_ids"][:, 1:][target])
+    for step in range(1, steps + 1):
+        batch = draw(step)
+        loss = policy_nll(model, batch) / batch["policy_mask"][:, 1:].sum()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if on_step:
+            on_step(step, losses[-1])
     return losses
+
+
+def reading_warmup(model, processor, view, steps, lr=4e-3, seed=0, max_pairs=8, batch_size=16, cfg=NeedleConfig()):
+    """Train the reading skill alone before SFT: fit() on fresh reading_example batches of 1..max_pairs temporal
+    patches. The tiny model from scratch does not learn to read the needle inside the full SFT context
+    (bench/reading.py); after this warm-up the pipeline's policy reads it in part (README results). Deterministic
+    for a seed."""
+    import math
+    from tqdm import tqdm
+    from data import Renderer, collate
+    r, rng = Renderer(processor, view), random.Random(seed)
+    size, pad = int(math.isqrt(view.crop_max_pixels)), processor.tokenizer.pad_token_id
+    with tqdm(total=steps, desc="reading warm-up", mininterval=5) as bar:
+        return fit(model, lambda _: collate(model, [reading_example(r, rng, rng.randint(1, max_pairs), cfg, size)
+                                                    for _ in range(batch_size)], pad),
+                   steps, lr, on_step=lambda *_: bar.update())
 
 
 def generate(cfg: NeedleConfig):

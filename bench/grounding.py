@@ -15,7 +15,6 @@ Every --eval_every steps it prints, on held-out layouts (--eval_min/--eval_max s
 teacher-forced accuracy of the start and end numbers and the mean IoU of the window they make with the scene.
 """
 import json
-import math
 import os
 import random
 import sys
@@ -24,7 +23,6 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import needle  # noqa: E402
@@ -162,42 +160,32 @@ def main(argv=None):
     model, proc = load_model("tiny", tiny=tiny)
     pad = proc.tokenizer.pad_token_id
     view = ViewConfig(time_grid=cfg.grid)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))))
     rng = random.Random(cfg.seed)
     nparams = sum(p.numel() for p in model.parameters())
     print(f"params {nparams / 1e6:.2f}M  {json.dumps(asdict(cfg))}", flush=True)
     out = open(cfg.out, "a") if cfg.out else None
     lines = []
     t0 = time.time()
-    for step in range(1, cfg.steps + 1):
+
+    def draw(step):
         f = min(1.0, step / cfg.curriculum) if cfg.curriculum else 1.0
         lo = cfg.start_min + f * (cfg.min_duration - cfg.start_min)
         hi = cfg.start_max + f * (cfg.max_duration - cfg.start_max)
         exs = [example(proc, view, rng, lo, hi, cfg.jitter, cfg.target,
                            cfg.max_spacing, (cfg.scene_min, cfg.scene_max))
                for _ in range(cfg.batch_size)]
-        batch = collate(model, [e[0] for e in exs], pad)
-        vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
-        hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                             **vision).last_hidden_state
-        target = batch["policy_mask"][:, 1:].bool()
-        logits = model.lm_head(hidden[:, :-1][target])
-        loss = F.cross_entropy(logits, batch["input_ids"][:, 1:][target])
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        return collate(model, [e[0] for e in exs], pad)
+
+    def report(step, loss):
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            m = dict(step=step, loss=round(loss.item(), 4), seconds=round(time.time() - t0, 1),
+            m = dict(step=step, loss=round(loss, 4), seconds=round(time.time() - t0, 1),
                      **{k: round(v, 3) for k, v in evaluate(model, proc, view, cfg, pad).items()})
             print(json.dumps(m), flush=True)
             lines.append(m)
             if out:
                 out.write(json.dumps(dict(m, config=asdict(cfg))) + "\n")
                 out.flush()
+    needle.fit(model, draw, cfg.steps, cfg.lr, cfg.warmup, report)
     if cfg.factors:
         for name, ((lo, hi), over) in FACTORS.items():
             r = evaluate(model, proc, replace(view, **over), replace(cfg, eval_min=lo, eval_max=hi), pad)

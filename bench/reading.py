@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import needle  # noqa: E402
@@ -132,33 +131,24 @@ def evaluate(model, proc, view, cfg, pad):
 
 
 def train(model, proc, view, cfg, pad, steps, batch_size, tag="", lr=None, mix=0):
-    """steps AdamW steps (linear warm-up, cosine to 10%) on freshly drawn examples of cfg's kind (plus `mix`
-    isolated examples per step)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr or cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    """needle.fit on freshly drawn examples of cfg's kind (plus `mix` isolated examples per step), with a held-out
+    line every --eval_every steps."""
     rng = random.Random(cfg.seed + len(tag))
     lines, t0 = [], time.time()
-    for step in range(1, steps + 1):
+
+    def draw(_):
         exs = [example(proc, view, rng, cfg) for _ in range(batch_size)]
         exs += [isolated(proc, view, rng, cfg, rng.randint(1, cfg.max_pairs)) for _ in range(mix)]
-        batch = collate(model, [e[0] for e in exs], pad)
-        vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
-        hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                             **vision).last_hidden_state
-        target = batch["policy_mask"][:, 1:].bool()
-        loss = F.cross_entropy(model.lm_head(hidden[:, :-1][target]), batch["input_ids"][:, 1:][target])
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        return collate(model, [e[0] for e in exs], pad)
+
+    def report(step, loss):
         if step % cfg.eval_every == 0 or step == steps:
             m = dict(stage=tag or ("isolated" if cfg.isolated else "in context"), step=step,
-                     loss=round(loss.item(), 4), seconds=round(time.time() - t0, 1),
+                     loss=round(loss, 4), seconds=round(time.time() - t0, 1),
                      **{k: round(v, 3) for k, v in evaluate(model, proc, view, cfg, pad).items()})
             print(json.dumps(m), flush=True)
             lines.append(m)
+    needle.fit(model, draw, steps, lr or cfg.lr, cfg.warmup, report)
     return lines
 
 
