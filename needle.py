@@ -16,14 +16,15 @@ the global-view timestamps around it, which the model can read off its prompt), 
 `imperfect_fraction` of them first crop a wrong scene, see no square, and correct themselves.
 """
 import json
+import math
 import os
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from data import ViewConfig, global_times
+from data import Rendered, Renderer, ViewConfig, collate, global_times
 from model import COLOURS, parse_config
 
 SCENE_COLOURS = ["orange", "purple", "cyan", "magenta", "gray", "brown", "teal", "navy", "lime", "maroon"]
@@ -138,6 +139,13 @@ def thing(cfg: NeedleConfig):
     return "flash" if cfg.square >= 1 else "small square"
 
 
+def question(colour, when, cfg: NeedleConfig):
+    """The question about the needle of the `colour` scene: when it appears (answered in seconds) or its colour."""
+    if when:
+        return f"At what second does the {thing(cfg)} appear in the {colour} scene?"
+    return f"What colour is the {thing(cfg)} that appears during the {colour} scene?"
+
+
 def call_text(a, b):
     return f'<tool_call>{{"name": "crop_video", "arguments": {{"start_time": {_fmt(a)}, "end_time": {_fmt(b)}}}}}</tool_call>'
 
@@ -199,12 +207,9 @@ def make_sample(i, split, rng, cfg: NeedleConfig, video_dir):
     if not os.path.exists(path):
         write_video(path, duration, scenes, needle, cfg)
     colour = scenes[k][2]
-    if rng.random() < cfg.when_fraction:
-        q = f"At what second does the {thing(cfg)} appear in the {colour} scene?"
-        answer, atype = str(round(needle["start"])), "time"
-    else:
-        q = f"What colour is the {thing(cfg)} that appears during the {colour} scene?"
-        answer, atype = needle["colour"], "text"
+    when = rng.random() < cfg.when_fraction
+    q = question(colour, when, cfg)
+    answer, atype = (str(round(needle["start"])), "time") if when else (needle["colour"], "text")
     sample = dict(id=f"{split}_{i:05d}", video=f"videos/{name}", question=q, answer=answer, answer_type=atype,
                   window=[scenes[k][0], scenes[k][1]], duration=duration,
                   needle=dict(needle, scene=colour), scenes=scenes)
@@ -229,12 +234,45 @@ def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), si
     frames = np.stack([frame_at(0.5, scene, on if i in shown else nd, size) for i in range(2 * pairs)])
     obs = dict(frames=frames, timestamps=times, text=f"Frames from {_fmt(times[0])}s to {_fmt(times[-1] + step)}s.")
     w, at = thing(cfg), _fmt(round(times[j]))
-    q = (f"At what second does the {w} appear in the {scene[0][2]} scene?" if when
-         else f"What colour is the {w} that appears during the {scene[0][2]} scene?")
+    q = question(scene[0][2], when, cfg)
     turn = (f"<think>The cropped frames show a {col} {w.split()[-1]} at about {at}s.</think>"
             f"<answer>{at if when else col}</answer>")
     head = renderer.text(f"<|im_start|>user\n{q}")  # the observation chunk opens with the user turn's <|im_end|>
     return head + renderer.observation(obs) + renderer.assistant(turn, final=True)
+
+
+def scene_queries(renderer, rng, scenes, times, skip, n, offset=0.0):
+    """Up to n user turns, each asking where another scene is (one whose colour occurs once in the video and is
+    not `skip`), answered with its crop window read off the global view `times` as the SFT think writes it (loss on
+    the answers; `offset` shifts the times written). n more grounding targets for the price of one prompt."""
+    once = [sc for sc in scenes if sc[2] != skip and sum(c == sc[2] for _, _, c in scenes) == 1]
+    parts = []
+    for sc in rng.sample(once, min(n, len(once))):
+        a, b = crop_window_for(sc, times)
+        parts.append(renderer.text(f"<|im_end|>\n<|im_start|>user\nWhere is the {sc[2]} scene?<|im_end|>\n"
+                                   f"<|im_start|>assistant\n"))
+        parts.append(renderer.text(f"The {sc[2]} scene is around {_fmt(a + offset)}s to {_fmt(b + offset)}s.", train=1))
+    return Rendered.join(parts)
+
+
+def grounding_example(renderer, rng, queries=8, cfg: NeedleConfig = NeedleConfig()):
+    """An in-memory layout of the training lengths, for the grounding warm-up: the real prompt (the global view with
+    a random frame count between its default and the budget, as train_sft's --view_jitter; either question kind),
+    then the SFT think's first sentence (the window read off the view; loss on it) and queries - 1 more scenes
+    asked after it (scene_queries). Frames are drawn at the global view's pixel budget."""
+    view, size = renderer.view, int(math.isqrt(renderer.view.max_pixels))
+    duration = float(round(rng.uniform(cfg.min_duration, cfg.max_duration)))
+    scenes, k, nd = make_layout(rng, duration, replace(cfg, size=size))
+    lo = len(global_times(duration, view))
+    view = replace(view, global_fps=(rng.randint(lo, max(lo, view.global_frames)) + 0.5) / duration)
+    times = global_times(duration, view)
+    frames = np.stack([frame_at(t, scenes, nd, size) for t in times])
+    colour, (a, b) = scenes[k][2], crop_window_for(scenes[k], times)
+    r = Renderer(renderer.proc, view)
+    sample = dict(question=question(colour, rng.random() < cfg.when_fraction, cfg), video="")
+    return (r.prompt(sample, frames, times) + r.text(f"<think>The {colour} scene is around {_fmt(a)}s to {_fmt(b)}s.",
+                                                     train=1)
+            + scene_queries(r, rng, scenes, times, colour, queries - 1))
 
 
 def fit(model, draw, steps, lr, warmup=10, on_step=None):
@@ -242,7 +280,6 @@ def fit(model, draw, steps, lr, warmup=10, on_step=None):
     (betas 0.9/0.95, no weight decay; linear warm-up over `warmup` steps, then cosine to 10% of lr; grad norm
     clipped at 1) on the batches draw(step) returns (data.collate batches, step from 1). The loss is the mean NLL
     of their policy tokens (train_sft.policy_nll). on_step(step, loss) runs after each step. Returns the losses."""
-    import math
     import torch
     from train_sft import policy_nll  # imported here: train_sft imports this module
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -263,20 +300,31 @@ def fit(model, draw, steps, lr, warmup=10, on_step=None):
     return losses
 
 
-def reading_warmup(model, processor, view, steps, lr=4e-3, seed=0, max_pairs=8, batch_size=16, cfg=NeedleConfig()):
-    """Train the reading skill alone before SFT: fit() on fresh reading_example batches of 1..max_pairs temporal
-    patches. The tiny model from scratch does not learn to read the needle inside the full SFT context
-    (bench/reading.py); after this warm-up the pipeline's policy reads it in part (README results). Deterministic
-    for a seed."""
-    import math
+def skill_warmup(model, processor, view, steps, example, lr=4e-3, seed=0, batch_size=16, desc="warm-up"):
+    """fit() on batches of `batch_size` fresh example(renderer, rng) sequences, with a progress bar. Deterministic
+    for a seed. Returns the losses."""
     from tqdm import tqdm
-    from data import Renderer, collate
-    r, rng = Renderer(processor, view), random.Random(seed)
-    size, pad = int(math.isqrt(view.crop_max_pixels)), processor.tokenizer.pad_token_id
-    with tqdm(total=steps, desc="reading warm-up", mininterval=5) as bar:
-        return fit(model, lambda _: collate(model, [reading_example(r, rng, rng.randint(1, max_pairs), cfg, size)
-                                                    for _ in range(batch_size)], pad),
-                   steps, lr, on_step=lambda *_: bar.update())
+    r, rng, pad = Renderer(processor, view), random.Random(seed), processor.tokenizer.pad_token_id
+    with tqdm(total=steps, desc=desc, mininterval=5) as bar:
+        return fit(model, lambda _: collate(model, [example(r, rng) for _ in range(batch_size)], pad), steps, lr,
+                   on_step=lambda *_: bar.update())
+
+
+def reading_warmup(model, processor, view, steps, lr=4e-3, seed=0, max_pairs=8, batch_size=16, cfg=NeedleConfig()):
+    """Train the reading skill alone before SFT: reading_example batches of 1..max_pairs temporal patches. The tiny
+    model from scratch does not learn to read the needle inside the full SFT context (bench/reading.py); after
+    this warm-up the pipeline's policy reads it in part (README results)."""
+    size = int(math.isqrt(view.crop_max_pixels))
+    return skill_warmup(model, processor, view, steps,
+                        lambda r, rng: reading_example(r, rng, rng.randint(1, max_pairs), cfg, size),
+                        lr, seed, batch_size, "reading warm-up")
+
+
+def grounding_warmup(model, processor, view, steps, lr=4e-3, seed=0, queries=8, batch_size=8, cfg=NeedleConfig()):
+    """Train the grounding skill alone before SFT: grounding_example batches, each asking for `queries` scenes'
+    windows (bench/grounding.py --queries: denser targets learn the window faster than one per prompt)."""
+    return skill_warmup(model, processor, view, steps, lambda r, rng: grounding_example(r, rng, queries, cfg),
+                        lr, seed + 1, batch_size, "grounding warm-up")
 
 
 def generate(cfg: NeedleConfig):

@@ -99,6 +99,10 @@ class Config:
     reading_warmup: int = -1        # steps of needle.reading_warmup (in-memory crops alone) before SFT; -1: 600 when
                                     # the tiny model starts from scratch on the default needle data, else 0
     reading_max_pairs: int = 8      # its crops show 1..this many temporal patches
+    grounding_warmup: int = 0       # steps of needle.grounding_warmup (in-memory global views, the crop window of
+                                    # several scenes asked per view) before the reading warm-up (off: no gain in
+                                    # the pipeline, README "The grounding study")
+    grounding_queries: int = 8      # scenes asked per view in it
     view_jitter: bool = True        # render each sample's global view with a random frame count (fixed per sample)
                                     # between its default and max_frames, so short videos also train long prompts
     max_turns: int = RolloutConfig.max_turns        # tool calls per episode (the last observation says so)
@@ -359,7 +363,12 @@ def main(argv=None):
             raise RuntimeError(f"sample {r} could be read at start-up but no longer")
         return r
 
-    # ---- the reading warm-up (needle data, tiny model from scratch): every rank runs the same seeded steps
+    # ---- the warm-ups (needle data, tiny model from scratch): every rank runs the same seeded steps
+    if cfg.grounding_warmup and not cfg.resume:
+        losses = needle.grounding_warmup(model, processor, view, cfg.grounding_warmup, lr=cfg.lr, seed=cfg.seed,
+                                         queries=cfg.grounding_queries)
+        print0(f"grounding warm-up: {cfg.grounding_warmup} steps, loss {losses[0]:.3f} -> "
+               f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     auto = 600 if init == "tiny" and cfg.data == DEFAULT_DATA else 0
     warm = cfg.reading_warmup if cfg.reading_warmup >= 0 else auto
     if warm and not cfg.resume:

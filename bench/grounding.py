@@ -5,11 +5,14 @@
     python bench/grounding.py --eval_min=600 --eval_max=900     # held-out layouts as long as the eval videos
     python bench/grounding.py --hidden=256 --heads=8 --kv_heads=4 --ffn=768 --lr=2e-3
     python bench/grounding.py --factors=true                    # + held-out sets changing one factor at a time
+    python bench/grounding.py --queries=8                       # 7 more scenes asked per layout (the warm-up's)
+    python bench/grounding.py --max_offset=600                  # timestamps shown shifted by up to 600 s
 
 The hard step of the needle task is reading the crop window off the prompt: the question names a scene by its
 colour and the policy must write the global-view timestamps around the frames of that colour. This script trains
 only that step, teacher-forced: prompt (the real renderer: system + tool schema + global view + question) and the
-first sentence of the SFT think ("The <colour> scene is around A s to B s."), with the loss on that sentence.
+first sentence of the SFT think ("The <colour> scene is around A s to B s."), with the loss on that sentence
+(and, with --queries, on the answers to more "Where is the <colour> scene?" turns after it: needle.scene_queries).
 Frames are drawn in memory (no video files), so each step costs one forward/backward of a short sequence.
 Every --eval_every steps it prints, on held-out layouts (--eval_min/--eval_max seconds long), the greedy
 teacher-forced accuracy of the start and end numbers and the mean IoU of the window they make with the scene.
@@ -62,19 +65,28 @@ class Config:
                                      # --start_max (few scenes) to --min_duration..--max_duration (0: off)
     start_min: float = 60.0
     start_max: float = 90.0
+    max_offset: float = 0.0          # training timestamps shown shifted by a random multiple of 10 s up to this
+                                     # (frames unchanged): teaches copying numbers beyond the training lengths
+    queries: int = 1                 # grounding questions per training layout (> 1: more scenes asked, denser loss)
+    square: float = needle.NeedleConfig.square  # the needle's side (1: whole-frame flash; the README's first
+                                     # tables were measured with the earlier 0.25, which --square=0.25 gives)
     factors: bool = False            # at the end, also evaluate held-out sets that change one thing at a time
                                      # (video length, view step, frame count): see FACTORS
 
 
-def layout(rng, lo, hi, scenes=(20.0, 40.0)):
-    ncfg = needle.NeedleConfig(size=56, scene_min=scenes[0], scene_max=scenes[1])
+def layout(rng, lo, hi, scenes=(20.0, 40.0), square=needle.NeedleConfig.square):
+    ncfg = needle.NeedleConfig(size=56, scene_min=scenes[0], scene_max=scenes[1], square=square)
     duration = float(round(rng.uniform(lo, hi)))
     scenes, k, nd = needle.make_layout(rng, duration, ncfg)
     return duration, scenes, k, nd
 
 
-def example(proc, view, rng, lo, hi, jitter, target="window", max_spacing=0.0, scene_range=(20.0, 40.0)):
-    duration, scenes, k, nd = layout(rng, lo, hi, scene_range)
+def example(proc, view, rng, lo, hi, jitter, target="window", max_spacing=0.0, scene_range=(20.0, 40.0), offset=0.0,
+            queries=1, square=needle.NeedleConfig.square):
+    """offset > 0: the timestamps shown (and the target window) are shifted by that many seconds, the frames are not:
+    the same layouts with the numbers of a longer video (a diagnostic factor). queries > 1: up to queries - 1 more
+    user turns follow, each asking for the window of another scene whose colour occurs once (loss on the answers)."""
+    duration, scenes, k, nd = layout(rng, lo, hi, scene_range, square)
     if jitter:
         n0 = len(global_times(duration, view))
         if max_spacing:
@@ -93,17 +105,20 @@ def example(proc, view, rng, lo, hi, jitter, target="window", max_spacing=0.0, s
         a, b = times[0], times[(len(times) - 1) // 2 * 2]
     sample = dict(question=f"What colour is the small square that appears during the {colour} scene?")
     r = Renderer(proc, view)
-    prompt = r.prompt(sample, frames, times)
+    prompt = r.prompt(sample, frames, [t + offset for t in times])
+    a, b = a + offset, b + offset
     head = r.text(f"<think>The {colour} scene is around", train=1)
     num_a = r.text(f" {needle._fmt(a)}", train=1)
     mid = r.text("s to", train=1)
     num_b = r.text(f" {needle._fmt(b)}", train=1)
     tail = r.text("s.", train=1)
     rendered = prompt + head + num_a + mid + num_b + tail
+    if queries > 1:
+        rendered = rendered + needle.scene_queries(r, rng, scenes, times, colour, queries - 1, offset)
     ia = len(prompt.input_ids) + len(head.input_ids) + 1       # the start number's tokens (after the space)
     ib = ia + len(num_a.input_ids) - 1 + len(mid.input_ids) + 1
     ra, rb = range(ia, ia + len(num_a.input_ids) - 1), range(ib, ib + len(num_b.input_ids) - 1)
-    return rendered, (ra, rb), (a, b), scenes[k][:2]
+    return rendered, (ra, rb), (a, b), (scenes[k][0] + offset, scenes[k][1] + offset)
 
 
 # name: (held-out video lengths in s, overrides of the global view); the default view is 10 s between frames
@@ -115,6 +130,7 @@ FACTORS = {
     "5-8 min": ((300, 480), {}),
     "10-15 min (the eval lengths)": ((600, 900), {}),
     "10-15 min, 10 s step (60-90 frames)": ((600, 900), dict(global_frames=90)),
+    "3-5 min, times shown +600 s": ((180, 300), dict(offset=600.0)),
 }
 
 
@@ -124,14 +140,15 @@ def iou(w, s):
     return inter / union if union > 0 else 0.0
 
 
-def evaluate(model, proc, view, cfg, pad):
+def evaluate(model, proc, view, cfg, pad, offset=0.0):
     rng = random.Random(10_000 + cfg.seed)
     hits_a = hits_b = 0
     ious = []
     model.eval()
     with torch.no_grad():
         for i in range(0, cfg.num_eval, cfg.batch_size):
-            exs = [example(proc, view, rng, cfg.eval_min, cfg.eval_max, False, cfg.target)
+            exs = [example(proc, view, rng, cfg.eval_min, cfg.eval_max, False, cfg.target, offset=offset,
+                           square=cfg.square)
                    for _ in range(min(cfg.batch_size, cfg.num_eval - i))]
             batch = collate(model, [e[0] for e in exs], pad)
             vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
@@ -167,12 +184,15 @@ def main(argv=None):
     lines = []
     t0 = time.time()
 
+    def draw_offset():  # no draw when off: the default runs keep their layouts
+        return 10.0 * rng.randint(0, int(cfg.max_offset // 10)) if cfg.max_offset else 0.0
+
     def draw(step):
         f = min(1.0, step / cfg.curriculum) if cfg.curriculum else 1.0
         lo = cfg.start_min + f * (cfg.min_duration - cfg.start_min)
         hi = cfg.start_max + f * (cfg.max_duration - cfg.start_max)
-        exs = [example(proc, view, rng, lo, hi, cfg.jitter, cfg.target,
-                           cfg.max_spacing, (cfg.scene_min, cfg.scene_max))
+        exs = [example(proc, view, rng, lo, hi, cfg.jitter, cfg.target, cfg.max_spacing,
+                       (cfg.scene_min, cfg.scene_max), draw_offset(), cfg.queries, cfg.square)
                for _ in range(cfg.batch_size)]
         return collate(model, [e[0] for e in exs], pad)
 
@@ -188,7 +208,9 @@ def main(argv=None):
     needle.fit(model, draw, cfg.steps, cfg.lr, cfg.warmup, report)
     if cfg.factors:
         for name, ((lo, hi), over) in FACTORS.items():
-            r = evaluate(model, proc, replace(view, **over), replace(cfg, eval_min=lo, eval_max=hi), pad)
+            over = dict(over)
+            offset = over.pop("offset", 0.0)
+            r = evaluate(model, proc, replace(view, **over), replace(cfg, eval_min=lo, eval_max=hi), pad, offset)
             m = dict(factor=name, **{k: round(v, 3) for k, v in r.items()})
             print(json.dumps(m), flush=True)
             lines.append(m)

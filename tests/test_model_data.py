@@ -13,7 +13,7 @@ from data import (DataError, Renderer, ViewConfig, collate, global_times, global
                   render_sft)
 from model import (COLOURS, build_tiny_tokenizer, compute_init, load_model, parse_config, save_checkpoint,
                    token_logprobs)
-from needle import NeedleConfig, crop_window_for, generate
+from needle import NeedleConfig, generate
 from tools import crop_video, observe
 
 
@@ -308,33 +308,6 @@ def test_global_times_on_a_round_grid():
         assert len(t) <= v.global_frames and t[-1] < d and t[-1] + (t[1] - t[0]) >= d
 
 
-def test_sft_crop_window_of_the_last_scene_reaches_past_the_last_frame():
-    """A 223-s video (frames 0, 10, ..., 220; pairs (0, 10) ... (200, 210), (220,)) whose last scene runs from
-    195 s to the end: the window starts at the pair before the scene and ends one step past the last frame, so a
-    needle at 219.6 s, after the last frame, is inside it (it used to end at 221 or, with a coarser view, 211)."""
-    times = global_times(223, ViewConfig())
-    assert times[-1] == 220.0
-    assert crop_window_for((195.01, 223.0, "teal"), times) == (180.0, 230.0)
-    assert crop_window_for((20.0, 45.0, "navy"), times) == (0.0, 60.0)  # pairs (20, 30), (40, 50) show it
-
-
-def test_grounding_study_runs_and_reports(tmp_path):
-    """bench/grounding.py (the study behind the tokenizer and time-grid defaults) runs and writes its lines."""
-    import subprocess
-    import sys
-    out = tmp_path / "g.jsonl"
-    r = subprocess.run([sys.executable, "bench/grounding.py", "--steps=2", "--eval_every=2", "--num_eval=2",
-                        "--batch_size=2", "--factors=true", f"--out={out}"], cwd=os.path.dirname(os.path.dirname(__file__)) or ".",
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    line = json.loads(out.read_text().splitlines()[-1])
-    assert line["step"] == 2 and 0 <= line["start_acc"] <= 1 and 0 <= line["end_acc"] <= 1 and 0 <= line["iou"] <= 1
-    assert line["config"]["number_digits"] == 1 and line["config"]["grid"] == 5.0
-    factors = [json.loads(x) for x in r.stdout.splitlines() if x.startswith('{"factor"')]
-    from bench.grounding import FACTORS
-    assert [f["factor"] for f in factors] == list(FACTORS) and all(0 <= f["iou"] <= 1 for f in factors)
-
-
 def test_checkpoint_swap_keeps_subdirectories_it_does_not_write(tmp_path):
     """eval.py writes <checkpoint>/eval by default; a later save into the same dir (train_sft --resume) swaps the
     dir atomically and must not drop it. Top-level files are the checkpoint's own and are replaced."""
@@ -362,83 +335,3 @@ def test_checkpoint_swap_keeps_subdirectories_it_does_not_write(tmp_path):
     assert sorted(os.listdir(d)) == ["eval", "model.safetensors", "rollouts"]
     assert open(os.path.join(d, "rollouts", "step_0010.jsonl")).read() == "x"
     assert not os.path.exists(d + ".old")
-
-
-def test_reading_study_crops_like_the_tool_and_runs(tmp_path):
-    """bench/reading.py draws its crops in memory: the frame times must be the ones tools.crop_video decodes from a
-    real needle video, and the target after "show a" must be the square's colour. A short run (perception warm-up
-    then the in-context task) reports both stages."""
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from bench import reading
-    from model import load_model
-    from needle import NeedleConfig, make_layout, write_video
-    from tools import crop_video
-    cfg = NeedleConfig(size=56)
-    scenes, k, nd = make_layout(random.Random(3), 200.0, cfg)
-    path = str(tmp_path / "v.mp4")
-    write_video(path, 200.0, scenes, nd, cfg)
-    view = ViewConfig()
-    for a, b in [(0.0, 60.0), (37.0, 101.0), (150.0, 199.0)]:
-        clip = crop_video(path, a, b, fps=view.crop_fps, max_frames=view.crop_max_frames,
-                          min_frames=view.crop_min_frames)
-        assert reading.crop_times(a, b, view) == pytest.approx(list(clip.timestamps), abs=1e-6)
-    _, proc = load_model("tiny")
-    rcfg = reading.Config()
-    rendered, (i1, i2) = reading.example(proc, view, random.Random(0), rcfg)
-    tok = proc.tokenizer
-    assert tok.decode(rendered.input_ids[i1]).strip() == tok.decode(rendered.input_ids[i2]).strip()
-    assert tok.decode(rendered.input_ids[i1]).strip() in reading.needle.NEEDLE_COLOURS
-    assert sum(rendered.policy_mask) > 0 and all(m == 0 for m in rendered.policy_mask[:i1])
-    lines = reading.main(["--pretrain=2", "--steps=2", "--eval_every=2", "--num_eval=2", "--batch_size=2"])
-    assert [x["stage"] for x in lines] == ["pretrain (isolated)", "in context"]
-    assert all(0 <= x["answer_acc"] <= 1 and 0 <= x["think_colour_acc"] <= 1 for x in lines)
-
-
-def test_needle_is_a_whole_frame_flash_by_default_and_a_small_square_on_request(tmp_path):
-    """Decoded from the written video: at the needle's time the whole frame is the needle colour (default), or a
-    square of a quarter of the side is (square=0.25); the questions name what to look for."""
-    from needle import NeedleConfig, make_sample
-    from tools import decode_frames
-    for square, word in [(1.0, "flash"), (0.25, "small square")]:
-        cfg = NeedleConfig(size=112, square=square, when_fraction=0.0)
-        d = tmp_path / word.replace(" ", "_")
-        d.mkdir()
-        sample, (scenes, k, nd) = make_sample(0, "train", random.Random(4), cfg, str(d))
-        assert f"the {word} that appears" in sample["question"]
-        t = nd["start"] + cfg.needle_seconds / 2
-        frame = decode_frames(os.path.join(str(d), os.path.basename(sample["video"])), [t], 112 * 112)[0][0]
-        want = np.array(COLOURS[nd["colour"]], float)
-        near = np.abs(frame.astype(float) - want).max(-1) < 40  # h264 is lossy
-        assert nd["side"] == round(112 * square)
-        assert near.mean() == pytest.approx(square ** 2, abs=0.06)
-
-
-def test_reading_example_and_warmup():
-    """needle.reading_example: the loss is on exactly the answer turn (the SFT wording), its colour is a needle
-    colour, the vision blocks that differ from a plain scene block are the 1-2 holding the needle frames.
-    needle.reading_warmup lowers its loss within a few steps, deterministically."""
-    import needle
-    model, proc = load_model("tiny")
-    r, tok = Renderer(proc, ViewConfig()), proc.tokenizer
-    kinds = set()
-    for seed in range(12):
-        ex = needle.reading_example(r, random.Random(seed), pairs=4)
-        turn = tok.decode([i for i, m in zip(ex.input_ids, ex.policy_mask) if m])
-        col = turn.split("show a ")[1].split(" ")[0]
-        ans, t = turn.split("<answer>")[1].split("</answer>")[0], turn.split("at about ")[1].split("s.")[0]
-        q = tok.decode(ex.input_ids[:ex.policy_mask.index(1)])
-        assert col in needle.NEEDLE_COLOURS
-        assert turn.startswith(f"<think>The cropped frames show a {col} flash at about ")
-        assert ans == (t if "At what second" in q else col), (q, turn)  # the answer follows the question's kind
-        kinds.add("At what second" in q)
-        assert turn.endswith("</answer><|im_end|>") and tok.decode(ex.input_ids[:ex.policy_mask.index(1)]).endswith(
-            "</tool_response><|im_end|>\n<|im_start|>assistant\n")
-        px = ex.vision["pixel_values_videos"].reshape(4, -1)  # one row per temporal patch (2 frames)
-        counts = torch.bincount(torch.unique(px, dim=0, return_inverse=True)[1])
-        assert 4 - counts.max() in (1, 2)  # the plain blocks are all equal; 1-2 blocks hold the flash
-    assert kinds == {True, False}
-    losses = needle.reading_warmup(model, proc, ViewConfig(), 15, max_pairs=2, batch_size=4)
-    assert losses[-1] < losses[0] - 2
-    model2, _ = load_model("tiny")
-    assert needle.reading_warmup(model2, proc, ViewConfig(), 15, max_pairs=2, batch_size=4) == losses

@@ -1,0 +1,185 @@
+"""The needle benchmark's generators and warm-ups (needle.py) and the studies behind its defaults (bench/)."""
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import needle
+from data import Renderer, ViewConfig, global_times
+from model import COLOURS, load_model
+from needle import crop_window_for
+
+
+def test_sft_crop_window_of_the_last_scene_reaches_past_the_last_frame():
+    """A 223-s video (frames 0, 10, ..., 220; pairs (0, 10) ... (200, 210), (220,)) whose last scene runs from
+    195 s to the end: the window starts at the pair before the scene and ends one step past the last frame, so a
+    needle at 219.6 s, after the last frame, is inside it (it used to end at 221 or, with a coarser view, 211)."""
+    times = global_times(223, ViewConfig())
+    assert times[-1] == 220.0
+    assert crop_window_for((195.01, 223.0, "teal"), times) == (180.0, 230.0)
+    assert crop_window_for((20.0, 45.0, "navy"), times) == (0.0, 60.0)  # pairs (20, 30), (40, 50) show it
+
+
+def test_grounding_study_runs_and_reports(tmp_path):
+    """bench/grounding.py (the study behind the tokenizer, time-grid and warm-up defaults) runs and writes its
+    lines, with the dense queries and shifted timestamps on."""
+    import subprocess
+    import sys
+    out = tmp_path / "g.jsonl"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "bench/grounding.py", "--steps=2", "--eval_every=2", "--num_eval=2",
+                        "--batch_size=2", "--factors=true", "--queries=3", "--max_offset=600", f"--out={out}"], cwd=root,
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = json.loads(out.read_text().splitlines()[-1])
+    assert line["step"] == 2 and 0 <= line["start_acc"] <= 1 and 0 <= line["end_acc"] <= 1 and 0 <= line["iou"] <= 1
+    assert line["config"]["number_digits"] == 1 and line["config"]["grid"] == 5.0 and line["config"]["queries"] == 3
+    factors = [json.loads(x) for x in r.stdout.splitlines() if x.startswith('{"factor"')]
+    from bench.grounding import FACTORS
+    assert [f["factor"] for f in factors] == list(FACTORS) and all(0 <= f["iou"] <= 1 for f in factors)
+
+
+def test_reading_study_crops_like_the_tool_and_runs(tmp_path):
+    """bench/reading.py draws its crops in memory: the frame times must be the ones tools.crop_video decodes from a
+    real needle video, and the target after "show a" must be the square's colour. A short run (perception warm-up
+    then the in-context task) reports both stages."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import reading
+    from model import load_model
+    from needle import NeedleConfig, make_layout, write_video
+    from tools import crop_video
+    cfg = NeedleConfig(size=56)
+    scenes, k, nd = make_layout(random.Random(3), 200.0, cfg)
+    path = str(tmp_path / "v.mp4")
+    write_video(path, 200.0, scenes, nd, cfg)
+    view = ViewConfig()
+    for a, b in [(0.0, 60.0), (37.0, 101.0), (150.0, 199.0)]:
+        clip = crop_video(path, a, b, fps=view.crop_fps, max_frames=view.crop_max_frames,
+                          min_frames=view.crop_min_frames)
+        assert reading.crop_times(a, b, view) == pytest.approx(list(clip.timestamps), abs=1e-6)
+    _, proc = load_model("tiny")
+    rcfg = reading.Config()
+    rendered, (i1, i2) = reading.example(proc, view, random.Random(0), rcfg)
+    tok = proc.tokenizer
+    assert tok.decode(rendered.input_ids[i1]).strip() == tok.decode(rendered.input_ids[i2]).strip()
+    assert tok.decode(rendered.input_ids[i1]).strip() in reading.needle.NEEDLE_COLOURS
+    assert sum(rendered.policy_mask) > 0 and all(m == 0 for m in rendered.policy_mask[:i1])
+    lines = reading.main(["--pretrain=2", "--steps=2", "--eval_every=2", "--num_eval=2", "--batch_size=2"])
+    assert [x["stage"] for x in lines] == ["pretrain (isolated)", "in context"]
+    assert all(0 <= x["answer_acc"] <= 1 and 0 <= x["think_colour_acc"] <= 1 for x in lines)
+
+
+def test_needle_is_a_whole_frame_flash_by_default_and_a_small_square_on_request(tmp_path):
+    """Decoded from the written video: at the needle's time the whole frame is the needle colour (default), or a
+    square of a quarter of the side is (square=0.25); the questions name what to look for."""
+    from needle import NeedleConfig, make_sample
+    from tools import decode_frames
+    for square, word in [(1.0, "flash"), (0.25, "small square")]:
+        cfg = NeedleConfig(size=112, square=square, when_fraction=0.0)
+        d = tmp_path / word.replace(" ", "_")
+        d.mkdir()
+        sample, (scenes, k, nd) = make_sample(0, "train", random.Random(4), cfg, str(d))
+        assert f"the {word} that appears" in sample["question"]
+        t = nd["start"] + cfg.needle_seconds / 2
+        frame = decode_frames(os.path.join(str(d), os.path.basename(sample["video"])), [t], 112 * 112)[0][0]
+        want = np.array(COLOURS[nd["colour"]], float)
+        near = np.abs(frame.astype(float) - want).max(-1) < 40  # h264 is lossy
+        assert nd["side"] == round(112 * square)
+        assert near.mean() == pytest.approx(square ** 2, abs=0.06)
+
+
+def test_reading_example_and_warmup():
+    """needle.reading_example: the loss is on exactly the answer turn (the SFT wording), its colour is a needle
+    colour, the vision blocks that differ from a plain scene block are the 1-2 holding the needle frames.
+    needle.reading_warmup lowers its loss within a few steps, deterministically."""
+    model, proc = load_model("tiny")
+    r, tok = Renderer(proc, ViewConfig()), proc.tokenizer
+    kinds = set()
+    for seed in range(12):
+        ex = needle.reading_example(r, random.Random(seed), pairs=4)
+        turn = tok.decode([i for i, m in zip(ex.input_ids, ex.policy_mask) if m])
+        col = turn.split("show a ")[1].split(" ")[0]
+        ans, t = turn.split("<answer>")[1].split("</answer>")[0], turn.split("at about ")[1].split("s.")[0]
+        q = tok.decode(ex.input_ids[:ex.policy_mask.index(1)])
+        assert col in needle.NEEDLE_COLOURS
+        assert turn.startswith(f"<think>The cropped frames show a {col} flash at about ")
+        assert ans == (t if "At what second" in q else col), (q, turn)  # the answer follows the question's kind
+        kinds.add("At what second" in q)
+        assert turn.endswith("</answer><|im_end|>") and tok.decode(ex.input_ids[:ex.policy_mask.index(1)]).endswith(
+            "</tool_response><|im_end|>\n<|im_start|>assistant\n")
+        px = ex.vision["pixel_values_videos"].reshape(4, -1)  # one row per temporal patch (2 frames)
+        counts = torch.bincount(torch.unique(px, dim=0, return_inverse=True)[1])
+        assert 4 - counts.max() in (1, 2)  # the plain blocks are all equal; 1-2 blocks hold the flash
+    assert kinds == {True, False}
+    losses = needle.reading_warmup(model, proc, ViewConfig(), 15, max_pairs=2, batch_size=4)
+    assert losses[-1] < losses[0] - 2
+    model2, _ = load_model("tiny")
+    assert needle.reading_warmup(model2, proc, ViewConfig(), 15, max_pairs=2, batch_size=4) == losses
+
+
+def frame_colours(proc, rendered):
+    """The colour name of every frame of a rendered global view, read back from its pixel values (each frame is one
+    solid colour): the per-channel mean of each frame of each temporal patch against that of a solid frame pair."""
+    def means(px):  # (patches, C * T * P * P) -> (T, C) channel means per frame
+        return px.reshape(px.shape[0], 3, 2, -1).mean((0, 3)).T
+    refs = {c: means(proc.video_processor(videos=[np.full((2, 56, 56, 3), COLOURS[c], np.uint8)], return_tensors="pt",
+                                          do_sample_frames=False)["pixel_values_videos"])[0] for c in COLOURS}
+    px, thw, out = rendered.vision["pixel_values_videos"], rendered.vision["video_grid_thw"], []
+    for g in torch.split(px, [int(n) for n in thw.prod(-1)]):
+        for m in means(g):
+            out.append(min(refs, key=lambda c: float((refs[c] - m).abs().sum())))
+    return out
+
+
+def test_grounding_example_targets_the_window_read_off_the_prompt():
+    """needle.grounding_example, checked against the prompt alone: the colour of each global-view frame is read back
+    from its pixels and the timestamps from the text, and every target (the think's first sentence for the
+    question's scene, then each extra "Where is the X scene?") must be the window from the timestamp of the frame
+    pair before the first pair showing X to that of the pair after the last one (one frame step past the last frame
+    when none follows). The loss is on the targets only, the question is of either kind, the frame count varies."""
+    import re
+    model, proc = load_model("tiny")
+    r, tok = Renderer(proc, ViewConfig()), proc.tokenizer
+    kinds, counts, checked = set(), set(), 0
+    for seed in range(16):
+        ex = needle.grounding_example(r, random.Random(seed), queries=4)
+        text = tok.decode(ex.input_ids)
+        times = [float(t) for t in re.findall(r"(\d+(?:\.\d)?)s<\|vision_start\|>", text)]
+        cols = frame_colours(proc, ex)
+        assert len(cols) == 2 * len(times)
+        if any(c in needle.NEEDLE_COLOURS for c in cols):
+            continue  # a global frame caught the flash: its scene is not visible in it
+        step = times[1] - times[0]
+        pairs = [cols[2 * i:2 * i + 2] for i in range(len(times))]
+        targets = re.findall(r"The (\w+) scene is around (\d+)s to (\d+)s\.", text)
+        loss_text = tok.decode([i for i, m in zip(ex.input_ids, ex.policy_mask) if m])
+        assert loss_text == "<think>" + "".join(f"The {c} scene is around {a}s to {b}s." for c, a, b in targets)
+        q = re.search(r"(What colour is the flash that appears during|At what second does the flash appear in) "
+                      r"the (\w+) scene\?", text)
+        assert q and targets[0][0] == q.group(2)
+        kinds.add(q.group(1)[:2])
+        assert len({c for c, _, _ in targets}) == len(targets) <= 4
+        for colour, a, b in targets:
+            hit = [i for i, p in enumerate(pairs) if colour in p]
+            assert hit == list(range(hit[0], hit[-1] + 1))  # one scene of that colour
+            want_a = times[hit[0] - 1] if hit[0] > 0 else 0.0
+            # past the last pair: one frame step (half a pair step) past its last frame, which is the pair's second
+            # frame or, when the frame count is odd, its first one repeated (the prompt cannot tell which)
+            want_b = [times[hit[-1] + 1]] if hit[-1] + 1 < len(times) else [times[-1] + step / 2, times[-1] + step]
+            assert float(a) == want_a and float(b) in want_b, (colour, hit, times)
+        counts.add(len(times))
+        checked += 1
+    assert checked >= 10 and kinds == {"Wh", "At"} and len(counts) > 3
+
+
+def test_grounding_warmup_lowers_its_loss_deterministically():
+    """needle.grounding_warmup lowers its loss within a few steps and repeats itself exactly for a seed."""
+    model, proc = load_model("tiny")
+    losses = needle.grounding_warmup(model, proc, ViewConfig(), 12, queries=3, batch_size=2)
+    assert sum(losses[-3:]) / 3 < losses[0] - 2
+    model2, _ = load_model("tiny")
+    assert needle.grounding_warmup(model2, proc, ViewConfig(), 12, queries=3, batch_size=2) == losses
