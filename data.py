@@ -43,7 +43,8 @@ class ViewConfig:
     crop_max_frames: int = 48     # frame budget of a crop (LongVT: 128)
     crop_min_frames: int = 4      # at least this many frames per crop
     crop_max_pixels: int = 56 * 56  # pixel budget per cropped frame
-    longvt_text: bool = False     # LongVT's observation wording (for its released checkpoints)
+    longvt_text: bool = False     # LongVT's observation wording and question-then-instruction order (for its
+                                  # released checkpoints); off: the instruction first, the question last
 
 
 SYSTEM = "You are a helpful assistant."
@@ -271,15 +272,19 @@ class Renderer:
         return SYSTEM + TOOLS_TEXT.format(schema=json.dumps(CROP_VIDEO_SCHEMA))
 
     def prompt(self, sample, frames, timestamps):
-        """System + user (global view, question, instruction) + the assistant header."""
+        """System + user (global view, instruction, question; LongVT's order with longvt_text: global view,
+        question, instruction) + the assistant header."""
         q = sample["question"]
         if sample.get("choices"):
             q += "\n" + "\n".join(sample["choices"])
         instr = INSTRUCTION_TOOLS if self.view.tools else INSTRUCTION_NO_TOOLS
         if self.view.tools and self.view.longvt_text:
             instr += f"\n The video path is: {os.path.basename(sample['video'])}"
+        # LongVT's user turn ends with the instruction; ours ends with the question, next to the assistant turn that
+        # answers it: the tiny policy then answers the kind of question asked (README "The question last")
+        body = f"{q}{instr}" if self.view.longvt_text else f"{instr.lstrip()}\n{q}"
         return (self.text(f"<|im_start|>system\n{self.system_text()}<|im_end|>\n<|im_start|>user\n")
-                + self.visual(frames, timestamps) + self.text(f"{q}{instr}<|im_end|>\n<|im_start|>assistant\n"))
+                + self.visual(frames, timestamps) + self.text(f"{body}<|im_end|>\n<|im_start|>assistant\n"))
 
     def observation(self, obs, last=False):
         """The chunk appended after a tool-call turn: closes the assistant turn, the tool response as a user

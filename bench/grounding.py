@@ -15,7 +15,9 @@ first sentence of the SFT think ("The <colour> scene is around A s to B s."), wi
 (and, with --queries, on the answers to more "Where is the <colour> scene?" turns after it: needle.scene_queries).
 Frames are drawn in memory (no video files), so each step costs one forward/backward of a short sequence.
 Every --eval_every steps it prints, on held-out layouts (--eval_min/--eval_max seconds long), the greedy
-teacher-forced accuracy of the start and end numbers and the mean IoU of the window they make with the scene.
+teacher-forced accuracy of the start and end numbers and the mean IoU of the window they make with the scene
+(the scene's colour is given: it is teacher-forced too), and how often the greedy colour after "<think>The" is
+the question's (colour_acc: free generation has to get that right first).
 """
 import json
 import os
@@ -118,7 +120,8 @@ def example(proc, view, rng, lo, hi, jitter, target="window", max_spacing=0.0, s
     ia = len(prompt.input_ids) + len(head.input_ids) + 1       # the start number's tokens (after the space)
     ib = ia + len(num_a.input_ids) - 1 + len(mid.input_ids) + 1
     ra, rb = range(ia, ia + len(num_a.input_ids) - 1), range(ib, ib + len(num_b.input_ids) - 1)
-    return rendered, (ra, rb), (a, b), (scenes[k][0] + offset, scenes[k][1] + offset)
+    ic = len(prompt.input_ids) + len(r.text("<think>The").input_ids)  # the scene's colour (from the question)
+    return rendered, (ra, rb, ic), (a, b), (scenes[k][0] + offset, scenes[k][1] + offset)
 
 
 # name: (held-out video lengths in s, overrides of the global view); the default view is 10 s between frames
@@ -142,7 +145,7 @@ def iou(w, s):
 
 def evaluate(model, proc, view, cfg, pad, offset=0.0):
     rng = random.Random(10_000 + cfg.seed)
-    hits_a = hits_b = 0
+    hits_a = hits_b = hits_c = 0
     ious = []
     model.eval()
     with torch.no_grad():
@@ -153,7 +156,8 @@ def evaluate(model, proc, view, cfg, pad, offset=0.0):
             batch = collate(model, [e[0] for e in exs], pad)
             vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **vision).logits
-            for b, (_, (ra, rb), (a, bb), scene) in enumerate(exs):
+            for b, (_, (ra, rb, ic), (a, bb), scene) in enumerate(exs):
+                hits_c += logits[b, ic - 1].argmax().item() == batch["input_ids"][b, ic].item()
                 pa, pb = [logits[b, t - 1].argmax().item() for t in ra], [logits[b, t - 1].argmax().item() for t in rb]
                 ta, tb = [batch["input_ids"][b, t].item() for t in ra], [batch["input_ids"][b, t].item() for t in rb]
                 hits_a += pa == ta
@@ -165,7 +169,7 @@ def evaluate(model, proc, view, cfg, pad, offset=0.0):
                 ious.append(iou(w, scene))
     model.train()
     n = cfg.num_eval
-    return dict(start_acc=hits_a / n, end_acc=hits_b / n, iou=float(np.mean(ious)))
+    return dict(start_acc=hits_a / n, end_acc=hits_b / n, iou=float(np.mean(ious)), colour_acc=hits_c / n)
 
 
 def main(argv=None):

@@ -295,6 +295,25 @@ def test_renderer_masks_and_concatenation(tiny, needle_set, fmt, stamps):
     assert torch.isfinite(lp).all() and positions(model, r).shape == (3, len(ids))
 
 
+def test_prompt_puts_the_question_last_and_longvt_text_keeps_longvt_order(tiny):
+    """Our user turn: global view, instruction, question (with its options), then the assistant header; with
+    longvt_text LongVT's: global view, question, instruction, the video path sentence. Without tools the
+    no-tool instruction takes the same place."""
+    from data import INSTRUCTION_NO_TOOLS, INSTRUCTION_TOOLS
+    _, proc = tiny
+    s = dict(question="Which flag?", choices=["A. red", "B. blue"], video="/v/a.mp4")
+    frames = np.zeros((2, 56, 56, 3), np.uint8)
+    tail = "<|im_end|>\n<|im_start|>assistant\n"
+
+    def user_text(**kw):
+        text = proc.tokenizer.decode(Renderer(proc, ViewConfig(**kw)).prompt(s, frames, [0.0, 10.0]).input_ids)
+        return text.split("<|vision_end|>")[-1]
+    assert user_text() == INSTRUCTION_TOOLS.lstrip() + "\nWhich flag?\nA. red\nB. blue" + tail
+    assert user_text(tools=False) == INSTRUCTION_NO_TOOLS.lstrip() + "\nWhich flag?\nA. red\nB. blue" + tail
+    assert user_text(longvt_text=True) == ("Which flag?\nA. red\nB. blue" + INSTRUCTION_TOOLS
+                                           + "\n The video path is: a.mp4" + tail)
+
+
 def test_global_times_on_a_round_grid():
     """time_grid: frames at 0, s, 2s, ... with s the spacing rounded up to a multiple of the grid; 0: slice centres."""
     v = ViewConfig()  # 64 frames, 0.1 fps, grid 5
