@@ -68,7 +68,7 @@ class Config:
     start_min: float = 60.0
     start_max: float = 90.0
     max_offset: float = 0.0          # training timestamps shown shifted by a random multiple of 10 s up to this
-                                     # (frames unchanged): teaches copying numbers beyond the training lengths
+                                     # (frames unchanged): only a model that copies the digits can fit them
     queries: int = 1                 # grounding questions per training layout (> 1: more scenes asked, denser loss)
     square: float = needle.NeedleConfig.square  # the needle's side (1: whole-frame flash; the README's first
                                      # tables were measured with the earlier 0.25, which --square=0.25 gives)
