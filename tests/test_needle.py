@@ -183,3 +183,25 @@ def test_grounding_warmup_lowers_its_loss_deterministically():
     assert sum(losses[-3:]) / 3 < losses[0] - 2
     model2, _ = load_model("tiny")
     assert needle.grounding_warmup(model2, proc, ViewConfig(), 12, queries=3, batch_size=2) == losses
+
+
+def test_copy_study_examples_and_run():
+    """bench/copy_study.py: the loss is on exactly "<think>The <colour>", the colour is the question's, every context
+    ends with the question right before the assistant turn, an unknown context is a clear error; a short run
+    reports its accuracy."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import copy_study
+    _, proc = load_model("tiny")
+    r, tok = Renderer(proc, ViewConfig()), proc.tokenizer
+    for context in ("short", "system", "video"):
+        x, c = copy_study.example(r, random.Random(1), context)
+        assert tok.decode([i for i, m in zip(x.input_ids, x.policy_mask) if m]) == f"<think>The {c}"
+        prompt = tok.decode(x.input_ids[:x.policy_mask.index(1)])
+        assert prompt.endswith(f"the {c} scene?<|im_end|>\n<|im_start|>assistant\n")
+        assert ("<|vision_start|>" in prompt) == (context == "video") and ("# Tools" in prompt) == (context != "short")
+    with pytest.raises(SystemExit, match="--context"):
+        copy_study.example(r, random.Random(1), "long")
+    lines = copy_study.main(["--context=video", "--short_steps=1", "--steps=2", "--eval_every=2", "--num_eval=2",
+                             "--batch_size=2"])
+    assert [x["step"] for x in lines] == [2] and 0 <= lines[0]["colour_acc"] <= 1

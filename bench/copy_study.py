@@ -1,0 +1,91 @@
+"""Can the tiny model learn to copy the question's colour into its think? A measured study, not a unit test.
+
+    python bench/copy_study.py --context=short       # the question alone, then "<think>The <colour>"
+    python bench/copy_study.py --context=system      # the real system prompt (tool schema) first, no video
+    python bench/copy_study.py --context=video       # the real prompt: system, a 20-frame global view, question
+    python bench/copy_study.py --context=video --short_steps=150   # 150 steps on the short form first
+
+The first word the policy must get right is the scene's colour in "<think>The <colour> scene is around ...":
+a copy of one token from the question. The loss is on "<think>The <colour>" only; every --eval_every steps it
+prints how often the greedy word after "<think>The" is the question's colour on 64 held-out prompts of --context
+(chance 0.1). Frames are solid random colours drawn in memory.
+"""
+import os
+import random
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import needle  # noqa: E402
+from data import Renderer, ViewConfig, collate  # noqa: E402
+from model import load_model, parse_config  # noqa: E402
+
+
+@dataclass
+class Config:
+    context: str = "video"   # short | system | video: what comes before the question (see the docstring)
+    short_steps: int = 0     # the first N steps train on the short form whatever --context is (a curriculum)
+    steps: int = 300         # optimizer steps
+    batch_size: int = 8
+    lr: float = 4e-3
+    eval_every: int = 50
+    num_eval: int = 64
+    seed: int = 0
+    threads: int = 1
+
+
+def example(r, rng, context):
+    """(Rendered with the loss on "<think>The <colour>", the colour)."""
+    c = rng.choice(needle.SCENE_COLOURS)
+    q = needle.question(c, rng.random() < needle.NeedleConfig.when_fraction, needle.NeedleConfig())
+    target = r.text(f"<think>The {c}", train=1)
+    if context == "short":
+        return r.text(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n") + target, c
+    if context == "system":
+        return r.text(f"<|im_start|>system\n{r.system_text()}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
+                      f"<|im_start|>assistant\n") + target, c
+    if context == "video":
+        frames = np.zeros((20, 56, 56, 3), np.uint8) + np.array([rng.randrange(256) for _ in range(3)], np.uint8)
+        return r.prompt(dict(question=q), frames, [10.0 * i for i in range(20)]) + target, c
+    raise SystemExit(f"--context must be short, system or video, got {context!r}")
+
+
+def colour_acc(model, r, cfg, pad):
+    rng, hits = random.Random(10_000 + cfg.seed), 0
+    model.eval()
+    with torch.no_grad():
+        for _ in range(cfg.num_eval):
+            x, c = example(r, rng, cfg.context)
+            b = collate(model, [x], pad)
+            vision = {k: v for k, v in b["vision"].items() if k != "second_per_grid_ts"}
+            logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], **vision).logits
+            hits += r.tok.decode([logits[0, -2].argmax().item()]).strip() == c
+    model.train()
+    return hits / cfg.num_eval
+
+
+def main(argv=None):
+    cfg = parse_config(Config, sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(cfg.threads)
+    model, proc = load_model("tiny")
+    r, rng, pad = Renderer(proc, ViewConfig()), random.Random(cfg.seed), proc.tokenizer.pad_token_id
+    print(asdict(cfg), flush=True)
+    lines = []
+
+    def draw(step):
+        context = "short" if step <= cfg.short_steps else cfg.context
+        return collate(model, [example(r, rng, context)[0] for _ in range(cfg.batch_size)], pad)
+
+    def report(step, loss):
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            lines.append(dict(step=step, loss=round(loss, 3), colour_acc=colour_acc(model, r, cfg, pad)))
+            print(lines[-1], flush=True)
+    needle.fit(model, draw, cfg.steps, cfg.lr, 10, report)
+    return lines
+
+
+if __name__ == "__main__":
+    main()
