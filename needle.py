@@ -241,6 +241,16 @@ def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), si
     return head + renderer.observation(obs) + renderer.assistant(turn, final=True)
 
 
+def copy_example(renderer, rng, cfg: NeedleConfig = NeedleConfig()):
+    """The question alone, then "<think>The <its colour>" (loss on that): the copy the policy's think starts with,
+    on a short context. The tiny model learns it here in ~150 steps and then uses it in the full prompt at once,
+    but not from the full prompt alone (bench/copy_study.py). Returns (Rendered, colour)."""
+    c = rng.choice(SCENE_COLOURS)
+    q = question(c, rng.random() < cfg.when_fraction, cfg)
+    return (renderer.text(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
+            + renderer.text(f"<think>The {c}", train=1)), c
+
+
 def scene_queries(renderer, rng, scenes, times, skip, n, offset=0.0):
     """Up to n user turns, each asking where another scene is (one whose colour occurs once in the video and is
     not `skip`), answered with its crop window read off the global view `times` as the SFT think writes it (loss on
@@ -318,6 +328,12 @@ def reading_warmup(model, processor, view, steps, lr=4e-3, seed=0, max_pairs=8, 
     return skill_warmup(model, processor, view, steps,
                         lambda r, rng: reading_example(r, rng, rng.randint(1, max_pairs), cfg, size),
                         lr, seed, batch_size, "reading warm-up")
+
+
+def copy_warmup(model, processor, view, steps, lr=4e-3, seed=0, batch_size=8, cfg=NeedleConfig()):
+    """Teach the copy of the question's colour into the think on short contexts first (copy_example)."""
+    return skill_warmup(model, processor, view, steps, lambda r, rng: copy_example(r, rng, cfg)[0],
+                        lr, seed + 2, batch_size, "copy warm-up")
 
 
 def grounding_warmup(model, processor, view, steps, lr=4e-3, seed=0, queries=8, batch_size=8, cfg=NeedleConfig()):

@@ -96,6 +96,8 @@ class Config:
     cache: bool = True              # keep rendered samples in memory (false: re-render each time)
     workers: int = 2                # threads rendering samples at start-up (video decoding, processor)
     threads: int = 1                # CPU only: torch intra-op threads (0 = torch's default; see above)
+    copy_warmup: int = 0            # steps of needle.copy_warmup (the question alone -> "<think>The <colour>") first
+                                    # (off: the copy it teaches does not survive the warm-ups and SFT after it, README)
     reading_warmup: int = -1        # steps of needle.reading_warmup (in-memory crops alone) before SFT; -1: 600 when
                                     # the tiny model starts from scratch on the default needle data, else 0
     reading_max_pairs: int = 8      # its crops show 1..this many temporal patches
@@ -364,6 +366,10 @@ def main(argv=None):
         return r
 
     # ---- the warm-ups (needle data, tiny model from scratch): every rank runs the same seeded steps
+    if cfg.copy_warmup and not cfg.resume:
+        losses = needle.copy_warmup(model, processor, view, cfg.copy_warmup, lr=cfg.lr, seed=cfg.seed)
+        print0(f"copy warm-up: {cfg.copy_warmup} steps, loss {losses[0]:.3f} -> "
+               f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     if cfg.grounding_warmup and not cfg.resume:
         losses = needle.grounding_warmup(model, processor, view, cfg.grounding_warmup, lr=cfg.lr, seed=cfg.seed,
                                          queries=cfg.grounding_queries)

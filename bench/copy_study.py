@@ -39,11 +39,11 @@ class Config:
 
 def example(r, rng, context):
     """(Rendered with the loss on "<think>The <colour>", the colour)."""
+    if context == "short":
+        return needle.copy_example(r, rng)
     c = rng.choice(needle.SCENE_COLOURS)
     q = needle.question(c, rng.random() < needle.NeedleConfig.when_fraction, needle.NeedleConfig())
     target = r.text(f"<think>The {c}", train=1)
-    if context == "short":
-        return r.text(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n") + target, c
     if context == "system":
         return r.text(f"<|im_start|>system\n{r.system_text()}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
                       f"<|im_start|>assistant\n") + target, c

@@ -205,3 +205,21 @@ def test_copy_study_examples_and_run():
     lines = copy_study.main(["--context=video", "--short_steps=1", "--steps=2", "--eval_every=2", "--num_eval=2",
                              "--batch_size=2"])
     assert [x["step"] for x in lines] == [2] and 0 <= lines[0]["colour_acc"] <= 1
+
+
+def test_copy_warmup_teaches_the_colour_copy():
+    """needle.copy_warmup (150 steps of the question alone -> "<think>The <colour>", seconds on CPU) makes the model
+    name the question's colour after "<think>The" in the full prompt (system text, global view, question), where
+    the untrained model is at chance; it is deterministic for a seed."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import copy_study
+    model, proc = load_model("tiny")
+    r, pad = Renderer(proc, ViewConfig()), proc.tokenizer.pad_token_id
+    cfg = copy_study.Config(context="video", num_eval=32)
+    before = copy_study.colour_acc(model, r, cfg, pad)
+    losses = needle.copy_warmup(model, proc, ViewConfig(), 150)
+    after = copy_study.colour_acc(model, r, cfg, pad)
+    assert before <= 0.3 and after >= 0.7, (before, after)
+    model2, _ = load_model("tiny")
+    assert needle.copy_warmup(model2, proc, ViewConfig(), 150) == losses
