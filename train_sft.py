@@ -366,21 +366,18 @@ def main(argv=None):
         return r
 
     # ---- the warm-ups (needle data, tiny model from scratch): every rank runs the same seeded steps
-    if cfg.copy_warmup and not cfg.resume:
-        losses = needle.copy_warmup(model, processor, view, cfg.copy_warmup, lr=cfg.lr, seed=cfg.seed)
-        print0(f"copy warm-up: {cfg.copy_warmup} steps, loss {losses[0]:.3f} -> "
-               f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    if cfg.grounding_warmup and not cfg.resume:
-        losses = needle.grounding_warmup(model, processor, view, cfg.grounding_warmup, lr=cfg.lr, seed=cfg.seed,
-                                         queries=cfg.grounding_queries)
-        print0(f"grounding warm-up: {cfg.grounding_warmup} steps, loss {losses[0]:.3f} -> "
-               f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     auto = 600 if init == "tiny" and cfg.data == DEFAULT_DATA else 0
-    warm = cfg.reading_warmup if cfg.reading_warmup >= 0 else auto
-    if warm and not cfg.resume:
-        losses = needle.reading_warmup(model, processor, view, warm, lr=cfg.lr, seed=cfg.seed,
-                                       max_pairs=cfg.reading_max_pairs)
-        print0(f"reading warm-up: {warm} steps, loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    warmups = [  # (name, steps, run(steps) -> losses), in this order
+        ("copy", cfg.copy_warmup, lambda n: needle.copy_warmup(model, processor, view, n, lr=cfg.lr, seed=cfg.seed)),
+        ("grounding", cfg.grounding_warmup, lambda n: needle.grounding_warmup(
+            model, processor, view, n, lr=cfg.lr, seed=cfg.seed, queries=cfg.grounding_queries)),
+        ("reading", cfg.reading_warmup if cfg.reading_warmup >= 0 else auto, lambda n: needle.reading_warmup(
+            model, processor, view, n, lr=cfg.lr, seed=cfg.seed, max_pairs=cfg.reading_max_pairs))]
+    for name, steps, run in warmups:
+        if steps and not cfg.resume:
+            losses = run(steps)
+            print0(f"{name} warm-up: {steps} steps, loss {losses[0]:.3f} -> "
+                   f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
 
     # ---- optimisation
     engine = wrap(model, cfg, d)

@@ -70,8 +70,6 @@ def isolated(proc, view, rng, cfg, pairs=1):
     nd = dict(start=0.0, end=1.0, colour=col, side=side, x=rng.randrange(cfg.crop_size - side + 1),
               y=rng.randrange(cfg.crop_size - side + 1))
     j = rng.randrange(2 * pairs - cfg.needle_frames + 1)
-    if cfg.needle_frames == 2 and pairs == 1:
-        j = 0
     shown = set(range(j, j + cfg.needle_frames))
     frames = np.stack([needle.frame_at(0.5 if i in shown else 5.0, scene, nd, cfg.crop_size) for i in range(2 * pairs)])
     r = Renderer(proc, view)
