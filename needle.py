@@ -241,14 +241,21 @@ def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), si
     return head + renderer.observation(obs) + renderer.assistant(turn, final=True)
 
 
-def copy_example(renderer, rng, cfg: NeedleConfig = NeedleConfig()):
-    """The question alone, then "<think>The <its colour>" (loss on that): the copy the policy's think starts with,
-    on a short context. The tiny model learns it here in ~150 steps and then uses it in the full prompt at once,
-    but not from the full prompt alone (bench/copy_study.py). Returns (Rendered, colour)."""
+def copy_example(renderer, rng, cfg: NeedleConfig = NeedleConfig(), frames=0):
+    """A prompt, then "<think>The <its question's colour>" (loss on that): the copy the policy's think starts with.
+    frames=0: the question alone (the tiny model learns the copy here in ~150 steps and then uses it in the full
+    prompt at once, but not from the full prompt alone: bench/copy_study.py); frames > 0: the real prompt (system,
+    instruction, a global view of `frames` solid frames of one random colour drawn in memory, 10 s apart, question),
+    which keeps the copy alive when mixed into the reading warm-up and SFT (train_sft --copy_mix). Returns
+    (Rendered, colour)."""
     c = rng.choice(SCENE_COLOURS)
     q = question(c, rng.random() < cfg.when_fraction, cfg)
-    return (renderer.text(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
-            + renderer.text(f"<think>The {c}", train=1)), c
+    target = renderer.text(f"<think>The {c}", train=1)
+    if not frames:
+        return renderer.text(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n") + target, c
+    size = int(math.isqrt(renderer.view.max_pixels))
+    pixels = np.zeros((frames, size, size, 3), np.uint8) + np.array([rng.randrange(256) for _ in range(3)], np.uint8)
+    return renderer.prompt(dict(question=q), pixels, [10.0 * i for i in range(frames)]) + target, c
 
 
 def scene_queries(renderer, rng, scenes, times, skip, n, offset=0.0):
@@ -288,8 +295,9 @@ def grounding_example(renderer, rng, queries=8, cfg: NeedleConfig = NeedleConfig
 def fit(model, draw, steps, lr, warmup=10, on_step=None):
     """The one training loop of the reading warm-up and the bench/ studies: `steps` teacher-forced AdamW steps
     (betas 0.9/0.95, no weight decay; linear warm-up over `warmup` steps, then cosine to 10% of lr; grad norm
-    clipped at 1) on the batches draw(step) returns (data.collate batches, step from 1). The loss is the mean NLL
-    of their policy tokens (train_sft.policy_nll). on_step(step, loss) runs after each step. Returns the losses."""
+    clipped at 1) on the batches draw(step) returns (a data.collate batch or a list of them, step from 1). The loss
+    is the mean NLL of a batch's policy tokens (train_sft.policy_nll), summed over the list. on_step(step, loss)
+    runs after each step. Returns the losses."""
     import torch
     from train_sft import policy_nll  # imported here: train_sft imports this module
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -297,8 +305,9 @@ def fit(model, draw, steps, lr, warmup=10, on_step=None):
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     losses = []
     for step in range(1, steps + 1):
-        batch = draw(step)
-        loss = policy_nll(model, batch) / batch["policy_mask"][:, 1:].sum()
+        batches = draw(step)
+        loss = sum(policy_nll(model, b) / b["policy_mask"][:, 1:].sum()
+                   for b in (batches if isinstance(batches, list) else [batches]))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -310,24 +319,34 @@ def fit(model, draw, steps, lr, warmup=10, on_step=None):
     return losses
 
 
-def skill_warmup(model, processor, view, steps, example, lr=4e-3, seed=0, batch_size=16, desc="warm-up"):
-    """fit() on batches of `batch_size` fresh example(renderer, rng) sequences, with a progress bar. Deterministic
-    for a seed. Returns the losses."""
+def skill_warmup(model, processor, view, steps, example, lr=4e-3, seed=0, batch_size=16, desc="warm-up",
+                 mix=None, mix_size=0):
+    """fit() on batches of `batch_size` fresh example(renderer, rng) sequences, with a progress bar; with `mix`
+    (another example function), each step also trains on a batch of `mix_size` mix(renderer, rng) sequences (its own
+    token mean, added: a few short rows keep their weight beside long ones). Deterministic for a seed. Returns the
+    losses."""
     from tqdm import tqdm
     r, rng, pad = Renderer(processor, view), random.Random(seed), processor.tokenizer.pad_token_id
+
+    def draw(_):
+        main = collate(model, [example(r, rng) for _ in range(batch_size)], pad)
+        return [main, collate(model, [mix(r, rng) for _ in range(mix_size)], pad)] if mix and mix_size else main
     with tqdm(total=steps, desc=desc, mininterval=5) as bar:
-        return fit(model, lambda _: collate(model, [example(r, rng) for _ in range(batch_size)], pad), steps, lr,
-                   on_step=lambda *_: bar.update())
+        return fit(model, draw, steps, lr, on_step=lambda *_: bar.update())
 
 
-def reading_warmup(model, processor, view, steps, lr=4e-3, seed=0, max_pairs=8, batch_size=16, cfg=NeedleConfig()):
+def reading_warmup(model, processor, view, steps, lr=4e-3, seed=0, max_pairs=8, batch_size=16, cfg=NeedleConfig(),
+                   copy_mix=0, copy_frames=20):
     """Train the reading skill alone before SFT: reading_example batches of 1..max_pairs temporal patches. The tiny
     model from scratch does not learn to read the needle inside the full SFT context (bench/reading.py); after
-    this warm-up the pipeline's policy reads it in part (README results)."""
+    this warm-up the pipeline's policy reads it in part (README results). copy_mix > 0: each step also trains the
+    colour copy on that many copy_example rows in the real prompt (`copy_frames` frames): without them the copy is
+    not learned, or a copy learned before is lost (README "The grounding study")."""
     size = int(math.isqrt(view.crop_max_pixels))
     return skill_warmup(model, processor, view, steps,
                         lambda r, rng: reading_example(r, rng, rng.randint(1, max_pairs), cfg, size),
-                        lr, seed, batch_size, "reading warm-up")
+                        lr, seed, batch_size, "reading warm-up",
+                        lambda r, rng: copy_example(r, rng, cfg, copy_frames)[0], copy_mix)
 
 
 def copy_warmup(model, processor, view, steps, lr=4e-3, seed=0, batch_size=8, cfg=NeedleConfig()):

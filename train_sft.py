@@ -101,6 +101,12 @@ class Config:
     reading_warmup: int = -1        # steps of needle.reading_warmup (in-memory crops alone) before SFT; -1: 600 when
                                     # the tiny model starts from scratch on the default needle data, else 0
     reading_max_pairs: int = 8      # its crops show 1..this many temporal patches
+    copy_mix: int = 0               # rows of needle.copy_example (the real prompt with a solid-colour global view ->
+                                    # "<think>The <the question's colour>") added to every reading warm-up and SFT
+                                    # step, as their own token-mean loss term: the policy then names the question's
+                                    # colour (32/32 vs 4/32) but its crops and answers get worse (off; README
+                                    # "The grounding study")
+    copy_frames: int = 20           # frames of their global view
     grounding_warmup: int = 0       # steps of needle.grounding_warmup (in-memory global views, the crop window of
                                     # several scenes asked per view) before the reading warm-up (off: no gain in
                                     # the pipeline, README "The grounding study")
@@ -367,12 +373,14 @@ def main(argv=None):
 
     # ---- the warm-ups (needle data, tiny model from scratch): every rank runs the same seeded steps
     auto = 600 if init == "tiny" and cfg.data == DEFAULT_DATA else 0
+    copy_renderer = Renderer(processor, view)  # for --copy_mix rows
     warmups = [  # (name, steps, run(steps) -> losses), in this order
         ("copy", cfg.copy_warmup, lambda n: needle.copy_warmup(model, processor, view, n, lr=cfg.lr, seed=cfg.seed)),
         ("grounding", cfg.grounding_warmup, lambda n: needle.grounding_warmup(
             model, processor, view, n, lr=cfg.lr, seed=cfg.seed, queries=cfg.grounding_queries)),
         ("reading", cfg.reading_warmup if cfg.reading_warmup >= 0 else auto, lambda n: needle.reading_warmup(
-            model, processor, view, n, lr=cfg.lr, seed=cfg.seed, max_pairs=cfg.reading_max_pairs))]
+            model, processor, view, n, lr=cfg.lr, seed=cfg.seed, max_pairs=cfg.reading_max_pairs,
+            copy_mix=cfg.copy_mix, copy_frames=cfg.copy_frames))]
     for name, steps, run in warmups:
         if steps and not cfg.resume:
             losses = run(steps)
@@ -418,17 +426,23 @@ def main(argv=None):
         mine = orders[epoch][b][d.rank::world]  # rank-strided share of the (length-sorted) global batch
         micro = [[rendered(k) for k in mine[j:j + cfg.micro_batch_size]]
                  for j in range(0, len(mine), cfg.micro_batch_size)]
-        # global count of policy tokens, so the loss is a mean over the whole global batch
+        parts = [(mb, 0) for mb in micro]  # (rows, loss term: 0 SFT, 1 the colour copy), the copy rows first
+        if cfg.copy_mix:  # a fresh draw per (seed, step, rank): a resumed run draws the same rows
+            crng = random.Random(cfg.seed * 1_000_003 + step * 1_009 + d.rank)
+            parts.insert(0, ([needle.copy_example(copy_renderer, crng, frames=cfg.copy_frames)[0]
+                              for _ in range(max(1, cfg.copy_mix // world))], 1))
+        # global counts of policy tokens, so each loss term is a mean over the whole global batch
         counts = torch.tensor([sum(sum(r.policy_mask[1:]) for mb in micro for r in mb),
-                               sum(len(r.input_ids) for mb in micro for r in mb)], dtype=torch.float64,
-                              device=d.device)
+                               sum(len(r.input_ids) for mb in micro for r in mb),
+                               sum(sum(r.policy_mask[1:]) for mb, kind in parts if kind for r in mb)],
+                              dtype=torch.float64, device=d.device)
         if world > 1:
             dist.all_reduce(counts)
-        n_policy, n_tokens = counts.tolist()
-        nll = torch.zeros((), dtype=torch.float64, device=d.device)
+        n_policy, n_tokens, n_copy = counts.tolist()
+        nll = torch.zeros(2, dtype=torch.float64, device=d.device)
         model.train()
-        for j, mb in enumerate(micro):
-            last = j == len(micro) - 1
+        for j, (mb, kind) in enumerate(parts):
+            last = j == len(parts) - 1
             if fsdp:
                 engine.set_requires_gradient_sync(last)
             sync = engine.no_sync() if world > 1 and not fsdp and not last else nullcontext()
@@ -438,13 +452,13 @@ def main(argv=None):
             with sync, autocast:
                 loss_sum = engine(batch)
                 # DDP and FSDP2 average gradients over ranks: scale by world to get the global-token mean
-                (loss_sum * world / max(n_policy, 1.0)).backward()
-            nll += loss_sum.detach().double()
+                (loss_sum * world / max(counts[kind].item(), 1.0)).backward()
+            nll[kind] += loss_sum.detach().double()
         if world > 1:
             dist.all_reduce(nll)
-        loss = nll.item() / max(n_policy, 1.0)
+        loss, copy_loss = nll[0].item() / max(n_policy, 1.0), nll[1].item() / max(n_copy, 1.0)
         grad_norm = float("nan")
-        ok = math.isfinite(loss)
+        ok = math.isfinite(loss) and math.isfinite(copy_loss)
         if ok:
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
@@ -463,6 +477,8 @@ def main(argv=None):
                    policy_tokens=int(n_policy), tokens=int(n_tokens), skipped_update=not ok,
                    nonfinite_steps=nonfinite, skipped_samples=skipped,
                    tokens_per_s=round(n_tokens / dt, 1), step_time=round(dt, 3))
+        if cfg.copy_mix:
+            row["copy_loss"] = copy_loss
         if d.is_main:
             with open(metrics_path, "a") as f:  # reopened each time: a checkpoint swaps the directory
                 f.write(json.dumps(row) + "\n")

@@ -4,6 +4,7 @@
     python bench/copy_study.py --context=system      # the real system prompt (tool schema) first, no video
     python bench/copy_study.py --context=video       # the real prompt: system, a 20-frame global view, question
     python bench/copy_study.py --context=video --short_steps=150   # 150 steps on the short form first
+    python bench/copy_study.py --context=video --reading=16 --steps=600  # beside the reading warm-up's batches
 
 The first word the policy must get right is the scene's colour in "<think>The <colour> scene is around ...":
 a copy of one token from the question. The loss is on "<think>The <colour>" only; every --eval_every steps it
@@ -15,7 +16,6 @@ import random
 import sys
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,6 +28,8 @@ from model import load_model, parse_config  # noqa: E402
 class Config:
     context: str = "video"   # short | system | video: what comes before the question (see the docstring)
     short_steps: int = 0     # the first N steps train on the short form whatever --context is (a curriculum)
+    reading: int = 0         # also train each step on a batch of this many needle.reading_example rows (the reading
+                             # warm-up's, 1-8 patches; own token mean, added): does the copy form / survive beside it?
     steps: int = 300         # optimizer steps
     batch_size: int = 8
     lr: float = 4e-3
@@ -39,17 +41,13 @@ class Config:
 
 def example(r, rng, context):
     """(Rendered with the loss on "<think>The <colour>", the colour)."""
-    if context == "short":
-        return needle.copy_example(r, rng)
-    c = rng.choice(needle.SCENE_COLOURS)
-    q = needle.question(c, rng.random() < needle.NeedleConfig.when_fraction, needle.NeedleConfig())
-    target = r.text(f"<think>The {c}", train=1)
     if context == "system":
+        c = rng.choice(needle.SCENE_COLOURS)
+        q = needle.question(c, rng.random() < needle.NeedleConfig.when_fraction, needle.NeedleConfig())
         return r.text(f"<|im_start|>system\n{r.system_text()}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
-                      f"<|im_start|>assistant\n") + target, c
-    if context == "video":
-        frames = np.zeros((20, 56, 56, 3), np.uint8) + np.array([rng.randrange(256) for _ in range(3)], np.uint8)
-        return r.prompt(dict(question=q), frames, [10.0 * i for i in range(20)]) + target, c
+                      f"<|im_start|>assistant\n") + r.text(f"<think>The {c}", train=1), c
+    if context in ("short", "video"):
+        return needle.copy_example(r, rng, frames=20 if context == "video" else 0)
     raise SystemExit(f"--context must be short, system or video, got {context!r}")
 
 
@@ -77,7 +75,11 @@ def main(argv=None):
 
     def draw(step):
         context = "short" if step <= cfg.short_steps else cfg.context
-        return collate(model, [example(r, rng, context)[0] for _ in range(cfg.batch_size)], pad)
+        batch = collate(model, [example(r, rng, context)[0] for _ in range(cfg.batch_size)], pad)
+        if not cfg.reading or step <= cfg.short_steps:
+            return batch
+        rows = [needle.reading_example(r, rng, rng.randint(1, 8)) for _ in range(cfg.reading)]
+        return [collate(model, rows, pad), batch]
 
     def report(step, loss):
         if step % cfg.eval_every == 0 or step == cfg.steps:

@@ -121,6 +121,25 @@ def test_reading_example_and_warmup():
     assert needle.reading_warmup(model2, proc, ViewConfig(), 15, max_pairs=2, batch_size=4) == losses
 
 
+def test_reading_warmup_with_copy_mix_adds_the_copy_rows_token_mean():
+    """reading_warmup(copy_mix=3): each step's loss is the token mean of its reading batch plus that of 3 copy_example
+    rows in the real prompt (fit sums the means of a list of batches): the first step's loss, computed before any
+    update, equals the two means recomputed here from the same seeded draws under the initial weights."""
+    from data import collate
+    from train_sft import policy_nll
+    model, proc = load_model("tiny")
+    view, pad = ViewConfig(), proc.tokenizer.pad_token_id
+    r, rng = Renderer(proc, view), random.Random(0)
+    main = [needle.reading_example(r, rng, rng.randint(1, 2), needle.NeedleConfig(), 56) for _ in range(2)]
+    mix = [needle.copy_example(r, rng, frames=6)[0] for _ in range(3)]
+    with torch.no_grad():
+        means = [policy_nll(model, b).item() / b["policy_mask"][:, 1:].sum().item()
+                 for b in (collate(model, main, pad), collate(model, mix, pad))]
+    want, alone = sum(means), means[0]
+    losses = needle.reading_warmup(model, proc, view, 2, max_pairs=2, batch_size=2, copy_mix=3, copy_frames=6)
+    assert losses[0] == pytest.approx(want, rel=1e-5) and want > alone + 1  # the copy term is there (~ln 10 at init)
+
+
 def frame_colours(proc, rendered):
     """The colour name of every frame of a rendered global view, read back from its pixel values (each frame is one
     solid colour): the per-channel mean of each frame of each temporal patch against that of a solid frame pair."""
@@ -174,6 +193,38 @@ def test_grounding_example_targets_the_window_read_off_the_prompt():
         counts.add(len(times))
         checked += 1
     assert checked >= 10 and kinds == {"Wh", "At"} and len(counts) > 3
+
+
+def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs():
+    """bench/time_copy.example, checked against the prompt alone: the colour of each temporal patch read back from
+    its pixels, the timestamps from the text; the target names the question's colour and the timestamp written
+    before that colour's patch (random times: not the patch's position x 10 s); the loss is on the target only;
+    `at` is the colour word's index. A short run reports both accuracies and the curriculum's."""
+    import re
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import time_copy
+    _, proc = load_model("tiny")
+    r, tok, shifted = Renderer(proc, ViewConfig()), proc.tokenizer, 0
+    for seed in range(8):
+        for bare in (False, True):
+            x, at = time_copy.example(r, random.Random(seed), 5, bare=bare)
+            text = tok.decode(x.input_ids)
+            times = re.findall(r"(\d+)s<\|vision_start\|>", text)
+            pairs = [set(p) for p in zip(*[iter(frame_colours(proc, x))] * 2)]
+            colour = re.search(r"the (\w+) scene\?", text).group(1)
+            assert len(times) == 5 and all(len(p) == 1 for p in pairs) and len(set.union(*pairs)) == 5
+            want = times[[i for i, p in enumerate(pairs) if colour in p][0]]
+            assert tok.decode([i for i, m in zip(x.input_ids, x.policy_mask) if m]) == \
+                f"<think>The {colour} scene is around {want}s"
+            assert tok.decode(x.input_ids[at:]) == f" {colour} scene is around {want}s"
+            assert ("# Tools" in text) != bare
+            shifted += times != [str(10 * i) for i in range(5)]
+    assert shifted == 16
+    lines = time_copy.main(["--groups=3", "--short_steps=1", "--steps=2", "--eval_every=2", "--num_eval=2",
+                            "--batch_size=2"])
+    assert [x["step"] for x in lines] == [2] and all(0 <= lines[0][k] <= 1 for k in (
+        "colour_acc", "time_acc", "short_colour_acc", "short_time_acc"))
 
 
 def test_grounding_warmup_lowers_its_loss_deterministically():

@@ -91,6 +91,27 @@ def test_loss_only_trains_policy_tokens(sft_file):
     assert not torch.equal(loss_and_grads(changed)[0], loss)
 
 
+def test_copy_mix_adds_the_copy_rows_token_mean(sft_file, tmp_path):
+    """--copy_mix=3: each step also trains on 3 needle.copy_example rows (drawn from the seed, step and rank) as a
+    loss term of its own; the logged copy_loss of step 1 equals their token-mean NLL under the initial weights,
+    computed here from rows drawn the same way, and the SFT loss is the one a run without the rows logs."""
+    import random
+    import needle
+    out, plain = str(tmp_path / "mix"), str(tmp_path / "plain")
+    train_sft.main(args(sft_file, out, steps=1, copy_mix=3, copy_frames=4))
+    train_sft.main(args(sft_file, plain, steps=1, copy_mix=0))
+    model, proc = load_model("tiny")
+    r, rng = Renderer(proc, ViewConfig(global_frames=8, crop_max_frames=8)), random.Random(0)
+    rows = [needle.copy_example(r, rng, frames=4)[0] for _ in range(3)]
+    assert all(proc.tokenizer.decode(x.input_ids).count("<|vision_start|>") == 2 for x in rows)  # 4 frames, 2 groups
+    batch = collate(model, rows, proc.tokenizer.pad_token_id)
+    with torch.no_grad():
+        want = train_sft.policy_nll(model, batch).item() / batch["policy_mask"][:, 1:].sum().item()
+    (m,), (p,) = metrics(out), metrics(plain)
+    assert m["copy_loss"] == pytest.approx(want, rel=1e-5) and "copy_loss" not in p
+    assert m["loss"] == pytest.approx(p["loss"], rel=1e-6) and m["policy_tokens"] == p["policy_tokens"]
+
+
 def test_padded_batch_equals_single_rows(sft_file):
     """policy_nll runs without an attention mask: with right padding no real token can see a pad."""
     model, proc = load_model("tiny")
@@ -125,9 +146,11 @@ def test_two_processes_match_one(sft_file, tmp_path, parallel):
 
 
 # --------------------------------------------------------------------------- resume and checkpoints
-def test_resume_is_exact(sft_file, tmp_path):
+@pytest.mark.parametrize("copy_mix", [0, 2])
+def test_resume_is_exact(sft_file, tmp_path, copy_mix):
+    """With --copy_mix too: its rows are drawn per (seed, step, rank), so a resumed run trains on the same ones."""
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    kw = dict(steps=6, batch_size=2, save_every=2)
+    kw = dict(steps=6, batch_size=2, save_every=2, copy_mix=copy_mix, copy_frames=4)
     train_sft.main(args(sft_file, straight, **kw))
     train_sft.main(args(sft_file, split, stop_at=3, **kw))
     assert [m["step"] for m in metrics(split)] == [1, 2, 3]
@@ -135,6 +158,7 @@ def test_resume_is_exact(sft_file, tmp_path):
     assert_same_params(straight, split, atol=0)
     strip = [[{k: v for k, v in m.items() if k not in TIMING} for m in metrics(o)] for o in (straight, split)]
     assert strip[0] == strip[1] and len(strip[0]) == 6
+    assert all(("copy_loss" in m) == bool(copy_mix) for m in strip[0])
     state = torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)
     assert state["step"] == 6 and state["config"]["steps"] == 6 and len(state["rng"]) == 1
 

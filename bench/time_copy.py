@@ -1,0 +1,120 @@
+"""Can the tiny model learn to COPY a scene's timestamp off the global view? A measured study, not a unit test.
+
+    python bench/time_copy.py                                   # the real prompt, 8 scenes, from scratch
+    python bench/time_copy.py --short_steps=300 --short_groups=2   # 300 steps on 2-scene user turns first
+    python bench/time_copy.py --times=regular                   # times one per 10 s from 0 (positions suffice)
+    python bench/time_copy.py --number_digits=4                 # every timestamp one token
+
+The SFT think starts "<think>The <colour> scene is around <T>s": T is the timestamp written before the scene's frames
+in the prompt. bench/grounding.py found that the model computes T from the frames' positions instead of copying
+it (times shown 600 s later -> IoU 0). Here every view is --groups temporal patches (2 frames each) of distinct
+solid scene colours, and with --times=random their timestamps start anywhere in 0-600 s with gaps of 5-60 s, so
+only a copy gives T. The loss is on "<think>The <colour> scene is around <T>s" after the question (either kind, as
+in the data). Every --eval_every steps it prints, on --num_eval held-out views of --groups patches in the real
+prompt: colour_acc (the colour word right, teacher-forced) and time_acc (every token of "<colour> scene is around
+<T>s" right, teacher-forced: the copy done); with a curriculum, the same on its own form (short_*). A curriculum: the first --short_steps steps use views of
+--short_groups patches in a bare user turn (no system prompt, no instruction), which is how bench/copy_study.py
+got the colour copy to form.
+"""
+import os
+import random
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import needle  # noqa: E402
+from data import Renderer, ViewConfig, collate  # noqa: E402
+from model import COLOURS, load_model, parse_config  # noqa: E402
+
+
+@dataclass
+class Config:
+    groups: int = 8          # temporal patches (scenes) per view, <= 10 (one colour each)
+    times: str = "random"    # random | regular (one patch per 10 s from 0: positions give T)
+    short_steps: int = 0     # curriculum: the first N steps use --short_groups patches in a bare user turn
+    short_groups: int = 2
+    number_digits: int = 1   # model.NUMBER_DIGITS: longest number that is one token (4: every time one token)
+    steps: int = 600         # optimizer steps
+    batch_size: int = 8
+    lr: float = 4e-3
+    eval_every: int = 100
+    num_eval: int = 64
+    seed: int = 0
+    threads: int = 1
+
+
+def example(r, rng, groups, times="random", bare=False):
+    """(Rendered with the loss on the think's first words, index of the first policy token of the colour word)."""
+    cols = rng.sample(needle.SCENE_COLOURS, groups)
+    if times == "regular":
+        starts = [10.0 * i for i in range(groups)]
+    elif times == "random":
+        starts = [5.0 * rng.randrange(0, 121)]
+        for _ in range(groups - 1):
+            starts.append(starts[-1] + 5.0 * rng.randint(1, 12))
+    else:
+        raise SystemExit(f"--times must be random or regular, got {times!r}")
+    size = int(np.sqrt(r.view.max_pixels))
+    frames = np.stack([np.full((size, size, 3), COLOURS[c], np.uint8) for c in cols for _ in range(2)])
+    ts = [t + k for t in starts for k in (0.0, 2.5)]
+    k = rng.randrange(groups)
+    q = needle.question(cols[k], rng.random() < needle.NeedleConfig.when_fraction, needle.NeedleConfig())
+    if bare:
+        head = r.text("<|im_start|>user\n") + r.visual(frames, ts) + r.text(f"{q}<|im_end|>\n<|im_start|>assistant\n")
+    else:
+        head = r.prompt(dict(question=q), frames, ts)
+    target = r.text("<think>The", train=1) + r.text(f" {cols[k]} scene is around {needle._fmt(starts[k])}s", train=1)
+    return head + target, len(head.input_ids) + len(r.text("<think>The").input_ids)
+
+
+def accuracy(model, r, cfg, pad, groups, bare=False):
+    """(colour_acc, time_acc) on cfg.num_eval held-out views of `groups` patches (in the real prompt, or a bare user
+    turn), teacher-forced."""
+    rng, colour, time = random.Random(10_000 + cfg.seed), 0, 0
+    model.eval()
+    with torch.no_grad():
+        for _ in range(cfg.num_eval):
+            x, at = example(r, rng, groups, cfg.times, bare)
+            b = collate(model, [x], pad)
+            vision = {k: v for k, v in b["vision"].items() if k != "second_per_grid_ts"}
+            logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], **vision).logits[0]
+            right = logits[at - 1:-1].argmax(-1) == b["input_ids"][0, at:]  # the colour word onwards
+            colour += bool(right[0])
+            time += bool(right.all())
+    model.train()
+    return colour / cfg.num_eval, time / cfg.num_eval
+
+
+def main(argv=None):
+    cfg = parse_config(Config, sys.argv[1:] if argv is None else argv)
+    assert 1 <= cfg.groups <= len(needle.SCENE_COLOURS) and 1 <= cfg.short_groups <= len(needle.SCENE_COLOURS)
+    torch.set_num_threads(cfg.threads)
+    import model as M
+    M.NUMBER_DIGITS = cfg.number_digits
+    model, proc = load_model("tiny")
+    r, rng, pad = Renderer(proc, ViewConfig()), random.Random(cfg.seed), proc.tokenizer.pad_token_id
+    print(asdict(cfg), flush=True)
+    lines = []
+
+    def draw(step):
+        short = step <= cfg.short_steps
+        return collate(model, [example(r, rng, cfg.short_groups if short else cfg.groups, cfg.times, short)[0]
+                               for _ in range(cfg.batch_size)], pad)
+
+    def report(step, loss):
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            colour, time = accuracy(model, r, cfg, pad, cfg.groups)
+            lines.append(dict(step=step, loss=round(loss, 3), colour_acc=colour, time_acc=time))
+            if cfg.short_steps:  # and on the curriculum's own form
+                lines[-1]["short_colour_acc"], lines[-1]["short_time_acc"] = accuracy(
+                    model, r, cfg, pad, cfg.short_groups, bare=True)
+            print(lines[-1], flush=True)
+    needle.fit(model, draw, cfg.steps, cfg.lr, 10, report)
+    return lines
+
+
+if __name__ == "__main__":
+    main()
