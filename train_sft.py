@@ -432,13 +432,12 @@ def main(argv=None):
             parts.insert(0, ([needle.copy_example(copy_renderer, crng, frames=cfg.copy_frames)[0]
                               for _ in range(max(1, cfg.copy_mix // world))], 1))
         # global counts of policy tokens, so each loss term is a mean over the whole global batch
-        counts = torch.tensor([sum(sum(r.policy_mask[1:]) for mb in micro for r in mb),
-                               sum(len(r.input_ids) for mb in micro for r in mb),
-                               sum(sum(r.policy_mask[1:]) for mb, kind in parts if kind for r in mb)],
-                              dtype=torch.float64, device=d.device)
+        counts = torch.tensor([sum(sum(r.policy_mask[1:]) for mb, kind in parts if kind == k for r in mb)
+                               for k in (0, 1)] + [sum(len(r.input_ids) for mb in micro for r in mb)],
+                              dtype=torch.float64, device=d.device)  # policy tokens per loss term, SFT tokens
         if world > 1:
             dist.all_reduce(counts)
-        n_policy, n_tokens, n_copy = counts.tolist()
+        n_policy, n_copy, n_tokens = counts.tolist()
         nll = torch.zeros(2, dtype=torch.float64, device=d.device)
         model.train()
         for j, (mb, kind) in enumerate(parts):

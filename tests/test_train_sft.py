@@ -93,23 +93,31 @@ def test_loss_only_trains_policy_tokens(sft_file):
 
 def test_copy_mix_adds_the_copy_rows_token_mean(sft_file, tmp_path):
     """--copy_mix=3: each step also trains on 3 needle.copy_example rows (drawn from the seed, step and rank) as a
-    loss term of its own; the logged copy_loss of step 1 equals their token-mean NLL under the initial weights,
-    computed here from rows drawn the same way, and the SFT loss is the one a run without the rows logs."""
+    loss term of its own. Recomputed here under the initial weights, from the same rows and the whole 8-row file as
+    the one batch: the logged copy_loss is their token-mean NLL, the logged loss the SFT rows' (as a run without the
+    copy rows logs), and the logged grad norm that of the sum of the two means."""
     import random
     import needle
     out, plain = str(tmp_path / "mix"), str(tmp_path / "plain")
-    train_sft.main(args(sft_file, out, steps=1, copy_mix=3, copy_frames=4))
-    train_sft.main(args(sft_file, plain, steps=1, copy_mix=0))
+    kw = dict(steps=1, batch_size=8, micro_batch_size=4)
+    train_sft.main(args(sft_file, out, copy_mix=3, copy_frames=4, **kw))
+    train_sft.main(args(sft_file, plain, copy_mix=0, **kw))
+    cfg = train_sft.Config(max_frames=8, crop_max_frames=8)
     model, proc = load_model("tiny")
-    r, rng = Renderer(proc, ViewConfig(global_frames=8, crop_max_frames=8)), random.Random(0)
-    rows = [needle.copy_example(r, rng, frames=4)[0] for _ in range(3)]
+    view, pad = ViewConfig(global_frames=8, crop_max_frames=8), proc.tokenizer.pad_token_id
+    rng = random.Random(0)
+    rows = [needle.copy_example(Renderer(proc, view), rng, frames=4)[0] for _ in range(3)]
     assert all(proc.tokenizer.decode(x.input_ids).count("<|vision_start|>") == 2 for x in rows)  # 4 frames, 2 groups
-    batch = collate(model, rows, proc.tokenizer.pad_token_id)
-    with torch.no_grad():
-        want = train_sft.policy_nll(model, batch).item() / batch["policy_mask"][:, 1:].sum().item()
+    samples, _ = train_sft.read_samples([sft_file])
+    sft = collate(model, [train_sft.try_render(proc, view, x, i, cfg) for i, x in enumerate(samples)], pad)
+    copy = collate(model, rows, pad)
+    means = [train_sft.policy_nll(model, b) / b["policy_mask"][:, 1:].sum() for b in (sft, copy)]
+    sum(means).backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
     (m,), (p,) = metrics(out), metrics(plain)
-    assert m["copy_loss"] == pytest.approx(want, rel=1e-5) and "copy_loss" not in p
-    assert m["loss"] == pytest.approx(p["loss"], rel=1e-6) and m["policy_tokens"] == p["policy_tokens"]
+    assert m["copy_loss"] == pytest.approx(means[1].item(), rel=1e-5) and "copy_loss" not in p
+    assert m["loss"] == pytest.approx(p["loss"], rel=1e-6) == pytest.approx(means[0].item(), rel=1e-5)
+    assert m["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
 
 
 def test_padded_batch_equals_single_rows(sft_file):
