@@ -62,6 +62,8 @@ class Config:
     max_new_tokens: int = 96                # tokens per assistant turn
     max_total_tokens: int = 4096            # tokens per episode, prompt and observations included
     temperature: float = 1.0                # rollout sampling temperature (LongVT: 1.0)
+    top_p: float = 1.0                      # rollout nucleus sampling (1 = off, LongVT); ratios and KL use the whole
+    top_k: int = 0                          # rollout top-k (0 = off)                   policy's log-probs either way
     view: dict = field(default_factory=dict)    # data.ViewConfig overrides, JSON: --view={"global_frames":16}
     reward: dict = field(default_factory=dict)  # reward.RewardConfig overrides, JSON: --reward={"w_iou":0.5}
     adv_norm: str = "std"                   # "std": (r - mean) / (std + eps) (GRPO) | "none": r - mean (Dr. GRPO)
@@ -315,7 +317,8 @@ def train(cfg: Config):
     def play(prompts, seed):
         """group_size rollouts of each prompt + rewards: ([(trajs, [(total, components)])], skipped prompts)."""
         rc = RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, seed=seed,
-                           max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature)
+                           max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                           top_k=cfg.top_k)
         trajs = rollout(hf, processor, prompts, G, rc, view)
         groups = [trajs[i:i + G] for i in range(0, len(trajs), G)]
         for g in (g for g in groups if g[0].stop_reason == "skipped"):

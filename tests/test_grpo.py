@@ -134,6 +134,17 @@ def test_dynamic_sampling_replaces_then_drops_flat_groups(needle_data, tmp_path,
     assert m["zero_var"] == 1.0 and m["resampled"] == 0 and m["data_pos"] == 2 and m["update_rows"] == 4
 
 
+def test_top_k_reaches_the_rollouts(needle_data, tmp_path, monkeypatch):
+    """--top_k=1 samples greedily: the 4 rollouts of each prompt are the same tokens, so every group's rewards (here
+    the sum of the reply's token ids) are equal; at temperature 1 without it, they differ."""
+    monkeypatch.setattr(train_grpo, "reward_batch",
+                        lambda s, trajs, *a: [(float(sum(t.input_ids[t.prompt_len:])), {}) for t in trajs])
+    for top_k, flat in ((1, 1.0), (0, 0.0)):
+        train_grpo.train(tiny_cfg(needle_data, tmp_path / str(top_k), steps=1, prompts_per_step=2, top_k=top_k,
+                                  max_new_tokens=4))
+        assert metrics(tmp_path / str(top_k))[0]["zero_var"] == flat
+
+
 def test_toy_reward_rises(needle_data, tmp_path, monkeypatch):
     """Reward 1 when the reply contains "red". A random tiny model almost never says it, so we first align the
     (tied) embedding of "red" with the model's mean final hidden state: a logit boost of log(V / 20), so about
