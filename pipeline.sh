@@ -42,7 +42,7 @@ stage "stage 2: GRPO with $NPROC processes -> $RUNS/grpo"
 if ! done_ "$RUNS/grpo"; then
   $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train_grpo.py \
     --init="$RUNS/sft" --data="$DATA/train.jsonl" --eval_data="$DATA/eval.jsonl" --out="$RUNS/grpo" --curve=true \
-    $GRPO_ARGS
+    --top_p=0.9 $GRPO_ARGS  # nucleus rollouts: fewer malformed samples, so the advantage ranks more than format
   touch "$RUNS/grpo/done"
 fi
 
