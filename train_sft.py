@@ -104,7 +104,7 @@ class Config:
     copy_mix: int = 0               # rows of needle.copy_example (the real prompt with a solid-colour global view ->
                                     # "<think>The <the question's colour>") added to every reading warm-up and SFT
                                     # step, as their own token-mean loss term: the policy then names the question's
-                                    # colour (32/32 vs 4/32) but its crops and answers get worse (off; README
+                                    # colour (20-32 of 32 vs 4) but crops and answers get worse (off; README
                                     # "The grounding study")
     copy_frames: int = 20           # frames of their global view
     grounding_warmup: int = 0       # steps of needle.grounding_warmup (in-memory global views, the crop window of
