@@ -4,6 +4,7 @@
     python bench/time_copy.py --short_steps=300 --short_groups=2   # 300 steps on 2-scene user turns first
     python bench/time_copy.py --times=regular                   # times one per 10 s from 0 (positions suffice)
     python bench/time_copy.py --number_digits=4                 # every timestamp one token
+    python bench/time_copy.py --describe=8                      # + 8 views asked "What colour is the scene at <T>s?"
 
 The SFT think starts "<think>The <colour> scene is around <T>s": T is the timestamp written before the scene's frames
 in the prompt. bench/grounding.py found that the model computes T from the frames' positions instead of copying
@@ -37,6 +38,8 @@ class Config:
     short_steps: int = 0     # curriculum: the first N steps use --short_groups patches in a bare user turn
     short_groups: int = 2
     number_digits: int = 1   # model.NUMBER_DIGITS: longest number that is one token (4: every time one token)
+    describe: int = 0        # also train each step on this many views asked the other way round ("What colour is
+                             # the scene at <T>s?" -> "<think>The scene at <T>s is <colour>"; own token mean, added)
     steps: int = 600         # optimizer steps
     batch_size: int = 8
     lr: float = 4e-3
@@ -46,8 +49,9 @@ class Config:
     threads: int = 1
 
 
-def example(r, rng, groups, times="random", bare=False):
-    """(Rendered with the loss on the think's first words, index of the first policy token of the colour word)."""
+def example(r, rng, groups, times="random", bare=False, describe=False):
+    """(Rendered with the loss on the think's first words, index of the first policy token of the colour word).
+    describe: the question names a time and the think the colour of the patch written after it."""
     cols = rng.sample(needle.SCENE_COLOURS, groups)
     if times == "regular":
         starts = [10.0 * i for i in range(groups)]
@@ -62,10 +66,14 @@ def example(r, rng, groups, times="random", bare=False):
     ts = [t + k for t in starts for k in (0.0, 2.5)]
     k = rng.randrange(groups)
     q = needle.question(cols[k], rng.random() < needle.NeedleConfig.when_fraction, needle.NeedleConfig())
+    if describe:
+        q = f"What colour is the scene at {needle._fmt(starts[k])}s?"
     if bare:
         head = r.text("<|im_start|>user\n") + r.visual(frames, ts) + r.text(f"{q}<|im_end|>\n<|im_start|>assistant\n")
     else:
         head = r.prompt(dict(question=q), frames, ts)
+    if describe:
+        return head + r.text(f"<think>The scene at {needle._fmt(starts[k])}s is {cols[k]}", train=1), None
     target = r.text("<think>The", train=1) + r.text(f" {cols[k]} scene is around {needle._fmt(starts[k])}s", train=1)
     return head + target, len(head.input_ids) + len(r.text("<think>The").input_ids)
 
@@ -101,8 +109,12 @@ def main(argv=None):
 
     def draw(step):
         short = step <= cfg.short_steps
-        return collate(model, [example(r, rng, cfg.short_groups if short else cfg.groups, cfg.times, short)[0]
-                               for _ in range(cfg.batch_size)], pad)
+        g = cfg.short_groups if short else cfg.groups
+        batch = collate(model, [example(r, rng, g, cfg.times, short)[0] for _ in range(cfg.batch_size)], pad)
+        if not cfg.describe:
+            return batch
+        return [batch, collate(model, [example(r, rng, g, cfg.times, short, True)[0] for _ in range(cfg.describe)],
+                               pad)]
 
     def report(step, loss):
         if step % cfg.eval_every == 0 or step == cfg.steps:

@@ -199,7 +199,8 @@ def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs():
     """bench/time_copy.example, checked against the prompt alone: the colour of each temporal patch read back from
     its pixels, the timestamps from the text; the target names the question's colour and the timestamp written
     before that colour's patch (random times: not the patch's position x 10 s); the loss is on the target only;
-    `at` is the colour word's index. A short run reports both accuracies and the curriculum's."""
+    `at` is the colour word's index. Asked the other way (describe), the target is the colour of the patch after the
+    asked time. A short run reports both accuracies and the curriculum's."""
     import re
     import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -220,9 +221,16 @@ def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs():
             assert tok.decode(x.input_ids[at:]) == f" {colour} scene is around {want}s"
             assert ("# Tools" in text) != bare
             shifted += times != [str(10 * i) for i in range(5)]
+            y, _ = time_copy.example(r, random.Random(seed), 5, bare=bare, describe=True)  # asked the other way
+            text = tok.decode(y.input_ids)
+            times = re.findall(r"(\d+)s<\|vision_start\|>", text)
+            pairs = [set(p) for p in zip(*[iter(frame_colours(proc, y))] * 2)]
+            t = re.search(r"What colour is the scene at (\d+)s\?", text).group(1)
+            assert tok.decode([i for i, m in zip(y.input_ids, y.policy_mask) if m]) == \
+                f"<think>The scene at {t}s is {pairs[times.index(t)].pop()}"
     assert shifted == 16
     lines = time_copy.main(["--groups=3", "--short_steps=1", "--steps=2", "--eval_every=2", "--num_eval=2",
-                            "--batch_size=2"])
+                            "--batch_size=2", "--describe=1"])
     assert [x["step"] for x in lines] == [2] and all(0 <= lines[0][k] <= 1 for k in (
         "colour_acc", "time_acc", "short_colour_acc", "short_time_acc"))
 
