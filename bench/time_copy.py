@@ -13,9 +13,9 @@ solid scene colours, and with --times=random their timestamps start anywhere in 
 only a copy gives T. The loss is on "<think>The <colour> scene is around <T>s" after the question (either kind, as
 in the data). Every --eval_every steps it prints, on --num_eval held-out views of --groups patches in the real
 prompt: colour_acc (the colour word right, teacher-forced) and time_acc (every token of "<colour> scene is around
-<T>s" right, teacher-forced: the copy done); with a curriculum, the same on its own form (short_*). A curriculum: the first --short_steps steps use views of
---short_groups patches in a bare user turn (no system prompt, no instruction), which is how bench/copy_study.py
-got the colour copy to form.
+<T>s" right, teacher-forced: the copy done); with a curriculum, the same on its own form (short_*). A curriculum:
+the first --short_steps steps use views of --short_groups patches in a bare user turn (no system prompt, no
+instruction), which is how bench/copy_study.py got the colour copy to form.
 """
 import os
 import random
@@ -65,17 +65,17 @@ def example(r, rng, groups, times="random", bare=False, describe=False):
     frames = np.stack([np.full((size, size, 3), COLOURS[c], np.uint8) for c in cols for _ in range(2)])
     ts = [t + k for t in starts for k in (0.0, 2.5)]
     k = rng.randrange(groups)
-    q = needle.question(cols[k], rng.random() < needle.NeedleConfig.when_fraction, needle.NeedleConfig())
+    when, at = rng.random() < needle.NeedleConfig.when_fraction, needle._fmt(starts[k])  # `when` drawn either way
     if describe:
-        q = f"What colour is the scene at {needle._fmt(starts[k])}s?"
+        q, think = f"What colour is the scene at {at}s?", f"<think>The scene at {at}s is {cols[k]}"
+    else:
+        q, think = needle.question(cols[k], when, needle.NeedleConfig()), f"<think>The {cols[k]} scene is around {at}s"
     if bare:
         head = r.text("<|im_start|>user\n") + r.visual(frames, ts) + r.text(f"{q}<|im_end|>\n<|im_start|>assistant\n")
     else:
         head = r.prompt(dict(question=q), frames, ts)
-    if describe:
-        return head + r.text(f"<think>The scene at {needle._fmt(starts[k])}s is {cols[k]}", train=1), None
-    target = r.text("<think>The", train=1) + r.text(f" {cols[k]} scene is around {needle._fmt(starts[k])}s", train=1)
-    return head + target, len(head.input_ids) + len(r.text("<think>The").input_ids)
+    colour_at = None if describe else len(head.input_ids) + len(r.text("<think>The").input_ids)
+    return head + r.text(think, train=1), colour_at
 
 
 def accuracy(model, r, cfg, pad, groups, bare=False):
