@@ -217,6 +217,12 @@ def cat_vision(parts):
     return out
 
 
+def model_vision(vision, device=None):
+    """The vision inputs of a forward pass with explicit position ids: everything but second_per_grid_ts (only
+    get_rope_index needs it, and collate/positions already ran that), moved to `device` when given."""
+    return {k: v if device is None else v.to(device) for k, v in vision.items() if k != "second_per_grid_ts"}
+
+
 class Renderer:
     """Messages -> Rendered, for one processor and view config."""
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from data import Rendered, Renderer, ViewConfig, cat_vision, global_view, positions
+from data import Rendered, Renderer, ViewConfig, cat_vision, global_view, model_vision, positions
 from model import unwrap
 from tools import ToolError, observe, video_info
 
@@ -138,8 +138,7 @@ class Engine:
             att[b, L - n:] = 1
             pos[:, b, L - n:] = positions(self.model, c) + off
         self.att = att if self.att is None else torch.cat([self.att, att], 1)
-        vision = {k: v.to(self.device) for k, v in cat_vision([c.vision for c in chunks]).items()
-                  if k != "second_per_grid_ts"}  # only get_rope_index needs it, and positions are explicit
+        vision = model_vision(cat_vision([c.vision for c in chunks]), self.device)
         out = self.model(input_ids=ids.to(self.device), attention_mask=self.att.to(self.device),
                          position_ids=pos.to(self.device), past_key_values=self.cache, use_cache=True,
                          logits_to_keep=1, **vision)

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import needle
-from data import ViewConfig, collate, load_samples
+from data import ViewConfig, collate, load_samples, model_vision
 from model import (atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, rng_state,
                    set_rng_state, token_logprobs)
 from reward import Judge, RewardConfig, answer_type, reward_batch
@@ -143,7 +143,7 @@ class LogProbs(torch.nn.Module):
 
     def forward(self, b, with_entropy=False):
         dev = next(self.hf.parameters()).device
-        vision = {k: v.to(dev) for k, v in b["vision"].items() if k != "second_per_grid_ts"}
+        vision = model_vision(b["vision"], dev)
         with torch.autocast("cuda", torch.bfloat16) if self.autocast else nullcontext():
             return token_logprobs(self.hf, b["input_ids"].to(dev), b["attention_mask"].to(dev),
                                   b["position_ids"].to(dev), with_entropy=with_entropy, mask=b["policy_mask"].to(dev),

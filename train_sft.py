@@ -56,7 +56,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DataError, Renderer, ViewConfig, collate, global_times, normalize_row, read_rows, render_sft
+from data import (DataError, Renderer, ViewConfig, collate, global_times, model_vision, normalize_row, read_rows,
+                  render_sft)
 from model import (atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, rng_state,
                    set_rng_state, unwrap)
 import needle
@@ -133,7 +134,7 @@ def policy_nll(model, batch, labels=None):
     bare = unwrap(model)
     ids = batch["input_ids"]
     labels = ids if labels is None else labels
-    vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}  # positions are explicit
+    vision = model_vision(batch["vision"])
     # Right padding: causal attention never lets a real token see a pad, so no mask is needed (sdpa then takes
     # its causal kernel); the pads' own outputs are never used.
     hidden = bare.model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False,

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import needle  # noqa: E402
-from data import Renderer, ViewConfig, collate  # noqa: E402
+from data import Renderer, ViewConfig, collate, model_vision  # noqa: E402
 from model import load_model, parse_config  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def colour_acc(model, r, cfg, pad):
         for _ in range(cfg.num_eval):
             x, c = example(r, rng, cfg.context)
             b = collate(model, [x], pad)
-            vision = {k: v for k, v in b["vision"].items() if k != "second_per_grid_ts"}
+            vision = model_vision(b["vision"])
             logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], **vision).logits
             hits += r.tok.decode([logits[0, -2].argmax().item()]).strip() == c
     model.train()

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import needle  # noqa: E402
-from data import Renderer, ViewConfig, collate, global_times  # noqa: E402
+from data import Renderer, ViewConfig, collate, global_times, model_vision  # noqa: E402
 from model import TinyConfig, load_model, parse_config  # noqa: E402
 
 
@@ -154,7 +154,7 @@ def evaluate(model, proc, view, cfg, pad, offset=0.0):
                            square=cfg.square)
                    for _ in range(min(cfg.batch_size, cfg.num_eval - i))]
             batch = collate(model, [e[0] for e in exs], pad)
-            vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
+            vision = model_vision(batch["vision"])
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **vision).logits
             for b, (_, (ra, rb, ic), (a, bb), scene) in enumerate(exs):
                 hits_c += logits[b, ic - 1].argmax().item() == batch["input_ids"][b, ic].item()

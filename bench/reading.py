@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import needle  # noqa: E402
 from bench.grounding import layout  # noqa: E402
-from data import Renderer, ViewConfig, collate, global_times  # noqa: E402
+from data import Renderer, ViewConfig, collate, global_times, model_vision  # noqa: E402
 from model import TinyConfig, load_model, parse_config  # noqa: E402
 
 
@@ -118,7 +118,7 @@ def evaluate(model, proc, view, cfg, pad):
             exs = [example(proc, view, rng, cfg)
                    for _ in range(min(cfg.batch_size, cfg.num_eval - i))]
             batch = collate(model, [e[0] for e in exs], pad)
-            vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
+            vision = model_vision(batch["vision"])
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **vision).logits
             for b, (_, (i1, i2)) in enumerate(exs):
                 ids = batch["input_ids"][b]

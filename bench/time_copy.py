@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import needle  # noqa: E402
-from data import Renderer, ViewConfig, collate  # noqa: E402
+from data import Renderer, ViewConfig, collate, model_vision  # noqa: E402
 from model import COLOURS, load_model, parse_config  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def accuracy(model, r, cfg, pad, groups, bare=False):
         for _ in range(cfg.num_eval):
             x, at = example(r, rng, groups, cfg.times, bare)
             b = collate(model, [x], pad)
-            vision = {k: v for k, v in b["vision"].items() if k != "second_per_grid_ts"}
+            vision = model_vision(b["vision"])
             logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], **vision).logits[0]
             right = logits[at - 1:-1].argmax(-1) == b["input_ids"][0, at:]  # the colour word onwards
             colour += bool(right[0])

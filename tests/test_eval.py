@@ -313,14 +313,14 @@ def test_torchrun_two_ranks(needle_dir, tmp_path):
 @pytest.mark.skipif(os.environ.get("LONGVT_SLOW_TESTS") != "1", reason="slow (~2-3 CPU-minutes): LONGVT_SLOW_TESTS=1")
 def test_overfit_export(needle_dir, tmp_path):
     """Overfit a fresh tiny model on one SFT trajectory, save it, and export its greedy trace via the CLI."""
-    from data import collate
+    from data import collate, model_vision
     from model import save_checkpoint, token_logprobs
     from data import ViewConfig
     model, processor = load_model("tiny")
     row = load_samples(os.path.join(needle_dir, "sft.jsonl"))[0]
     view = ViewConfig(global_frames=4, max_pixels=784, crop_max_frames=4, crop_max_pixels=784)
     batch = collate(model, [render_sft(Renderer(processor, view), row)], processor.tokenizer.pad_token_id)
-    vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
+    vision = model_vision(batch["vision"])
     mask = batch["policy_mask"].float()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.98), weight_decay=0.0)
     for _ in range(260):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_grpo
-from data import ViewConfig, collate, load_samples
+from data import ViewConfig, collate, load_samples, model_vision
 from model import load_model, save_checkpoint
 from conftest import ranks_output, run_ranks
 from needle import NeedleConfig, generate
@@ -155,7 +155,7 @@ def test_toy_reward_rises(needle_data, tmp_path, monkeypatch):
                     ViewConfig(**VIEW))
     b = collate(model, [t.rendered() for t in trajs], processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        vision = {k: v for k, v in b["vision"].items() if k != "second_per_grid_ts"}
+        vision = model_vision(b["vision"])
         h = model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                         position_ids=b["position_ids"], **vision).last_hidden_state[b["policy_mask"].bool()]
         u = h.mean(0)

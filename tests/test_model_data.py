@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import (DataError, Renderer, ViewConfig, collate, global_times, global_view, load_samples, positions,
-                  render_sft)
+from data import (DataError, Renderer, ViewConfig, collate, global_times, global_view, load_samples, model_vision,
+                  positions, render_sft)
 from model import (COLOURS, build_tiny_tokenizer, compute_init, load_model, parse_config, save_checkpoint,
                    token_logprobs)
 from needle import NeedleConfig, generate
@@ -289,7 +289,7 @@ def test_renderer_masks_and_concatenation(tiny, needle_set, fmt, stamps):
     assert ids.count(pad) == int(grid.prod(-1).sum()) // 4
     # the model runs on it: forward with M-RoPE positions from get_rope_index
     b = collate(model, [r], tok.pad_token_id)
-    vision = {k: v for k, v in b["vision"].items() if k != "second_per_grid_ts"}
+    vision = model_vision(b["vision"])
     with torch.no_grad():
         lp, _ = token_logprobs(model, b["input_ids"], b["attention_mask"], b["position_ids"], **vision)
     assert torch.isfinite(lp).all() and positions(model, r).shape == (3, len(ids))

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from data import Renderer, ViewConfig, collate, render_sft
+from data import Renderer, ViewConfig, collate, model_vision, render_sft
 from model import TinyConfig, load_model, token_logprobs
 from needle import NeedleConfig, generate
 from rollout import RolloutConfig, rollout
@@ -28,7 +28,7 @@ def full_logprobs(model, proc, trajs):
     out = []
     for t in trajs:
         b = collate(model, [t.rendered()], proc.tokenizer.pad_token_id)
-        vision = {k: v for k, v in b["vision"].items() if k != "second_per_grid_ts"}
+        vision = model_vision(b["vision"])
         with torch.no_grad():
             lp, _ = token_logprobs(model, b["input_ids"], b["attention_mask"], b["position_ids"], **vision)
         out.append(lp[0])
@@ -50,7 +50,7 @@ def scripted(needle_set):
     ren = Renderer(proc, VIEW)
     rendered = [render_sft(ren, r, max_turns=2) for r in rows]
     batch = collate(model, rendered, proc.tokenizer.pad_token_id)
-    vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
+    vision = model_vision(batch["vision"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     mask = batch["policy_mask"]
     for _ in range(500):

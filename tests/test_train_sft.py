@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_sft
-from data import Renderer, ViewConfig, collate, render_sft
+from data import Renderer, ViewConfig, collate, model_vision, render_sft
 from model import load_model, resolve_checkpoint, token_logprobs
 from conftest import ranks_output, run_ranks
 from needle import NeedleConfig, generate
@@ -73,7 +73,7 @@ def test_loss_only_trains_policy_tokens(sft_file):
 
     ids = batch["input_ids"]
     loss, grads = loss_and_grads(ids)
-    vision = {k: v for k, v in batch["vision"].items() if k != "second_per_grid_ts"}
+    vision = model_vision(batch["vision"])
     with torch.no_grad():
         logp, _ = token_logprobs(model, ids, batch["attention_mask"], batch["position_ids"], **vision)
     torch.testing.assert_close(loss, -(logp * mask).sum(), rtol=1e-5, atol=1e-4)
