@@ -61,6 +61,7 @@ from data import (DataError, Renderer, ViewConfig, collate, global_times, model_
 from model import (atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, rng_state,
                    set_rng_state, unwrap)
 import needle
+import warmup
 from rollout import RolloutConfig
 from tools import ToolError, video_info
 
@@ -97,18 +98,18 @@ class Config:
     cache: bool = True              # keep rendered samples in memory (false: re-render each time)
     workers: int = 2                # threads rendering samples at start-up (video decoding, processor)
     threads: int = 1                # CPU only: torch intra-op threads (0 = torch's default; see above)
-    copy_warmup: int = 0            # steps of needle.copy_warmup (the question alone -> "<think>The <colour>") first
+    copy_warmup: int = 0            # steps of warmup.copy_warmup (the question alone -> "<think>The <colour>") first
                                     # (off: the copy it teaches does not survive the warm-ups and SFT after it, README)
-    reading_warmup: int = -1        # steps of needle.reading_warmup (in-memory crops alone) before SFT; -1: 600 when
+    reading_warmup: int = -1        # steps of warmup.reading_warmup (in-memory crops alone) before SFT; -1: 600 when
                                     # the tiny model starts from scratch on the default needle data, else 0
     reading_max_pairs: int = 8      # its crops show 1..this many temporal patches
-    copy_mix: int = 0               # rows of needle.copy_example (the real prompt with a solid-colour global view ->
+    copy_mix: int = 0               # rows of warmup.copy_example (the real prompt with a solid-colour global view ->
                                     # "<think>The <the question's colour>") added to every reading warm-up and SFT
                                     # step, as their own token-mean loss term: the policy then names the question's
                                     # colour (20-32 of 32 vs 4) but crops and answers get worse (off; README
                                     # "The grounding study")
     copy_frames: int = 20           # frames of their global view
-    grounding_warmup: int = 0       # steps of needle.grounding_warmup (in-memory global views, the crop window of
+    grounding_warmup: int = 0       # steps of warmup.grounding_warmup (in-memory global views, the crop window of
                                     # several scenes asked per view) before the reading warm-up (off: no gain in
                                     # the pipeline, README "The grounding study")
     grounding_queries: int = 8      # scenes asked per view in it
@@ -373,20 +374,8 @@ def main(argv=None):
         return r
 
     # ---- the warm-ups (needle data, tiny model from scratch): every rank runs the same seeded steps
-    auto = 600 if init == "tiny" and cfg.data == DEFAULT_DATA else 0
-    copy_renderer = Renderer(processor, view)  # for --copy_mix rows
-    warmups = [  # (name, steps, run(steps) -> losses), in this order
-        ("copy", cfg.copy_warmup, lambda n: needle.copy_warmup(model, processor, view, n, lr=cfg.lr, seed=cfg.seed)),
-        ("grounding", cfg.grounding_warmup, lambda n: needle.grounding_warmup(
-            model, processor, view, n, lr=cfg.lr, seed=cfg.seed, queries=cfg.grounding_queries)),
-        ("reading", cfg.reading_warmup if cfg.reading_warmup >= 0 else auto, lambda n: needle.reading_warmup(
-            model, processor, view, n, lr=cfg.lr, seed=cfg.seed, max_pairs=cfg.reading_max_pairs,
-            copy_mix=cfg.copy_mix, copy_frames=cfg.copy_frames))]
-    for name, steps, run in warmups:
-        if steps and not cfg.resume:
-            losses = run(steps)
-            print0(f"{name} warm-up: {steps} steps, loss {losses[0]:.3f} -> "
-                   f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    if not cfg.resume:
+        warmup.run(model, processor, view, cfg, reading_default=600 if init == "tiny" and cfg.data == DEFAULT_DATA else 0)
 
     # ---- optimisation
     engine = wrap(model, cfg, d)
@@ -430,7 +419,7 @@ def main(argv=None):
         parts = [(mb, 0) for mb in micro]  # (rows, loss term: 0 SFT, 1 the colour copy), the copy rows first
         if cfg.copy_mix:  # a fresh draw per (seed, step, rank): a resumed run draws the same rows
             crng = random.Random(cfg.seed * 1_000_003 + step * 1_009 + d.rank)
-            parts.insert(0, ([needle.copy_example(copy_renderer, crng, frames=cfg.copy_frames)[0]
+            parts.insert(0, ([warmup.copy_example(Renderer(processor, view), crng, frames=cfg.copy_frames)[0]
                               for _ in range(max(1, cfg.copy_mix // world))], 1))
         # global counts of policy tokens, so each loss term is a mean over the whole global batch
         counts = torch.tensor([sum(sum(r.policy_mask[1:]) for mb, kind in parts if kind == k for r in mb)

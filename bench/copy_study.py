@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import needle  # noqa: E402
+import warmup  # noqa: E402
 from data import Renderer, ViewConfig, collate, model_vision  # noqa: E402
 from model import load_model, parse_config  # noqa: E402
 
@@ -28,7 +29,7 @@ from model import load_model, parse_config  # noqa: E402
 class Config:
     context: str = "video"   # short | system | video: what comes before the question (see the docstring)
     short_steps: int = 0     # the first N steps train on the short form whatever --context is (a curriculum)
-    reading: int = 0         # also train each step on a batch of this many needle.reading_example rows (the reading
+    reading: int = 0         # also train each step on a batch of this many warmup.reading_example rows (the reading
                              # warm-up's, 1-8 patches; own token mean, added): does the copy form / survive beside it?
     steps: int = 300         # optimizer steps
     batch_size: int = 8
@@ -47,7 +48,7 @@ def example(r, rng, context):
         return r.text(f"<|im_start|>system\n{r.system_text()}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
                       f"<|im_start|>assistant\n") + r.text(f"<think>The {c}", train=1), c
     if context in ("short", "video"):
-        return needle.copy_example(r, rng, frames=20 if context == "video" else 0)
+        return warmup.copy_example(r, rng, frames=20 if context == "video" else 0)
     raise SystemExit(f"--context must be short, system or video, got {context!r}")
 
 
@@ -78,14 +79,14 @@ def main(argv=None):
         batch = collate(model, [example(r, rng, context)[0] for _ in range(cfg.batch_size)], pad)
         if not cfg.reading or step <= cfg.short_steps:
             return batch
-        rows = [needle.reading_example(r, rng, rng.randint(1, 8)) for _ in range(cfg.reading)]
+        rows = [warmup.reading_example(r, rng, rng.randint(1, 8)) for _ in range(cfg.reading)]
         return [collate(model, rows, pad), batch]
 
     def report(step, loss):
         if step % cfg.eval_every == 0 or step == cfg.steps:
             lines.append(dict(step=step, loss=round(loss, 3), colour_acc=colour_acc(model, r, cfg, pad)))
             print(lines[-1], flush=True)
-    needle.fit(model, draw, cfg.steps, cfg.lr, 10, report)
+    warmup.fit(model, draw, cfg.steps, cfg.lr, 10, report)
     return lines
 
 

@@ -12,7 +12,7 @@ The hard step of the needle task is reading the crop window off the prompt: the 
 colour and the policy must write the global-view timestamps around the frames of that colour. This script trains
 only that step, teacher-forced: prompt (the real renderer: system + tool schema + global view + question) and the
 first sentence of the SFT think ("The <colour> scene is around A s to B s."), with the loss on that sentence
-(and, with --queries, on the answers to more "Where is the <colour> scene?" turns after it: needle.scene_queries).
+(and, with --queries, on the answers to more "Where is the <colour> scene?" turns after it: warmup.scene_queries).
 Frames are drawn in memory (no video files), so each step costs one forward/backward of a short sequence.
 Every --eval_every steps it prints, on held-out layouts (--eval_min/--eval_max seconds long), the greedy
 teacher-forced accuracy of the start and end numbers and the mean IoU of the window they make with the scene
@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import needle  # noqa: E402
+import warmup  # noqa: E402
 from data import Renderer, ViewConfig, collate, global_times, model_vision  # noqa: E402
 from model import TinyConfig, load_model, parse_config  # noqa: E402
 
@@ -116,7 +117,7 @@ def example(proc, view, rng, lo, hi, jitter, target="window", max_spacing=0.0, s
     tail = r.text("s.", train=1)
     rendered = prompt + head + num_a + mid + num_b + tail
     if queries > 1:
-        rendered = rendered + needle.scene_queries(r, rng, scenes, times, colour, queries - 1, offset)
+        rendered = rendered + warmup.scene_queries(r, rng, scenes, times, colour, queries - 1, offset)
     ia = len(prompt.input_ids) + len(head.input_ids) + 1       # the start number's tokens (after the space)
     ib = ia + len(num_a.input_ids) - 1 + len(mid.input_ids) + 1
     ra, rb = range(ia, ia + len(num_a.input_ids) - 1), range(ib, ib + len(num_b.input_ids) - 1)
@@ -209,7 +210,7 @@ def main(argv=None):
             if out:
                 out.write(json.dumps(dict(m, config=asdict(cfg))) + "\n")
                 out.flush()
-    needle.fit(model, draw, cfg.steps, cfg.lr, cfg.warmup, report)
+    warmup.fit(model, draw, cfg.steps, cfg.lr, cfg.warmup, report)
     if cfg.factors:
         for name, ((lo, hi), over) in FACTORS.items():
             over = dict(over)

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import needle  # noqa: E402
+import warmup  # noqa: E402
 from bench.grounding import layout  # noqa: E402
 from data import Renderer, ViewConfig, collate, global_times, model_vision  # noqa: E402
 from model import TinyConfig, load_model, parse_config  # noqa: E402
@@ -129,7 +130,7 @@ def evaluate(model, proc, view, cfg, pad):
 
 
 def train(model, proc, view, cfg, pad, steps, batch_size, tag="", lr=None, mix=0):
-    """needle.fit on freshly drawn examples of cfg's kind (plus `mix` isolated examples per step), with a held-out
+    """warmup.fit on freshly drawn examples of cfg's kind (plus `mix` isolated examples per step), with a held-out
     line every --eval_every steps."""
     rng = random.Random(cfg.seed + len(tag))
     lines, t0 = [], time.time()
@@ -146,7 +147,7 @@ def train(model, proc, view, cfg, pad, steps, batch_size, tag="", lr=None, mix=0
                      **{k: round(v, 3) for k, v in evaluate(model, proc, view, cfg, pad).items()})
             print(json.dumps(m), flush=True)
             lines.append(m)
-    needle.fit(model, draw, steps, lr or cfg.lr, cfg.warmup, report)
+    warmup.fit(model, draw, steps, lr or cfg.lr, cfg.warmup, report)
     return lines
 
 

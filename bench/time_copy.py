@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import needle  # noqa: E402
+import warmup  # noqa: E402
 from data import Renderer, ViewConfig, collate, model_vision  # noqa: E402
 from model import COLOURS, load_model, parse_config  # noqa: E402
 
@@ -124,7 +125,7 @@ def main(argv=None):
                 lines[-1]["short_colour_acc"], lines[-1]["short_time_acc"] = accuracy(
                     model, r, cfg, pad, cfg.short_groups, bare=True)
             print(lines[-1], flush=True)
-    needle.fit(model, draw, cfg.steps, cfg.lr, 10, report)
+    warmup.fit(model, draw, cfg.steps, cfg.lr, 10, report)
     return lines
 
 

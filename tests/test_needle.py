@@ -1,4 +1,4 @@
-"""The needle benchmark's generators and warm-ups (needle.py) and the studies behind its defaults (bench/)."""
+"""The needle benchmark's generators (needle.py), the warm-ups (warmup.py) and the studies behind their defaults (bench/)."""
 import json
 import os
 import random
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import needle
+import warmup
 from data import Renderer, ViewConfig, global_times
 from model import COLOURS, load_model
 from needle import crop_window_for
@@ -93,14 +94,14 @@ def test_needle_is_a_whole_frame_flash_by_default_and_a_small_square_on_request(
 
 
 def test_reading_example_and_warmup():
-    """needle.reading_example: the loss is on exactly the answer turn (the SFT wording), its colour is a needle
+    """warmup.reading_example: the loss is on exactly the answer turn (the SFT wording), its colour is a needle
     colour, the vision blocks that differ from a plain scene block are the 1-2 holding the needle frames.
-    needle.reading_warmup lowers its loss within a few steps, deterministically."""
+    warmup.reading_warmup lowers its loss within a few steps, deterministically."""
     model, proc = load_model("tiny")
     r, tok = Renderer(proc, ViewConfig()), proc.tokenizer
     kinds = set()
     for seed in range(12):
-        ex = needle.reading_example(r, random.Random(seed), pairs=4)
+        ex = warmup.reading_example(r, random.Random(seed), pairs=4)
         turn = tok.decode([i for i, m in zip(ex.input_ids, ex.policy_mask) if m])
         col = turn.split("show a ")[1].split(" ")[0]
         ans, t = turn.split("<answer>")[1].split("</answer>")[0], turn.split("at about ")[1].split("s.")[0]
@@ -115,10 +116,10 @@ def test_reading_example_and_warmup():
         counts = torch.bincount(torch.unique(px, dim=0, return_inverse=True)[1])
         assert 4 - counts.max() in (1, 2)  # the plain blocks are all equal; 1-2 blocks hold the flash
     assert kinds == {True, False}
-    losses = needle.reading_warmup(model, proc, ViewConfig(), 15, max_pairs=2, batch_size=4)
+    losses = warmup.reading_warmup(model, proc, ViewConfig(), 15, max_pairs=2, batch_size=4)
     assert losses[-1] < losses[0] - 2
     model2, _ = load_model("tiny")
-    assert needle.reading_warmup(model2, proc, ViewConfig(), 15, max_pairs=2, batch_size=4) == losses
+    assert warmup.reading_warmup(model2, proc, ViewConfig(), 15, max_pairs=2, batch_size=4) == losses
 
 
 def test_reading_warmup_with_copy_mix_adds_the_copy_rows_token_mean():
@@ -130,13 +131,13 @@ def test_reading_warmup_with_copy_mix_adds_the_copy_rows_token_mean():
     model, proc = load_model("tiny")
     view, pad = ViewConfig(), proc.tokenizer.pad_token_id
     r, rng = Renderer(proc, view), random.Random(0)
-    main = [needle.reading_example(r, rng, rng.randint(1, 2), needle.NeedleConfig(), 56) for _ in range(2)]
-    mix = [needle.copy_example(r, rng, frames=6)[0] for _ in range(3)]
+    main = [warmup.reading_example(r, rng, rng.randint(1, 2), needle.NeedleConfig(), 56) for _ in range(2)]
+    mix = [warmup.copy_example(r, rng, frames=6)[0] for _ in range(3)]
     with torch.no_grad():
         means = [policy_nll(model, b).item() / b["policy_mask"][:, 1:].sum().item()
                  for b in (collate(model, main, pad), collate(model, mix, pad))]
     want, alone = sum(means), means[0]
-    losses = needle.reading_warmup(model, proc, view, 2, max_pairs=2, batch_size=2, copy_mix=3, copy_frames=6)
+    losses = warmup.reading_warmup(model, proc, view, 2, max_pairs=2, batch_size=2, copy_mix=3, copy_frames=6)
     assert losses[0] == pytest.approx(want, rel=1e-5) and want > alone + 1  # the copy term is there (~ln 10 at init)
 
 
@@ -155,7 +156,7 @@ def frame_colours(proc, rendered):
 
 
 def test_grounding_example_targets_the_window_read_off_the_prompt():
-    """needle.grounding_example, checked against the prompt alone: the colour of each global-view frame is read back
+    """warmup.grounding_example, checked against the prompt alone: the colour of each global-view frame is read back
     from its pixels and the timestamps from the text, and every target (the think's first sentence for the
     question's scene, then each extra "Where is the X scene?") must be the window from the timestamp of the frame
     pair before the first pair showing X to that of the pair after the last one (one frame step past the last frame
@@ -165,7 +166,7 @@ def test_grounding_example_targets_the_window_read_off_the_prompt():
     r, tok = Renderer(proc, ViewConfig()), proc.tokenizer
     kinds, counts, checked = set(), set(), 0
     for seed in range(16):
-        ex = needle.grounding_example(r, random.Random(seed), queries=4)
+        ex = warmup.grounding_example(r, random.Random(seed), queries=4)
         text = tok.decode(ex.input_ids)
         times = [float(t) for t in re.findall(r"(\d+(?:\.\d)?)s<\|vision_start\|>", text)]
         cols = frame_colours(proc, ex)
@@ -236,12 +237,12 @@ def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs():
 
 
 def test_grounding_warmup_lowers_its_loss_deterministically():
-    """needle.grounding_warmup lowers its loss within a few steps and repeats itself exactly for a seed."""
+    """warmup.grounding_warmup lowers its loss within a few steps and repeats itself exactly for a seed."""
     model, proc = load_model("tiny")
-    losses = needle.grounding_warmup(model, proc, ViewConfig(), 12, queries=3, batch_size=2)
+    losses = warmup.grounding_warmup(model, proc, ViewConfig(), 12, queries=3, batch_size=2)
     assert sum(losses[-3:]) / 3 < losses[0] - 2
     model2, _ = load_model("tiny")
-    assert needle.grounding_warmup(model2, proc, ViewConfig(), 12, queries=3, batch_size=2) == losses
+    assert warmup.grounding_warmup(model2, proc, ViewConfig(), 12, queries=3, batch_size=2) == losses
 
 
 def test_copy_study_examples_and_run():
@@ -267,7 +268,7 @@ def test_copy_study_examples_and_run():
 
 
 def test_copy_warmup_teaches_the_colour_copy():
-    """needle.copy_warmup (150 steps of the question alone -> "<think>The <colour>", seconds on CPU) makes the model
+    """warmup.copy_warmup (150 steps of the question alone -> "<think>The <colour>", seconds on CPU) makes the model
     name the question's colour after "<think>The" in the full prompt (system text, global view, question), where
     the untrained model is at chance; it is deterministic for a seed."""
     import sys
@@ -277,8 +278,8 @@ def test_copy_warmup_teaches_the_colour_copy():
     r, pad = Renderer(proc, ViewConfig()), proc.tokenizer.pad_token_id
     cfg = copy_study.Config(context="video", num_eval=32)
     before = copy_study.colour_acc(model, r, cfg, pad)
-    losses = needle.copy_warmup(model, proc, ViewConfig(), 150)
+    losses = warmup.copy_warmup(model, proc, ViewConfig(), 150)
     after = copy_study.colour_acc(model, r, cfg, pad)
     assert before <= 0.3 and after >= 0.7, (before, after)
     model2, _ = load_model("tiny")
-    assert needle.copy_warmup(model2, proc, ViewConfig(), 150) == losses
+    assert warmup.copy_warmup(model2, proc, ViewConfig(), 150) == losses

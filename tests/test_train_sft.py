@@ -92,12 +92,12 @@ def test_loss_only_trains_policy_tokens(sft_file):
 
 
 def test_copy_mix_adds_the_copy_rows_token_mean(sft_file, tmp_path):
-    """--copy_mix=3: each step also trains on 3 needle.copy_example rows (drawn from the seed, step and rank) as a
+    """--copy_mix=3: each step also trains on 3 warmup.copy_example rows (drawn from the seed, step and rank) as a
     loss term of its own. Recomputed here under the initial weights, from the same rows and the whole 8-row file as
     the one batch: the logged copy_loss is their token-mean NLL, the logged loss the SFT rows' (as a run without the
     copy rows logs), and the logged grad norm that of the sum of the two means."""
     import random
-    import needle
+    import warmup
     out, plain = str(tmp_path / "mix"), str(tmp_path / "plain")
     kw = dict(steps=1, batch_size=8, micro_batch_size=4)
     train_sft.main(args(sft_file, out, copy_mix=3, copy_frames=4, **kw))
@@ -106,7 +106,7 @@ def test_copy_mix_adds_the_copy_rows_token_mean(sft_file, tmp_path):
     model, proc = load_model("tiny")
     view, pad = ViewConfig(global_frames=8, crop_max_frames=8), proc.tokenizer.pad_token_id
     rng = random.Random(0)
-    rows = [needle.copy_example(Renderer(proc, view), rng, frames=4)[0] for _ in range(3)]
+    rows = [warmup.copy_example(Renderer(proc, view), rng, frames=4)[0] for _ in range(3)]
     assert all(proc.tokenizer.decode(x.input_ids).count("<|vision_start|>") == 2 for x in rows)  # 4 frames, 2 groups
     samples, _ = train_sft.read_samples([sft_file])
     sft = collate(model, [train_sft.try_render(proc, view, x, i, cfg) for i, x in enumerate(samples)], pad)
