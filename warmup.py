@@ -5,6 +5,7 @@ benchmark's generators (needle.py), so none reads a file.
     reading   an in-memory crop alone -> the answer turn (on by default for the tiny model)
     copy      the question -> "<think>The <its colour>" (off: README "The grounding study")
     grounding a global view -> the scene's crop window, several scenes asked per view (off: same)
+    time      bare two-patch views: a colour -> the timestamp written before its frames (off)
 """
 import math
 import random
@@ -13,6 +14,7 @@ from dataclasses import replace
 import numpy as np
 
 from data import Rendered, Renderer, collate, global_times
+from model import COLOURS
 from needle import (NEEDLE_COLOURS, SCENE_COLOURS, NeedleConfig, _fmt, crop_window_for, frame_at, make_layout,
                     question, thing)
 
@@ -93,6 +95,40 @@ def grounding_example(renderer, rng, queries=8, cfg: NeedleConfig = NeedleConfig
             + scene_queries(r, rng, scenes, times, colour, queries - 1))
 
 
+def time_example(r, rng, groups, times="random", bare=False, describe=False):
+    """A global view of `groups` temporal patches (2 frames each) of distinct solid scene colours, their timestamps
+    starting anywhere in 0-600 s with gaps of 5-60 s (times="random": only a copy gives a patch's time; "regular":
+    0, 10, 20, ... s), a question naming one patch's colour, and the loss on "<think>The <colour> scene is around
+    <T>s", T the time written before that patch: the hop from a colour to its timestamp that the SFT think's window
+    needs. bare: a bare user turn (no system prompt or instruction); else the real prompt. describe: asked the
+    other way ("What colour is the scene at <T>s?" -> "<think>The scene at <T>s is <colour>"). Returns (Rendered,
+    index of the colour word's first token; None with describe)."""
+    cols = rng.sample(SCENE_COLOURS, groups)
+    if times == "regular":
+        starts = [10.0 * i for i in range(groups)]
+    elif times == "random":
+        starts = [5.0 * rng.randrange(0, 121)]
+        for _ in range(groups - 1):
+            starts.append(starts[-1] + 5.0 * rng.randint(1, 12))
+    else:
+        raise ValueError(f"times must be random or regular, got {times!r}")
+    size = int(math.isqrt(r.view.max_pixels))
+    frames = np.stack([np.full((size, size, 3), COLOURS[c], np.uint8) for c in cols for _ in range(2)])
+    ts = [t + k for t in starts for k in (0.0, 2.5)]
+    k = rng.randrange(groups)
+    when, at = rng.random() < NeedleConfig.when_fraction, _fmt(starts[k])  # `when` drawn either way
+    if describe:
+        q, think = f"What colour is the scene at {at}s?", f"<think>The scene at {at}s is {cols[k]}"
+    else:
+        q, think = question(cols[k], when, NeedleConfig()), f"<think>The {cols[k]} scene is around {at}s"
+    if bare:
+        head = r.text("<|im_start|>user\n") + r.visual(frames, ts) + r.text(f"{q}<|im_end|>\n<|im_start|>assistant\n")
+    else:
+        head = r.prompt(dict(question=q), frames, ts)
+    colour_at = None if describe else len(head.input_ids) + len(r.text("<think>The").input_ids)
+    return head + r.text(think, train=1), colour_at
+
+
 def fit(model, draw, steps, lr, warmup=10, on_step=None):
     """The one training loop of the reading warm-up and the bench/ studies: `steps` teacher-forced AdamW steps
     (betas 0.9/0.95, no weight decay; linear warm-up over `warmup` steps, then cosine to 10% of lr; grad norm
@@ -156,6 +192,14 @@ def copy_warmup(model, processor, view, steps, lr=4e-3, seed=0, batch_size=8, cf
                         lr, seed + 2, batch_size, "copy warm-up")
 
 
+def time_warmup(model, processor, view, steps, lr=1e-3, seed=0, groups=2, batch_size=32):
+    """Teach the hop from a colour to its timestamp on bare two-patch views first (time_example): with batch 32 and
+    lr 1e-3 the tiny model sits at a coin flip between the two times for ~3,000 steps, then learns it (README
+    "The grounding study")."""
+    return skill_warmup(model, processor, view, steps, lambda r, rng: time_example(r, rng, groups, bare=True)[0],
+                        lr, seed + 3, batch_size, "time warm-up")
+
+
 def grounding_warmup(model, processor, view, steps, lr=4e-3, seed=0, queries=8, batch_size=8, cfg=NeedleConfig()):
     """Train the grounding skill alone before SFT: grounding_example batches, each asking for `queries` scenes'
     windows (bench/grounding.py --queries: denser targets learn the window faster than one per prompt)."""
@@ -164,10 +208,11 @@ def grounding_warmup(model, processor, view, steps, lr=4e-3, seed=0, queries=8, 
 
 
 def run(model, processor, view, cfg, reading_default=0):
-    """The warm-ups train_sft's config `cfg` asks for, in order: copy, grounding, reading (its -1 means
+    """The warm-ups train_sft's config `cfg` asks for, in order: time, copy, grounding, reading (its -1 means
     reading_default steps); each logs its loss from the first step to the mean of the last 20."""
     from model import print0
     plan = [  # (name, steps, run(steps) -> losses)
+        ("time", cfg.time_warmup, lambda n: time_warmup(model, processor, view, n, seed=cfg.seed)),
         ("copy", cfg.copy_warmup, lambda n: copy_warmup(model, processor, view, n, lr=cfg.lr, seed=cfg.seed)),
         ("grounding", cfg.grounding_warmup, lambda n: grounding_warmup(
             model, processor, view, n, lr=cfg.lr, seed=cfg.seed, queries=cfg.grounding_queries)),

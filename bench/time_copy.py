@@ -10,7 +10,7 @@ The SFT think starts "<think>The <colour> scene is around <T>s": T is the timest
 in the prompt. bench/grounding.py found that the model computes T from the frames' positions instead of copying
 it (times shown 600 s later -> IoU 0). Here every view is --groups temporal patches (2 frames each) of distinct
 solid scene colours, and with --times=random their timestamps start anywhere in 0-600 s with gaps of 5-60 s, so
-only a copy gives T. The loss is on "<think>The <colour> scene is around <T>s" after the question (either kind, as
+only a copy gives T (warmup.time_example draws them; train_sft --time_warmup trains on its bare form). The loss is on "<think>The <colour> scene is around <T>s" after the question (either kind, as
 in the data). Every --eval_every steps it prints, on --num_eval held-out views of --groups patches in the real
 prompt: colour_acc (the colour word right, teacher-forced) and time_acc (every token of "<colour> scene is around
 <T>s" right, teacher-forced: the copy done); with a curriculum, the same on its own form (short_*). A curriculum:
@@ -22,14 +22,13 @@ import random
 import sys
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import needle  # noqa: E402
 import warmup  # noqa: E402
 from data import Renderer, ViewConfig, collate, model_vision  # noqa: E402
-from model import COLOURS, load_model, parse_config  # noqa: E402
+from model import load_model, parse_config  # noqa: E402
 
 
 @dataclass
@@ -50,35 +49,6 @@ class Config:
     threads: int = 1
 
 
-def example(r, rng, groups, times="random", bare=False, describe=False):
-    """(Rendered with the loss on the think's first words, index of the first policy token of the colour word).
-    describe: the question names a time and the think the colour of the patch written after it."""
-    cols = rng.sample(needle.SCENE_COLOURS, groups)
-    if times == "regular":
-        starts = [10.0 * i for i in range(groups)]
-    elif times == "random":
-        starts = [5.0 * rng.randrange(0, 121)]
-        for _ in range(groups - 1):
-            starts.append(starts[-1] + 5.0 * rng.randint(1, 12))
-    else:
-        raise SystemExit(f"--times must be random or regular, got {times!r}")
-    size = int(np.sqrt(r.view.max_pixels))
-    frames = np.stack([np.full((size, size, 3), COLOURS[c], np.uint8) for c in cols for _ in range(2)])
-    ts = [t + k for t in starts for k in (0.0, 2.5)]
-    k = rng.randrange(groups)
-    when, at = rng.random() < needle.NeedleConfig.when_fraction, needle._fmt(starts[k])  # `when` drawn either way
-    if describe:
-        q, think = f"What colour is the scene at {at}s?", f"<think>The scene at {at}s is {cols[k]}"
-    else:
-        q, think = needle.question(cols[k], when, needle.NeedleConfig()), f"<think>The {cols[k]} scene is around {at}s"
-    if bare:
-        head = r.text("<|im_start|>user\n") + r.visual(frames, ts) + r.text(f"{q}<|im_end|>\n<|im_start|>assistant\n")
-    else:
-        head = r.prompt(dict(question=q), frames, ts)
-    colour_at = None if describe else len(head.input_ids) + len(r.text("<think>The").input_ids)
-    return head + r.text(think, train=1), colour_at
-
-
 def accuracy(model, r, cfg, pad, groups, bare=False):
     """(colour_acc, time_acc) on cfg.num_eval held-out views of `groups` patches (in the real prompt, or a bare user
     turn), teacher-forced."""
@@ -86,7 +56,7 @@ def accuracy(model, r, cfg, pad, groups, bare=False):
     model.eval()
     with torch.no_grad():
         for _ in range(cfg.num_eval):
-            x, at = example(r, rng, groups, cfg.times, bare)
+            x, at = warmup.time_example(r, rng, groups, cfg.times, bare)
             b = collate(model, [x], pad)
             vision = model_vision(b["vision"])
             logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], **vision).logits[0]
@@ -99,6 +69,8 @@ def accuracy(model, r, cfg, pad, groups, bare=False):
 
 def main(argv=None):
     cfg = parse_config(Config, sys.argv[1:] if argv is None else argv)
+    if cfg.times not in ("random", "regular"):
+        raise SystemExit(f"--times must be random or regular, got {cfg.times!r}")
     assert 1 <= cfg.groups <= len(needle.SCENE_COLOURS) and 1 <= cfg.short_groups <= len(needle.SCENE_COLOURS)
     torch.set_num_threads(cfg.threads)
     import model as M
@@ -111,10 +83,10 @@ def main(argv=None):
     def draw(step):
         short = step <= cfg.short_steps
         g = cfg.short_groups if short else cfg.groups
-        batch = collate(model, [example(r, rng, g, cfg.times, short)[0] for _ in range(cfg.batch_size)], pad)
+        batch = collate(model, [warmup.time_example(r, rng, g, cfg.times, short)[0] for _ in range(cfg.batch_size)], pad)
         if not cfg.describe:
             return batch
-        return [batch, collate(model, [example(r, rng, g, cfg.times, short, True)[0] for _ in range(cfg.describe)],
+        return [batch, collate(model, [warmup.time_example(r, rng, g, cfg.times, short, True)[0] for _ in range(cfg.describe)],
                                pad)]
 
     def report(step, loss):

@@ -197,7 +197,7 @@ def test_grounding_example_targets_the_window_read_off_the_prompt():
 
 
 def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs():
-    """bench/time_copy.example, checked against the prompt alone: the colour of each temporal patch read back from
+    """warmup.time_example (bench/time_copy.py's views), checked against the prompt alone: the colour of each temporal patch read back from
     its pixels, the timestamps from the text; the target names the question's colour and the timestamp written
     before that colour's patch (random times: not the patch's position x 10 s); the loss is on the target only;
     `at` is the colour word's index. Asked the other way (describe), the target is the colour of the patch after the
@@ -210,7 +210,7 @@ def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs():
     r, tok, shifted = Renderer(proc, ViewConfig()), proc.tokenizer, 0
     for seed in range(8):
         for bare in (False, True):
-            x, at = time_copy.example(r, random.Random(seed), 5, bare=bare)
+            x, at = warmup.time_example(r, random.Random(seed), 5, bare=bare)
             text = tok.decode(x.input_ids)
             times = re.findall(r"(\d+)s<\|vision_start\|>", text)
             pairs = [set(p) for p in zip(*[iter(frame_colours(proc, x))] * 2)]
@@ -222,7 +222,7 @@ def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs():
             assert tok.decode(x.input_ids[at:]) == f" {colour} scene is around {want}s"
             assert ("# Tools" in text) != bare
             shifted += times != [str(10 * i) for i in range(5)]
-            y, _ = time_copy.example(r, random.Random(seed), 5, bare=bare, describe=True)  # asked the other way
+            y, _ = warmup.time_example(r, random.Random(seed), 5, bare=bare, describe=True)  # asked the other way
             text = tok.decode(y.input_ids)
             times = re.findall(r"(\d+)s<\|vision_start\|>", text)
             pairs = [set(p) for p in zip(*[iter(frame_colours(proc, y))] * 2)]
@@ -234,6 +234,20 @@ def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs():
                             "--batch_size=2", "--describe=1"])
     assert [x["step"] for x in lines] == [2] and all(0 <= lines[0][k] <= 1 for k in (
         "colour_acc", "time_acc", "short_colour_acc", "short_time_acc"))
+    with pytest.raises(ValueError, match="random or regular"):
+        warmup.time_example(r, random.Random(0), 2, times="sorted")
+    with pytest.raises(SystemExit, match="random or regular"):
+        time_copy.main(["--times=sorted"])
+
+
+def test_time_warmup_trains_on_bare_two_patch_views_deterministically():
+    """warmup.time_warmup (train_sft --time_warmup) lowers its loss within a few steps and repeats itself exactly
+    for a seed."""
+    model, proc = load_model("tiny")
+    losses = warmup.time_warmup(model, proc, ViewConfig(), 12, lr=4e-3, batch_size=4)
+    assert sum(losses[-3:]) / 3 < losses[0] - 1
+    model2, _ = load_model("tiny")
+    assert warmup.time_warmup(model2, proc, ViewConfig(), 12, lr=4e-3, batch_size=4) == losses
 
 
 def test_grounding_warmup_lowers_its_loss_deterministically():
