@@ -377,7 +377,8 @@ def main(argv=None):
 
     # ---- the warm-ups (needle data, tiny model from scratch): every rank runs the same seeded steps
     if not cfg.resume:
-        warmup.run(model, processor, view, cfg, reading_default=600 if init == "tiny" and cfg.data == DEFAULT_DATA else 0)
+        tiny_default = init == "tiny" and cfg.data == DEFAULT_DATA
+        warmup.run(model, processor, view, cfg, reading_default=600 if tiny_default else 0)
 
     # ---- optimisation
     engine = wrap(model, cfg, d)

@@ -222,4 +222,5 @@ def run(model, processor, view, cfg, reading_default=0):
     for name, steps, go in plan:
         if steps:
             losses = go(steps)
-            print0(f"{name} warm-up: {steps} steps, loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            tail = losses[-20:]
+            print0(f"{name} warm-up: {steps} steps, loss {losses[0]:.3f} -> {sum(tail) / len(tail):.3f}")

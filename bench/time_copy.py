@@ -10,12 +10,12 @@ The SFT think starts "<think>The <colour> scene is around <T>s": T is the timest
 in the prompt. bench/grounding.py found that the model computes T from the frames' positions instead of copying
 it (times shown 600 s later -> IoU 0). Here every view is --groups temporal patches (2 frames each) of distinct
 solid scene colours, and with --times=random their timestamps start anywhere in 0-600 s with gaps of 5-60 s, so
-only a copy gives T (warmup.time_example draws them; train_sft --time_warmup trains on its bare form). The loss is on "<think>The <colour> scene is around <T>s" after the question (either kind, as
-in the data). Every --eval_every steps it prints, on --num_eval held-out views of --groups patches in the real
-prompt: colour_acc (the colour word right, teacher-forced) and time_acc (every token of "<colour> scene is around
-<T>s" right, teacher-forced: the copy done); with a curriculum, the same on its own form (short_*). A curriculum:
-the first --short_steps steps use views of --short_groups patches in a bare user turn (no system prompt, no
-instruction), which is how bench/copy_study.py got the colour copy to form.
+only a copy gives T (warmup.time_example draws them; train_sft --time_warmup trains on its bare form). The loss is
+on "<think>The <colour> scene is around <T>s" after the question (either kind, as in the data). Every --eval_every
+steps it prints, on --num_eval held-out views of --groups patches in the real prompt: colour_acc (the colour word
+right, teacher-forced) and time_acc (every token of "<colour> scene is around <T>s" right, teacher-forced: the copy
+done); with a curriculum, the same on its own form (short_*). A curriculum: the first --short_steps steps use views
+of --short_groups patches in a bare user turn (no system prompt, no instruction), which is how bench/copy_study.py got the colour copy to form.
 """
 import os
 import random
@@ -83,11 +83,10 @@ def main(argv=None):
     def draw(step):
         short = step <= cfg.short_steps
         g = cfg.short_groups if short else cfg.groups
-        batch = collate(model, [warmup.time_example(r, rng, g, cfg.times, short)[0] for _ in range(cfg.batch_size)], pad)
-        if not cfg.describe:
-            return batch
-        return [batch, collate(model, [warmup.time_example(r, rng, g, cfg.times, short, True)[0] for _ in range(cfg.describe)],
-                               pad)]
+        rows = lambda n, describe: [warmup.time_example(r, rng, g, cfg.times, short, describe)[0]  # noqa: E731
+                                    for _ in range(n)]
+        batch = collate(model, rows(cfg.batch_size, False), pad)
+        return [batch, collate(model, rows(cfg.describe, True), pad)] if cfg.describe else batch
 
     def report(step, loss):
         if step % cfg.eval_every == 0 or step == cfg.steps:
