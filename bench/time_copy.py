@@ -15,7 +15,8 @@ on "<think>The <colour> scene is around <T>s" after the question (either kind, a
 steps it prints, on --num_eval held-out views of --groups patches in the real prompt: colour_acc (the colour word
 right, teacher-forced) and time_acc (every token of "<colour> scene is around <T>s" right, teacher-forced: the copy
 done); with a curriculum, the same on its own form (short_*). A curriculum: the first --short_steps steps use views
-of --short_groups patches in a bare user turn (no system prompt, no instruction), which is how bench/copy_study.py got the colour copy to form.
+of --short_groups patches in a bare user turn (no system prompt, no instruction), which is how bench/copy_study.py
+got the colour copy to form.
 """
 import os
 import random
