@@ -99,7 +99,8 @@ class Config:
     workers: int = 2                # threads rendering samples at start-up (video decoding, processor)
     threads: int = 1                # CPU only: torch intra-op threads (0 = torch's default; see above)
     time_warmup: int = 0            # steps of warmup.time_warmup (bare two-patch views: a colour -> the timestamp
-                                    # before its frames; batch 32, lr 1e-3) first (README "The grounding study")
+                                    # before its frames; batch 32, lr 1e-3) first (off: learned after ~3,000 steps
+                                    # but no gain in the pipeline yet, README "The grounding study")
     copy_warmup: int = 0            # steps of warmup.copy_warmup (the question alone -> "<think>The <colour>") first
                                     # (off: the copy it teaches does not survive the warm-ups and SFT after it, README)
     reading_warmup: int = -1        # steps of warmup.reading_warmup (in-memory crops alone) before SFT; -1: 600 when
