@@ -19,7 +19,7 @@ import json
 import os
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -237,6 +237,24 @@ def generate(cfg: NeedleConfig):
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
     return rows
+
+
+def load_config(data_dir):
+    """The NeedleConfig that `data_dir` was generated with (its config.json; keys this version does not know are
+    skipped), or the defaults when it has none (data from elsewhere). The warm-ups use it, so they word and draw
+    their examples as the data does (e.g. "small square" for data made with --square < 1)."""
+    path = os.path.join(data_dir, "config.json")
+    if not os.path.isfile(path):
+        return NeedleConfig()
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable needle config ({e})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(saved).__name__}")
+    known = {f.name for f in fields(NeedleConfig)}
+    return NeedleConfig(**{k: v for k, v in saved.items() if k in known})
 
 
 def ensure(path, **overrides):

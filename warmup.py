@@ -95,7 +95,7 @@ def grounding_example(renderer, rng, queries=8, cfg: NeedleConfig = NeedleConfig
             + scene_queries(r, rng, scenes, times, colour, queries - 1))
 
 
-def time_example(r, rng, groups, times="random", bare=False, describe=False):
+def time_example(r, rng, groups, times="random", bare=False, describe=False, cfg: NeedleConfig = NeedleConfig()):
     """A global view of `groups` temporal patches (2 frames each) of distinct solid scene colours, their timestamps
     starting anywhere in 0-600 s with gaps of 5-60 s (times="random": only a copy gives a patch's time; "regular":
     0, 10, 20, ... s), a question naming one patch's colour, and the loss on "<think>The <colour> scene is around
@@ -116,11 +116,11 @@ def time_example(r, rng, groups, times="random", bare=False, describe=False):
     frames = np.stack([np.full((size, size, 3), COLOURS[c], np.uint8) for c in cols for _ in range(2)])
     ts = [t + k for t in starts for k in (0.0, 2.5)]
     k = rng.randrange(groups)
-    when, at = rng.random() < NeedleConfig.when_fraction, _fmt(starts[k])  # `when` drawn either way
+    when, at = rng.random() < cfg.when_fraction, _fmt(starts[k])  # `when` drawn either way
     if describe:
         q, think = f"What colour is the scene at {at}s?", f"<think>The scene at {at}s is {cols[k]}"
     else:
-        q, think = question(cols[k], when, NeedleConfig()), f"<think>The {cols[k]} scene is around {at}s"
+        q, think = question(cols[k], when, cfg), f"<think>The {cols[k]} scene is around {at}s"
     if bare:
         head = r.text("<|im_start|>user\n") + r.visual(frames, ts) + r.text(f"{q}<|im_end|>\n<|im_start|>assistant\n")
     else:
@@ -192,11 +192,12 @@ def copy_warmup(model, processor, view, steps, lr=4e-3, seed=0, batch_size=8, cf
                         lr, seed + 2, batch_size, "copy warm-up")
 
 
-def time_warmup(model, processor, view, steps, lr=1e-3, seed=0, groups=2, batch_size=32):
+def time_warmup(model, processor, view, steps, lr=1e-3, seed=0, groups=2, batch_size=32, cfg=NeedleConfig()):
     """Teach the hop from a colour to its timestamp on bare two-patch views first (time_example): with batch 32 and
     lr 1e-3 the tiny model sits at a coin flip between the two times for ~3,000 steps, then learns it (README
     "The grounding study")."""
-    return skill_warmup(model, processor, view, steps, lambda r, rng: time_example(r, rng, groups, bare=True)[0],
+    return skill_warmup(model, processor, view, steps,
+                        lambda r, rng: time_example(r, rng, groups, bare=True, cfg=cfg)[0],
                         lr, seed + 3, batch_size, "time warm-up")
 
 
@@ -207,17 +208,19 @@ def grounding_warmup(model, processor, view, steps, lr=4e-3, seed=0, queries=8, 
                         lr, seed + 1, batch_size, "grounding warm-up")
 
 
-def run(model, processor, view, cfg, reading_default=0):
+def run(model, processor, view, cfg, data: NeedleConfig = NeedleConfig(), reading_default=0):
     """The warm-ups train_sft's config `cfg` asks for, in order: time, copy, grounding, reading (its -1 means
-    reading_default steps); each logs its loss from the first step to the mean of the last 20."""
+    reading_default steps); each logs its loss from the first step to the mean of the last 20. `data`: the config
+    the training data was made with (needle.load_config), so the examples are worded and drawn as the data is."""
     from model import print0
     plan = [  # (name, steps, run(steps) -> losses)
-        ("time", cfg.time_warmup, lambda n: time_warmup(model, processor, view, n, seed=cfg.seed)),
-        ("copy", cfg.copy_warmup, lambda n: copy_warmup(model, processor, view, n, lr=cfg.lr, seed=cfg.seed)),
+        ("time", cfg.time_warmup, lambda n: time_warmup(model, processor, view, n, seed=cfg.seed, cfg=data)),
+        ("copy", cfg.copy_warmup, lambda n: copy_warmup(model, processor, view, n, lr=cfg.lr, seed=cfg.seed,
+                                                        cfg=data)),
         ("grounding", cfg.grounding_warmup, lambda n: grounding_warmup(
-            model, processor, view, n, lr=cfg.lr, seed=cfg.seed, queries=cfg.grounding_queries)),
+            model, processor, view, n, lr=cfg.lr, seed=cfg.seed, queries=cfg.grounding_queries, cfg=data)),
         ("reading", cfg.reading_warmup if cfg.reading_warmup >= 0 else reading_default, lambda n: reading_warmup(
-            model, processor, view, n, lr=cfg.lr, seed=cfg.seed, max_pairs=cfg.reading_max_pairs,
+            model, processor, view, n, lr=cfg.lr, seed=cfg.seed, max_pairs=cfg.reading_max_pairs, cfg=data,
             copy_mix=cfg.copy_mix, copy_frames=cfg.copy_frames))]
     for name, steps, go in plan:
         if steps:

@@ -262,3 +262,28 @@ def test_jittered_views_keep_crop_targets_copyable(sft_file):
             assert float(a) in shown | {0.0} and (float(b) in shown or float(b) > max(shown)), (s["id"], a, b)
         moved += r.input_ids != render_sft(Renderer(processor, view), s).input_ids
     assert moved  # the jitter really changed some views (and so the windows)
+
+
+def test_warmups_word_their_examples_as_the_data_was_made(tmp_path, monkeypatch):
+    """The warm-ups draw their examples with the needle config the data dir was generated with (its config.json):
+    data made with --square=0.25 asks about a "small square", so every warm-up's examples do too (they said "flash",
+    the default's word, before). A data dir without config.json gets the defaults; an unreadable one is a clear
+    error naming the file."""
+    import random
+    import warmup
+    generate(NeedleConfig(out=str(tmp_path), num_train=4, num_eval=0, num_eval_short=0, min_duration=60,
+                          max_duration=80, square=0.25, seed=2))
+    seen = []
+
+    def spy(model, processor, view, steps, example, *a, **k):  # record one example instead of training
+        seen.append(processor.tokenizer.decode(example(Renderer(processor, view), random.Random(0)).input_ids))
+        return [0.0]
+    monkeypatch.setattr(warmup, "skill_warmup", spy)
+    train_sft.main(args(str(tmp_path / "sft.jsonl"), str(tmp_path / "out"), steps=1, time_warmup=1, copy_warmup=1,
+                        grounding_warmup=1, reading_warmup=1))
+    assert len(seen) == 4 and all("small square" in s and "flash" not in s for s in seen), seen
+    from needle import load_config
+    assert load_config(str(tmp_path)).square == 0.25 and load_config(str(tmp_path / "none")) == NeedleConfig()
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        load_config(str(tmp_path))
