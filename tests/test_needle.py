@@ -1,4 +1,5 @@
-"""The needle benchmark's generators (needle.py), the warm-ups (warmup.py) and the studies behind their defaults (bench/)."""
+"""The needle benchmark's generators (needle.py), the warm-ups (warmup.py) and the studies behind their defaults
+(bench/)."""
 import json
 import os
 import random
@@ -197,11 +198,11 @@ def test_grounding_example_targets_the_window_read_off_the_prompt():
 
 
 def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs():
-    """warmup.time_example (bench/time_copy.py's views), checked against the prompt alone: the colour of each temporal patch read back from
-    its pixels, the timestamps from the text; the target names the question's colour and the timestamp written
-    before that colour's patch (random times: not the patch's position x 10 s); the loss is on the target only;
-    `at` is the colour word's index. Asked the other way (describe), the target is the colour of the patch after the
-    asked time. A short run reports both accuracies and the curriculum's."""
+    """warmup.time_example (bench/time_copy.py's views), checked against the prompt alone: the colour of each
+    temporal patch read back from its pixels, the timestamps from the text; the target names the question's colour
+    and the timestamp written before that colour's patch (random times: not the patch's position x 10 s); the loss
+    is on the target only; `at` is the colour word's index. Asked the other way (describe), the target is the colour
+    of the patch after the asked time. A short run reports both accuracies and the curriculum's."""
     import re
     import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
