@@ -378,6 +378,7 @@ def main(argv=None):
 
     # ---- the warm-ups (needle data, tiny model from scratch): every rank runs the same seeded steps
     data_cfg = needle.load_config(os.path.dirname(cfg.data.split(",")[0]))  # as the data was made (wording, square)
+    copy_renderer = Renderer(processor, view) if cfg.copy_mix else None  # for the --copy_mix rows of every step
     if not cfg.resume:
         tiny_default = init == "tiny" and cfg.data == DEFAULT_DATA
         warmup.run(model, processor, view, cfg, data_cfg, reading_default=600 if tiny_default else 0)
@@ -424,7 +425,7 @@ def main(argv=None):
         parts = [(mb, 0) for mb in micro]  # (rows, loss term: 0 SFT, 1 the colour copy), the copy rows first
         if cfg.copy_mix:  # a fresh draw per (seed, step, rank): a resumed run draws the same rows
             crng = random.Random(cfg.seed * 1_000_003 + step * 1_009 + d.rank)
-            parts.insert(0, ([warmup.copy_example(Renderer(processor, view), crng, data_cfg, cfg.copy_frames)[0]
+            parts.insert(0, ([warmup.copy_example(copy_renderer, crng, data_cfg, cfg.copy_frames)[0]
                               for _ in range(max(1, cfg.copy_mix // world))], 1))
         # global counts of policy tokens, so each loss term is a mean over the whole global batch
         counts = torch.tensor([sum(sum(r.policy_mask[1:]) for mb, kind in parts if kind == k for r in mb)
