@@ -45,6 +45,8 @@ class ViewConfig:
     crop_max_pixels: int = 56 * 56  # pixel budget per cropped frame
     longvt_text: bool = False     # LongVT's observation wording and question-then-instruction order (for its
                                   # released checkpoints); off: the instruction first, the question last
+    ask_first: bool = False       # the question also before the global view, so that the view's tokens can attend
+                                  # to it (README "The question first"); LongVT: off
 
 
 SYSTEM = "You are a helpful assistant."
@@ -279,7 +281,7 @@ class Renderer:
 
     def prompt(self, sample, frames, timestamps):
         """System + user (global view, instruction, question; LongVT's order with longvt_text: global view,
-        question, instruction) + the assistant header."""
+        question, instruction; with ask_first the question also opens the user turn) + the assistant header."""
         q = sample["question"]
         if sample.get("choices"):
             q += "\n" + "\n".join(sample["choices"])
@@ -289,7 +291,8 @@ class Renderer:
         # LongVT's user turn ends with the instruction; ours ends with the question, next to the assistant turn that
         # answers it: the tiny policy then answers the kind of question asked (README "The question last")
         body = f"{q}{instr}" if self.view.longvt_text else f"{instr.lstrip()}\n{q}"
-        return (self.text(f"<|im_start|>system\n{self.system_text()}<|im_end|>\n<|im_start|>user\n")
+        first = f"{q}\n" if self.view.ask_first else ""
+        return (self.text(f"<|im_start|>system\n{self.system_text()}<|im_end|>\n<|im_start|>user\n{first}")
                 + self.visual(frames, timestamps) + self.text(f"{body}<|im_end|>\n<|im_start|>assistant\n"))
 
     def observation(self, obs, last=False):

@@ -39,6 +39,7 @@ class Config:
     short_steps: int = 0     # curriculum: the first N steps use --short_groups patches in a bare user turn
     short_groups: int = 2
     number_digits: int = 1   # model.NUMBER_DIGITS: longest number that is one token (4: every time one token)
+    ask_first: bool = False  # the question also before the view (data.ViewConfig.ask_first)
     describe: int = 0        # also train each step on this many views asked the other way round ("What colour is
                              # the scene at <T>s?" -> "<think>The scene at <T>s is <colour>"; own token mean, added)
     steps: int = 600         # optimizer steps
@@ -77,7 +78,8 @@ def main(argv=None):
     import model as M
     M.NUMBER_DIGITS = cfg.number_digits
     model, proc = load_model("tiny")
-    r, rng, pad = Renderer(proc, ViewConfig()), random.Random(cfg.seed), proc.tokenizer.pad_token_id
+    r, rng = Renderer(proc, ViewConfig(ask_first=cfg.ask_first)), random.Random(cfg.seed)
+    pad = proc.tokenizer.pad_token_id
     print(asdict(cfg), flush=True)
     lines = []
 

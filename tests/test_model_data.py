@@ -314,6 +314,24 @@ def test_prompt_puts_the_question_last_and_longvt_text_keeps_longvt_order(tiny):
                                            + "\n The video path is: a.mp4" + tail)
 
 
+def test_ask_first_states_the_question_before_the_global_view_too(tiny):
+    """ask_first: the user turn opens with the question (and its options), then the global view, then the same
+    instruction and question as without it; the view's tokens are unchanged."""
+    from data import INSTRUCTION_TOOLS
+    _, proc = tiny
+    s = dict(question="Which flag?", choices=["A. red", "B. blue"], video="/v/a.mp4")
+    frames = np.zeros((2, 56, 56, 3), np.uint8)
+    plain, first = (Renderer(proc, ViewConfig(ask_first=a)).prompt(s, frames, [0.0, 10.0]) for a in (False, True))
+    before, view_and_after = proc.tokenizer.decode(first.input_ids).split("<|im_start|>user\n")
+    assert view_and_after.startswith("Which flag?\nA. red\nB. blue\n0s<|vision_start|>")
+    assert view_and_after.endswith(INSTRUCTION_TOOLS.lstrip() + "\nWhich flag?\nA. red\nB. blue<|im_end|>\n"
+                                   "<|im_start|>assistant\n")
+    extra = len(proc.tokenizer("Which flag?\nA. red\nB. blue\n").input_ids)
+    assert len(first.input_ids) == len(plain.input_ids) + extra
+    assert first.mm_token_type_ids.count(2) == plain.mm_token_type_ids.count(2) > 0
+    assert torch.equal(first.vision["pixel_values_videos"], plain.vision["pixel_values_videos"])
+
+
 def test_global_times_on_a_round_grid():
     """time_grid: frames at 0, s, 2s, ... with s the spacing rounded up to a multiple of the grid; 0: slice centres."""
     v = ViewConfig()  # 64 frames, 0.1 fps, grid 5

@@ -231,6 +231,14 @@ def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs():
             assert tok.decode([i for i, m in zip(y.input_ids, y.policy_mask) if m]) == \
                 f"<think>The scene at {t}s is {pairs[times.index(t)].pop()}"
     assert shifted == 16
+    first = Renderer(proc, ViewConfig(ask_first=True))
+    for bare in (False, True):  # ask_first: the same draw and target, the question also before the view
+        x, at = warmup.time_example(r, random.Random(3), 5, bare=bare)
+        y, at_y = warmup.time_example(first, random.Random(3), 5, bare=bare)
+        q = re.search(r"(What colour|At what second)[^?]*\?", tok.decode(x.input_ids)).group(0)
+        head = tok.decode(y.input_ids).split("<|vision_start|>")[0]
+        assert head.split("<|im_start|>user\n")[1].startswith(q + "\n") and tok.decode(x.input_ids).count(q) == 1
+        assert tok.decode(y.input_ids).count(q) == 2 and tok.decode(y.input_ids[at_y:]) == tok.decode(x.input_ids[at:])
     lines = time_copy.main(["--groups=3", "--short_steps=1", "--steps=2", "--eval_every=2", "--num_eval=2",
                             "--batch_size=2", "--describe=1"])
     assert [x["step"] for x in lines] == [2] and all(0 <= lines[0][k] <= 1 for k in (
