@@ -322,7 +322,7 @@ def test_ask_first_states_the_question_before_the_global_view_too(tiny):
     s = dict(question="Which flag?", choices=["A. red", "B. blue"], video="/v/a.mp4")
     frames = np.zeros((2, 56, 56, 3), np.uint8)
     plain, first = (Renderer(proc, ViewConfig(ask_first=a)).prompt(s, frames, [0.0, 10.0]) for a in (False, True))
-    before, view_and_after = proc.tokenizer.decode(first.input_ids).split("<|im_start|>user\n")
+    _, view_and_after = proc.tokenizer.decode(first.input_ids).split("<|im_start|>user\n")
     assert view_and_after.startswith("Which flag?\nA. red\nB. blue\n0s<|vision_start|>")
     assert view_and_after.endswith(INSTRUCTION_TOOLS.lstrip() + "\nWhich flag?\nA. red\nB. blue<|im_end|>\n"
                                    "<|im_start|>assistant\n")
