@@ -291,9 +291,15 @@ class Renderer:
         # LongVT's user turn ends with the instruction; ours ends with the question, next to the assistant turn that
         # answers it: the tiny policy then answers the kind of question asked (README "The question last")
         body = f"{q}{instr}" if self.view.longvt_text else f"{instr.lstrip()}\n{q}"
+        system = self.text(f"<|im_start|>system\n{self.system_text()}<|im_end|>\n")
+        return system + self.user(q, frames, timestamps, body)
+
+    def user(self, q, frames, timestamps, body=None):
+        """The user turn around the global view + the assistant header: the question first with ask_first, the view,
+        then `body` (None: the question alone, the warm-ups' bare turn without system prompt or instruction)."""
         first = f"{q}\n" if self.view.ask_first else ""
-        return (self.text(f"<|im_start|>system\n{self.system_text()}<|im_end|>\n<|im_start|>user\n{first}")
-                + self.visual(frames, timestamps) + self.text(f"{body}<|im_end|>\n<|im_start|>assistant\n"))
+        return (self.text(f"<|im_start|>user\n{first}") + self.visual(frames, timestamps)
+                + self.text(f"{q if body is None else body}<|im_end|>\n<|im_start|>assistant\n"))
 
     def observation(self, obs, last=False):
         """The chunk appended after a tool-call turn: closes the assistant turn, the tool response as a user

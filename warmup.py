@@ -100,10 +100,9 @@ def time_example(r, rng, groups, times="random", bare=False, describe=False, cfg
     starting anywhere in 0-600 s with gaps of 5-60 s (times="random": only a copy gives a patch's time; "regular":
     0, 10, 20, ... s), a question naming one patch's colour, and the loss on "<think>The <colour> scene is around
     <T>s", T the time written before that patch: the hop from a colour to its timestamp that the SFT think's window
-    needs. bare: a bare user turn (no system prompt or instruction; the question also first with the view's
-    ask_first, as Renderer.prompt puts it); else the real prompt. describe: asked the other way ("What colour is
-    the scene at <T>s?" -> "<think>The scene at <T>s is <colour>"). Returns (Rendered, index of the colour word's
-    first token; None with describe)."""
+    needs. bare: a bare user turn (Renderer.user: no system prompt or instruction); else the real prompt. describe:
+    asked the other way ("What colour is the scene at <T>s?" -> "<think>The scene at <T>s is <colour>"). Returns
+    (Rendered, index of the colour word's first token; None with describe)."""
     cols = rng.sample(SCENE_COLOURS, groups)
     if times == "regular":
         starts = [10.0 * i for i in range(groups)]
@@ -122,12 +121,7 @@ def time_example(r, rng, groups, times="random", bare=False, describe=False, cfg
         q, think = f"What colour is the scene at {at}s?", f"<think>The scene at {at}s is {cols[k]}"
     else:
         q, think = question(cols[k], when, cfg), f"<think>The {cols[k]} scene is around {at}s"
-    if bare:
-        first = f"{q}\n" if r.view.ask_first else ""  # as Renderer.prompt puts it
-        head = (r.text(f"<|im_start|>user\n{first}") + r.visual(frames, ts)
-                + r.text(f"{q}<|im_end|>\n<|im_start|>assistant\n"))
-    else:
-        head = r.prompt(dict(question=q), frames, ts)
+    head = r.user(q, frames, ts) if bare else r.prompt(dict(question=q), frames, ts)
     colour_at = None if describe else len(head.input_ids) + len(r.text("<think>The").input_ids)
     return head + r.text(think, train=1), colour_at
 
