@@ -225,6 +225,12 @@ def model_vision(vision, device=None):
     return {k: v if device is None else v.to(device) for k, v in vision.items() if k != "second_per_grid_ts"}
 
 
+def batch_to(batch, device):
+    """A collate() batch with every tensor, the vision dict's too, on `device`."""
+    return {k: ({kk: vv.to(device) for kk, vv in v.items()} if k == "vision" else v.to(device))
+            for k, v in batch.items()}
+
+
 class Renderer:
     """Messages -> Rendered, for one processor and view config."""
 

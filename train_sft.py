@@ -56,8 +56,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (DataError, Renderer, ViewConfig, collate, global_times, model_vision, normalize_row, read_rows,
-                  render_sft)
+from data import (DataError, Renderer, ViewConfig, batch_to, collate, global_times, model_vision, normalize_row,
+                  read_rows, render_sft)
 from model import (atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, rng_state,
                    set_rng_state, unwrap)
 import needle
@@ -442,9 +442,7 @@ def main(argv=None):
             if fsdp:
                 engine.set_requires_gradient_sync(last)
             sync = engine.no_sync() if world > 1 and not fsdp and not last else nullcontext()
-            batch = collate(model, mb, pad_id)
-            batch = {k: ({kk: vv.to(d.device) for kk, vv in v.items()} if k == "vision" else v.to(d.device))
-                     for k, v in batch.items()}
+            batch = batch_to(collate(model, mb, pad_id), d.device)
             with sync, autocast:
                 loss_sum = engine(batch)
                 # DDP and FSDP2 average gradients over ranks: scale by world to get the global-token mean

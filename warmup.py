@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from data import Rendered, Renderer, collate, global_times
+from data import Rendered, Renderer, batch_to, collate, global_times
 from model import COLOURS
 from needle import (NEEDLE_COLOURS, SCENE_COLOURS, NeedleConfig, _fmt, crop_window_for, frame_at, make_layout,
                     question, thing)
@@ -137,11 +137,11 @@ def fit(model, draw, steps, lr, warmup=10, on_step=None):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    losses = []
+    losses, dev = [], next(model.parameters()).device
     for step in range(1, steps + 1):
         batches = draw(step)
-        loss = sum(policy_nll(model, b) / b["policy_mask"][:, 1:].sum()
-                   for b in (batches if isinstance(batches, list) else [batches]))
+        batches = [batch_to(b, dev) for b in (batches if isinstance(batches, list) else [batches])]
+        loss = sum(policy_nll(model, b) / b["policy_mask"][:, 1:].sum() for b in batches)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

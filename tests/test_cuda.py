@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 
 import train_grpo
 import train_sft
-from data import Renderer, collate, global_view, model_vision
+import warmup
+from data import Renderer, ViewConfig, collate, global_view, model_vision
 from model import load_model, token_logprobs
+from needle import NeedleConfig
 from rollout import RolloutConfig, rollout
 from test_grpo import needle_data, tiny_cfg  # noqa: F401  (fixture)
 from test_grpo import metrics as grpo_metrics
@@ -103,6 +105,29 @@ def test_rollout_on_gpu_matches_generate_and_full_forward(needle_set, scripted):
         mask = torch.tensor(t.policy_mask, dtype=torch.bool)
         err = (torch.tensor(t.logprobs)[mask] - ref[mask]).abs()
         assert err.mean() < 0.05, err.max()
+
+
+def test_warmups_run_on_gpu_and_track_cpu():
+    """train_sft's skill warm-ups (warmup.run: time, copy, grounding, reading with the copy mixed in) on a model on
+    the GPU: the same losses as on a CPU copy of it, to fp32 reduction order."""
+    cfg = train_sft.Config(time_warmup=2, copy_warmup=2, grounding_warmup=2, reading_warmup=2, copy_mix=2,
+                           copy_frames=4)
+    view = ViewConfig(global_frames=8, crop_max_frames=8)
+    data = NeedleConfig()
+    losses = {}
+    for dev in ("cpu", GPU):
+        model, proc = load_model("tiny", dev, dtype=torch.float32)
+        logged = []
+        real = warmup.fit
+        warmup.fit = lambda *a, **k: logged.append(real(*a, **k)) or logged[-1]
+        try:
+            warmup.run(model, proc, view, cfg, data)
+        finally:
+            warmup.fit = real
+        losses[str(dev)] = logged
+    assert len(losses["cpu"]) == 4
+    for a, b in zip(losses["cpu"], losses[str(GPU)], strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
 
 
 @pytest.mark.parametrize("bf16", [True, False])
