@@ -47,6 +47,8 @@ class ViewConfig:
                                   # released checkpoints); off: the instruction first, the question last
     ask_first: bool = False       # the question also before the global view, so that the view's tokens can attend
                                   # to it (README "The question first"); LongVT: off
+    instruction_first: bool = False  # the instruction opens the user turn instead of sitting between the view and
+                                     # the question (README "The instruction first"); LongVT: after the question
 
 
 SYSTEM = "You are a helpful assistant."
@@ -287,7 +289,8 @@ class Renderer:
 
     def prompt(self, sample, frames, timestamps):
         """System + user (global view, instruction, question; LongVT's order with longvt_text: global view,
-        question, instruction; with ask_first the question also opens the user turn) + the assistant header."""
+        question, instruction; with instruction_first: instruction, global view, question; with ask_first the
+        question also opens the user turn, after the instruction if that is first) + the assistant header."""
         q = sample["question"]
         if sample.get("choices"):
             q += "\n" + "\n".join(sample["choices"])
@@ -296,14 +299,17 @@ class Renderer:
             instr += f"\n The video path is: {os.path.basename(sample['video'])}"
         # LongVT's user turn ends with the instruction; ours ends with the question, next to the assistant turn that
         # answers it: the tiny policy then answers the kind of question asked (README "The question last")
-        body = f"{q}{instr}" if self.view.longvt_text else f"{instr.lstrip()}\n{q}"
+        if self.view.instruction_first:
+            lead, body = f"{instr.lstrip()}\n", q
+        else:
+            lead, body = "", f"{q}{instr}" if self.view.longvt_text else f"{instr.lstrip()}\n{q}"
         system = self.text(f"<|im_start|>system\n{self.system_text()}<|im_end|>\n")
-        return system + self.user(q, frames, timestamps, body)
+        return system + self.user(q, frames, timestamps, body, lead)
 
-    def user(self, q, frames, timestamps, body=None):
-        """The user turn around the global view + the assistant header: the question first with ask_first, the view,
-        then `body` (None: the question alone, the warm-ups' bare turn without system prompt or instruction)."""
-        first = f"{q}\n" if self.view.ask_first else ""
+    def user(self, q, frames, timestamps, body=None, lead=""):
+        """The user turn around the global view + the assistant header: `lead`, the question with ask_first, the
+        view, then `body` (None: the question alone, the warm-ups' bare turn without system prompt or instruction)."""
+        first = lead + (f"{q}\n" if self.view.ask_first else "")
         return (self.text(f"<|im_start|>user\n{first}") + self.visual(frames, timestamps)
                 + self.text(f"{q if body is None else body}<|im_end|>\n<|im_start|>assistant\n"))
 

@@ -61,6 +61,7 @@ class Config:
     timestamps: bool = ViewConfig.timestamps        # text timestamps in the global view (LongVT: off)
     longvt_text: bool = ViewConfig.longvt_text      # LongVT's tool-response wording
     ask_first: bool = ViewConfig.ask_first          # the question also before the global view (as in training)
+    instruction_first: bool = ViewConfig.instruction_first  # the instruction before the global view (as in training)
     max_frames: int = ViewConfig.global_frames      # frame budget of the global view
     global_fps: float = ViewConfig.global_fps       # fps cap of the global view
     time_grid: float = ViewConfig.time_grid         # global-view frames at round times (0: slice centres)
@@ -83,7 +84,8 @@ def view_config(cfg: Config) -> ViewConfig:
                       global_frames=cfg.max_frames, global_fps=cfg.global_fps, time_grid=cfg.time_grid,
                       max_pixels=cfg.max_pixels,
                       crop_max_frames=cfg.crop_max_frames, crop_max_pixels=cfg.crop_max_pixels,
-                      longvt_text=cfg.longvt_text, ask_first=cfg.ask_first)
+                      longvt_text=cfg.longvt_text, ask_first=cfg.ask_first,
+                      instruction_first=cfg.instruction_first)
 
 
 def rollout_config(cfg: Config, seed: int) -> RolloutConfig:

@@ -123,6 +123,7 @@ class Config:
     timestamps: bool = ViewConfig.timestamps        # text timestamps in the global view (LongVT: off)
     longvt_text: bool = ViewConfig.longvt_text      # LongVT's tool-response wording
     ask_first: bool = ViewConfig.ask_first          # the question also before the global view
+    instruction_first: bool = ViewConfig.instruction_first  # the instruction before the global view
     max_frames: int = ViewConfig.global_frames      # frame budget of the global view
     global_fps: float = ViewConfig.global_fps       # fps cap of the global view
     time_grid: float = ViewConfig.time_grid         # global-view frames at round times (0: slice centres)
@@ -337,7 +338,8 @@ def main(argv=None):
     view = ViewConfig(visual_format=cfg.visual_format, timestamps=cfg.timestamps, global_frames=cfg.max_frames,
                       global_fps=cfg.global_fps, time_grid=cfg.time_grid, max_pixels=cfg.max_pixels,
                       crop_max_frames=cfg.crop_max_frames,
-                      crop_max_pixels=cfg.crop_max_pixels, longvt_text=cfg.longvt_text, ask_first=cfg.ask_first)
+                      crop_max_pixels=cfg.crop_max_pixels, longvt_text=cfg.longvt_text, ask_first=cfg.ask_first,
+                      instruction_first=cfg.instruction_first)
 
     # ---- data: every rank renders a strided share; lengths and failures are shared so all ranks agree
     samples, skipped_rows = read_samples(cfg.data.split(","), cfg.limit)

@@ -332,6 +332,24 @@ def test_ask_first_states_the_question_before_the_global_view_too(tiny):
     assert torch.equal(first.vision["pixel_values_videos"], plain.vision["pixel_values_videos"])
 
 
+def test_instruction_first_opens_the_user_turn_with_it(tiny):
+    """instruction_first: the instruction moves from between the view and the question to the start of the user turn
+    (before the question of ask_first, if on); the question stays last; the same tokens, the view's unchanged."""
+    from data import INSTRUCTION_TOOLS
+    _, proc = tiny
+    s = dict(question="Which flag?", video="/v/a.mp4")
+    frames = np.zeros((2, 56, 56, 3), np.uint8)
+    instr = INSTRUCTION_TOOLS.lstrip()
+    for ask_first, lead in ((False, ""), (True, "Which flag?\n")):
+        plain, moved = (Renderer(proc, ViewConfig(ask_first=ask_first, instruction_first=f)).prompt(s, frames, [0.0, 10.0])
+                        for f in (False, True))
+        user = proc.tokenizer.decode(moved.input_ids).split("<|im_start|>user\n")[1]
+        assert user.startswith(f"{instr}\n{lead}0s<|vision_start|>")
+        assert user.endswith("<|vision_end|>Which flag?<|im_end|>\n<|im_start|>assistant\n")
+        assert sorted(moved.input_ids) == sorted(plain.input_ids) and moved.input_ids != plain.input_ids
+        assert torch.equal(moved.vision["pixel_values_videos"], plain.vision["pixel_values_videos"])
+
+
 def test_global_times_on_a_round_grid():
     """time_grid: frames at 0, s, 2s, ... with s the spacing rounded up to a multiple of the grid; 0: slice centres."""
     v = ViewConfig()  # 64 frames, 0.1 fps, grid 5
