@@ -295,7 +295,7 @@ class Renderer:
         if sample.get("choices"):
             q += "\n" + "\n".join(sample["choices"])
         instr = INSTRUCTION_TOOLS if self.view.tools else INSTRUCTION_NO_TOOLS
-        if self.view.tools and self.view.longvt_text:
+        if self.view.tools and self.view.longvt_text and sample.get("video"):  # in-memory warm-up views have none
             instr += f"\n The video path is: {os.path.basename(sample['video'])}"
         # LongVT's user turn ends with the instruction; ours ends with the question, next to the assistant turn that
         # answers it: the tiny policy then answers the kind of question asked (README "The question last")

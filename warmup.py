@@ -126,16 +126,16 @@ def time_example(r, rng, groups, times="random", bare=False, describe=False, cfg
     return head + r.text(think, train=1), colour_at
 
 
-def fit(model, draw, steps, lr, warmup=10, on_step=None):
+def fit(model, draw, steps, lr, warmup_steps=10, on_step=None):
     """The one training loop of the reading warm-up and the bench/ studies: `steps` teacher-forced AdamW steps
-    (betas 0.9/0.95, no weight decay; linear warm-up over `warmup` steps, then cosine to 10% of lr; grad norm
+    (betas 0.9/0.95, no weight decay; linear warm-up over `warmup_steps` steps, then cosine to 10% of lr; grad norm
     clipped at 1) on the batches draw(step) returns (a data.collate batch or a list of them, step from 1). The loss
     is the mean NLL of a batch's policy tokens (train_sft.policy_nll), summed over the list. on_step(step, loss)
     runs after each step. Returns the losses."""
     import torch
     from train_sft import policy_nll  # imported here: train_sft imports this module
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     losses, dev = [], next(model.parameters()).device
     for step in range(1, steps + 1):

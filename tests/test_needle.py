@@ -197,6 +197,18 @@ def test_grounding_example_targets_the_window_read_off_the_prompt():
     assert checked >= 10 and kinds == {"Wh", "At"} and len(counts) > 3
 
 
+def test_in_memory_examples_render_in_longvt_wording():
+    """The warm-ups' in-memory prompts have no video file: under longvt_text they render without LongVT's video-path
+    sentence (it raised KeyError 'video'); a real sample keeps it."""
+    _, proc = load_model("tiny")
+    r, tok = Renderer(proc, ViewConfig(longvt_text=True)), proc.tokenizer
+    x, _ = warmup.time_example(r, random.Random(0), 2)
+    y, _ = warmup.copy_example(r, random.Random(0), frames=4)
+    assert all("video path" not in tok.decode(e.input_ids) for e in (x, y))
+    real = r.prompt(dict(question="Q?", video="/v/clip_7.mp4"), np.zeros((2, 56, 56, 3), np.uint8), [0.0, 10.0])
+    assert "The video path is: clip_7.mp4" in tok.decode(real.input_ids)
+
+
 def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs():
     """warmup.time_example (bench/time_copy.py's views), checked against the prompt alone: the colour of each
     temporal patch read back from its pixels, the timestamps from the text; the target names the question's colour
