@@ -95,14 +95,18 @@ def grounding_example(renderer, rng, queries=8, cfg: NeedleConfig = NeedleConfig
             + scene_queries(r, rng, scenes, times, colour, queries - 1))
 
 
-def time_example(r, rng, groups, times="random", bare=False, describe=False, cfg: NeedleConfig = NeedleConfig()):
+def time_example(r, rng, groups, times="random", bare=False, describe=False, cfg: NeedleConfig = NeedleConfig(),
+                 prefix=0.0):
     """A global view of `groups` temporal patches (2 frames each) of distinct solid scene colours, their timestamps
     starting anywhere in 0-600 s with gaps of 5-60 s (times="random": only a copy gives a patch's time; "regular":
     0, 10, 20, ... s), a question naming one patch's colour, and the loss on "<think>The <colour> scene is around
     <T>s", T the time written before that patch: the hop from a colour to its timestamp that the SFT think's window
     needs. bare: a bare user turn (Renderer.user: no system prompt or instruction); else the real prompt. describe:
-    asked the other way ("What colour is the scene at <T>s?" -> "<think>The scene at <T>s is <colour>"). Returns
-    (Rendered, index of the colour word's first token; None with describe)."""
+    asked the other way ("What colour is the scene at <T>s?" -> "<think>The scene at <T>s is <colour>"). prefix > 0
+    (bare only): with that probability a system turn comes first, holding the real system prompt (half of them) or
+    a random-length token prefix of it, so that the binding learned on short bare turns holds behind a long context
+    (README "The instruction first"). Returns (Rendered, index of the colour word's first token; None with
+    describe)."""
     cols = rng.sample(SCENE_COLOURS, groups)
     if times == "regular":
         starts = [10.0 * i for i in range(groups)]
@@ -122,6 +126,12 @@ def time_example(r, rng, groups, times="random", bare=False, describe=False, cfg
     else:
         q, think = question(cols[k], when, cfg), f"<think>The {cols[k]} scene is around {at}s"
     head = r.user(q, frames, ts) if bare else r.prompt(dict(question=q), frames, ts)
+    if bare and prefix and rng.random() < prefix:  # drawn last: the rest of the draw is the same with or without
+        ids = r.text(r.system_text()).input_ids
+        ids = ids if rng.random() < 0.5 else ids[:rng.randrange(len(ids))]
+        if ids:
+            head = (r.text("<|im_start|>system\n") + Rendered(ids, [0] * len(ids), [0] * len(ids), {})
+                    + r.text("<|im_end|>\n") + head)
     colour_at = None if describe else len(head.input_ids) + len(r.text("<think>The").input_ids)
     return head + r.text(think, train=1), colour_at
 

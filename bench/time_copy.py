@@ -5,6 +5,9 @@
     python bench/time_copy.py --times=regular                   # times one per 10 s from 0 (positions suffice)
     python bench/time_copy.py --number_digits=4                 # every timestamp one token
     python bench/time_copy.py --describe=8                      # + 8 views asked "What colour is the scene at <T>s?"
+    python bench/time_copy.py --groups=2 --short_steps=2500 --steps=2500 --ask_first --save=/tmp/bound
+    python bench/time_copy.py --init=/tmp/bound --groups=2 --short_steps=300 --steps=300 --prefix=1 \
+        --ask_first --instruction_first        # then behind random-length system prefixes, in the moved layout
 
 The SFT think starts "<think>The <colour> scene is around <T>s": T is the timestamp written before the scene's frames
 in the prompt. bench/grounding.py found that the model computes T from the frames' positions instead of copying
@@ -16,7 +19,9 @@ steps it prints, on --num_eval held-out views of --groups patches in the real pr
 right, teacher-forced) and time_acc (every token of "<colour> scene is around <T>s" right, teacher-forced: the copy
 done); with a curriculum, the same on its own form (short_*). A curriculum: the first --short_steps steps use views
 of --short_groups patches in a bare user turn (no system prompt, no instruction), which is how bench/copy_study.py
-got the colour copy to form.
+got the colour copy to form. --prefix=p: that fraction of the bare views come behind a system turn (the real system
+prompt or a random-length token prefix of it, warmup.time_example); then sys_time_acc is also printed: bare views
+behind the whole real system turn. --init / --save: start from / write a checkpoint dir.
 """
 import os
 import random
@@ -40,6 +45,10 @@ class Config:
     short_groups: int = 2
     number_digits: int = 1   # model.NUMBER_DIGITS: longest number that is one token (4: every time one token)
     ask_first: bool = False  # the question also before the view (data.ViewConfig.ask_first)
+    instruction_first: bool = False  # the real prompt's instruction before the view (data.ViewConfig)
+    prefix: float = 0.0      # fraction of bare views behind a (random-length prefix of the) system turn
+    init: str = "tiny"       # model to start from: tiny or a checkpoint dir
+    save: str = ""           # write the trained model here (a checkpoint dir)
     describe: int = 0        # also train each step on this many views asked the other way round ("What colour is
                              # the scene at <T>s?" -> "<think>The scene at <T>s is <colour>"; own token mean, added)
     steps: int = 600         # optimizer steps
@@ -51,14 +60,17 @@ class Config:
     threads: int = 1
 
 
-def accuracy(model, r, cfg, pad, groups, bare=False):
+def accuracy(model, r, cfg, pad, groups, bare=False, system=False):
     """(colour_acc, time_acc) on cfg.num_eval held-out views of `groups` patches (in the real prompt, or a bare user
-    turn), teacher-forced."""
+    turn, behind the whole real system turn with `system`), teacher-forced."""
     rng, colour, time = random.Random(10_000 + cfg.seed), 0, 0
+    head = r.text(f"<|im_start|>system\n{r.system_text()}<|im_end|>\n") if system else None
     model.eval()
     with torch.no_grad():
         for _ in range(cfg.num_eval):
             x, at = warmup.time_example(r, rng, groups, cfg.times, bare)
+            if head:
+                x, at = head + x, at + len(head.input_ids)
             b = collate(model, [x], pad)
             vision = model_vision(b["vision"])
             logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], **vision).logits[0]
@@ -77,8 +89,9 @@ def main(argv=None):
     torch.set_num_threads(cfg.threads)
     import model as M
     M.NUMBER_DIGITS = cfg.number_digits
-    model, proc = load_model("tiny")
-    r, rng = Renderer(proc, ViewConfig(ask_first=cfg.ask_first)), random.Random(cfg.seed)
+    model, proc = load_model(cfg.init, dtype=torch.float32)
+    r = Renderer(proc, ViewConfig(ask_first=cfg.ask_first, instruction_first=cfg.instruction_first))
+    rng = random.Random(cfg.seed)
     pad = proc.tokenizer.pad_token_id
     print(asdict(cfg), flush=True)
     lines = []
@@ -86,8 +99,8 @@ def main(argv=None):
     def draw(step):
         short = step <= cfg.short_steps
         g = cfg.short_groups if short else cfg.groups
-        rows = lambda n, describe: [warmup.time_example(r, rng, g, cfg.times, short, describe)[0]  # noqa: E731
-                                    for _ in range(n)]
+        rows = lambda n, describe: [warmup.time_example(r, rng, g, cfg.times, short, describe,  # noqa: E731
+                                                        prefix=cfg.prefix if short else 0.0)[0] for _ in range(n)]
         batch = collate(model, rows(cfg.batch_size, False), pad)
         return [batch, collate(model, rows(cfg.describe, True), pad)] if cfg.describe else batch
 
@@ -98,8 +111,13 @@ def main(argv=None):
             if cfg.short_steps:  # and on the curriculum's own form
                 lines[-1]["short_colour_acc"], lines[-1]["short_time_acc"] = accuracy(
                     model, r, cfg, pad, cfg.short_groups, bare=True)
+            if cfg.prefix:
+                lines[-1]["sys_time_acc"] = accuracy(model, r, cfg, pad, cfg.short_groups, bare=True, system=True)[1]
             print(lines[-1], flush=True)
     warmup.fit(model, draw, cfg.steps, cfg.lr, 10, report)
+    if cfg.save:
+        from model import save_checkpoint
+        save_checkpoint(model, proc, cfg.save)
     return lines
 
 

@@ -209,12 +209,14 @@ def test_in_memory_examples_render_in_longvt_wording():
     assert "The video path is: clip_7.mp4" in tok.decode(real.input_ids)
 
 
-def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs():
+def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs(tmp_path):
     """warmup.time_example (bench/time_copy.py's views), checked against the prompt alone: the colour of each
     temporal patch read back from its pixels, the timestamps from the text; the target names the question's colour
     and the timestamp written before that colour's patch (random times: not the patch's position x 10 s); the loss
     is on the target only; `at` is the colour word's index. Asked the other way (describe), the target is the colour
-    of the patch after the asked time. A short run reports both accuracies and the curriculum's."""
+    of the patch after the asked time. With prefix, the same draw behind a system turn (the real one or a token
+    prefix of it). A short run reports both accuracies, the curriculum's, and behind the system turn; it saves a
+    checkpoint that a second run starts from."""
     import re
     import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -251,10 +253,26 @@ def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs():
         head = tok.decode(y.input_ids).split("<|vision_start|>")[0]
         assert head.split("<|im_start|>user\n")[1].startswith(q + "\n") and tok.decode(x.input_ids).count(q) == 1
         assert tok.decode(y.input_ids).count(q) == 2 and tok.decode(y.input_ids[at_y:]) == tok.decode(x.input_ids[at:])
+    system = r.text(r.system_text()).input_ids
+    cuts = set()
+    for seed in range(12):  # prefix: the same draw and target behind the system turn or a token prefix of it
+        x, at = warmup.time_example(r, random.Random(seed), 3, bare=True)
+        y, at_y = warmup.time_example(r, random.Random(seed), 3, bare=True, prefix=1.0)
+        n = len(y.input_ids) - len(x.input_ids)
+        assert y.input_ids[n:] == x.input_ids and y.policy_mask[n:] == x.policy_mask and at_y == at + n
+        if n:
+            opening, close = tok("<|im_start|>system\n").input_ids, tok("<|im_end|>\n").input_ids
+            body = y.input_ids[len(opening):n - len(close)]
+            assert y.input_ids[:len(opening)] == opening and body == system[:len(body)] and sum(y.policy_mask[:n]) == 0
+            cuts.add(len(body) == len(system))
+    assert cuts == {True, False}  # both the whole system prompt and shorter prefixes
+    out = str(tmp_path / "bound")
     lines = time_copy.main(["--groups=3", "--short_steps=1", "--steps=2", "--eval_every=2", "--num_eval=2",
-                            "--batch_size=2", "--describe=1"])
+                            "--batch_size=2", "--describe=1", "--prefix=0.5", "--instruction_first", f"--save={out}"])
     assert [x["step"] for x in lines] == [2] and all(0 <= lines[0][k] <= 1 for k in (
-        "colour_acc", "time_acc", "short_colour_acc", "short_time_acc"))
+        "colour_acc", "time_acc", "short_colour_acc", "short_time_acc", "sys_time_acc"))
+    again = time_copy.main(["--groups=3", "--steps=1", "--eval_every=1", "--num_eval=2", f"--init={out}", "--lr=0"])
+    assert again[0]["step"] == 1 and load_model(out)[1] is not None
     with pytest.raises(ValueError, match="random or regular"):
         warmup.time_example(r, random.Random(0), 2, times="sorted")
     with pytest.raises(SystemExit, match="random or regular"):
