@@ -20,7 +20,7 @@ the observation chunk (mask 0); the final turn's `<|im_end|>` is the policy's ow
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -49,6 +49,17 @@ class ViewConfig:
                                   # to it (README "The question first"); LongVT: off
     instruction_first: bool = False  # the instruction opens the user turn instead of sitting between the view and
                                      # the question (README "The instruction first"); LongVT: after the question
+
+
+def view_from(cfg) -> ViewConfig:
+    """The ViewConfig of a script's flat Config (train_sft, eval): each ViewConfig field it has by the same name, and
+    its max_frames as global_frames."""
+    kw = {f.name: getattr(cfg, f.name) for f in fields(ViewConfig) if hasattr(cfg, f.name)}
+    if hasattr(cfg, "max_frames"):
+        kw["global_frames"] = cfg.max_frames
+    if kw.get("visual_format", "video") not in ("video", "images"):
+        raise ValueError(f"visual_format must be 'video' or 'images', got {kw['visual_format']!r}")
+    return ViewConfig(**kw)
 
 
 SYSTEM = "You are a helpful assistant."

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import Renderer, ViewConfig, load_samples, render_sft
+from data import Renderer, ViewConfig, load_samples, render_sft, view_from
 from model import compute_init, load_model, parse_config, print0, resolve_checkpoint
 from reward import RewardConfig, iou_reward, reward_batch
 from rollout import RolloutConfig, rollout
@@ -75,17 +75,6 @@ class Config:
                                     # to export samples without a window, e.g. VideoSIAH-Eval)
     report_samples: int = 20        # trajectories shown in report.html (0 = no report)
     save_trajectories: bool = False  # also write trajectories.jsonl: token ids, policy mask, log-probs per turn
-
-
-def view_config(cfg: Config) -> ViewConfig:
-    if cfg.visual_format not in ("video", "images"):
-        raise ValueError(f"visual_format must be 'video' or 'images', got {cfg.visual_format!r}")
-    return ViewConfig(visual_format=cfg.visual_format, timestamps=cfg.timestamps, tools=cfg.tools,
-                      global_frames=cfg.max_frames, global_fps=cfg.global_fps, time_grid=cfg.time_grid,
-                      max_pixels=cfg.max_pixels,
-                      crop_max_frames=cfg.crop_max_frames, crop_max_pixels=cfg.crop_max_pixels,
-                      longvt_text=cfg.longvt_text, ask_first=cfg.ask_first,
-                      instruction_first=cfg.instruction_first)
 
 
 def rollout_config(cfg: Config, seed: int) -> RolloutConfig:
@@ -168,7 +157,7 @@ def evaluate(model, processor, samples, cfg=None, view=None, reward_cfg=None, ju
     cfg = cfg if isinstance(cfg, Config) else Config(**(cfg or {}))
     ddp = distributed and dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    view = view or view_config(cfg)
+    view = view or view_from(cfg)
     rew = reward_cfg or RewardConfig(accuracy=cfg.accuracy, iou_mode=cfg.iou_mode)
     t0 = time.time()
     mine = list(range(rank, len(samples), world))
@@ -338,7 +327,7 @@ def main(argv=None):
         summary.update(model=name, data=cfg.data)
         if cfg.export_rft:
             summary["rft"] = export_rft(cfg.export_rft, trajectories, predictions,
-                                        Renderer(processor, view_config(cfg)), cfg.rft_min_iou)
+                                        Renderer(processor, view_from(cfg)), cfg.rft_min_iou)
         write_outputs(out, summary, predictions, trajectories if cfg.save_trajectories else None, cfg.report_samples)
         print_summary(summary)
         print(f"wrote {out}/predictions.jsonl, summary.json" + (", report.html" if cfg.report_samples else ""))

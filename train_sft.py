@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (DataError, Renderer, ViewConfig, batch_to, collate, global_times, model_vision, normalize_row,
-                  read_rows, render_sft)
+                  read_rows, render_sft, view_from)
 from model import (atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, rng_state,
                    set_rng_state, unwrap)
 import needle
@@ -335,11 +335,7 @@ def main(argv=None):
     init = cfg.out if cfg.resume else (cfg.init or cfg.model)
     model, processor = load_model(init, d.device, dtype=torch.float32, grad_ckpt=cfg.grad_ckpt)
     pad_id = processor.tokenizer.pad_token_id
-    view = ViewConfig(visual_format=cfg.visual_format, timestamps=cfg.timestamps, global_frames=cfg.max_frames,
-                      global_fps=cfg.global_fps, time_grid=cfg.time_grid, max_pixels=cfg.max_pixels,
-                      crop_max_frames=cfg.crop_max_frames,
-                      crop_max_pixels=cfg.crop_max_pixels, longvt_text=cfg.longvt_text, ask_first=cfg.ask_first,
-                      instruction_first=cfg.instruction_first)
+    view = view_from(cfg)
 
     # ---- data: every rank renders a strided share; lengths and failures are shared so all ranks agree
     samples, skipped_rows = read_samples(cfg.data.split(","), cfg.limit)

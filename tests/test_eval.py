@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import eval as ev  # noqa: E402
-from data import Renderer, load_samples, render_sft  # noqa: E402
+from data import Renderer, load_samples, render_sft, view_from  # noqa: E402
 from model import load_model  # noqa: E402
 from needle import NeedleConfig, generate  # noqa: E402
 from conftest import ranks_output, run_ranks  # noqa: E402
@@ -229,7 +229,7 @@ def test_rft_export_only_correct_grounded_and_token_exact(scripted_run, needle_d
     rows = load_samples(rft)
     assert [r["id"] for r in rows] == [preds[0]["id"]]
     # the exported row re-renders to exactly the ids the policy produced
-    renderer = Renderer(processor, ev.view_config(ev.Config()))
+    renderer = Renderer(processor, view_from(ev.Config()))
     for r in rows:
         t = next(t for t in trajs if t["id"] == r["id"])
         rendered = render_sft(renderer, r)

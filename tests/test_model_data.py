@@ -350,6 +350,26 @@ def test_instruction_first_opens_the_user_turn_with_it(tiny):
         assert torch.equal(moved.vision["pixel_values_videos"], plain.vision["pixel_values_videos"])
 
 
+def test_script_configs_pass_every_view_field():
+    """data.view_from: every ViewConfig field that train_sft's or eval's Config has (max_frames as global_frames)
+    reaches the view, set to a non-default value; a bad visual_format is a clear error."""
+    import dataclasses
+    import eval as ev
+    import train_sft
+    from data import view_from
+    odd = dict(visual_format="images", timestamps=False, tools=False, global_fps=0.5, time_grid=0.0, max_pixels=28 * 28,
+               crop_max_frames=7, crop_max_pixels=28 * 28, longvt_text=True, ask_first=True, instruction_first=True)
+    for cls in (train_sft.Config, ev.Config):
+        names = {f.name for f in dataclasses.fields(cls)}
+        view = view_from(cls(max_frames=9, **{k: v for k, v in odd.items() if k in names}))
+        assert view.global_frames == 9
+        for k, v in odd.items():
+            assert getattr(view, k) == (v if k in names else getattr(ViewConfig, k)), (cls, k)
+        assert len(names & {f.name for f in dataclasses.fields(ViewConfig)}) >= 10
+    with pytest.raises(ValueError, match="visual_format"):
+        view_from(ev.Config(visual_format="frames"))
+
+
 def test_global_times_on_a_round_grid():
     """time_grid: frames at 0, s, 2s, ... with s the spacing rounded up to a multiple of the grid; 0: slice centres."""
     v = ViewConfig()  # 64 frames, 0.1 fps, grid 5
