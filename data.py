@@ -20,7 +20,7 @@ the observation chunk (mask 0); the final turn's `<|im_end|>` is the policy's ow
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -60,6 +60,29 @@ def view_from(cfg) -> ViewConfig:
     if kw.get("visual_format", "video") not in ("video", "images"):
         raise ValueError(f"visual_format must be 'video' or 'images', got {kw['visual_format']!r}")
     return ViewConfig(**kw)
+
+
+VIEW_FILE = "view.json"  # in a checkpoint dir: the ViewConfig it was trained with
+LAYOUT_FIELDS = ("visual_format", "timestamps", "time_grid", "longvt_text", "ask_first", "instruction_first")
+
+
+def save_view(view: ViewConfig, out_dir):
+    """Write the view a checkpoint was trained with next to its weights (the trainers call this)."""
+    with open(os.path.join(out_dir, VIEW_FILE), "w") as f:
+        json.dump(asdict(view), f, indent=1)
+
+
+def layout_mismatch(model_dir, view: ViewConfig):
+    """[(field, trained value, this value)] for the prompt-layout fields where `view` differs from the one the
+    checkpoint in model_dir was trained with; [] when they agree or it has no readable view.json (HF ids, older
+    checkpoints). Frame budgets and the tool schema may differ on purpose (longer videos, the no-tool baseline)."""
+    path = os.path.join(str(model_dir), VIEW_FILE)
+    try:
+        with open(path) as f:
+            trained = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return [(k, trained[k], getattr(view, k)) for k in LAYOUT_FIELDS if k in trained and trained[k] != getattr(view, k)]
 
 
 SYSTEM = "You are a helpful assistant."

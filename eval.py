@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import Renderer, ViewConfig, load_samples, render_sft, view_from
+from data import Renderer, ViewConfig, layout_mismatch, load_samples, render_sft, view_from
 from model import compute_init, load_model, parse_config, print0, resolve_checkpoint
 from reward import RewardConfig, iou_reward, reward_batch
 from rollout import RolloutConfig, rollout
@@ -320,6 +320,9 @@ def main(argv=None):
     out = cfg.out or default_out(name)
     print0(f"eval {name} on {cfg.data} ({len(samples)} samples x {cfg.samples}) -> {out}")
     model, processor = load_model(name, d.device)
+    for k, trained, now in layout_mismatch(name, view_from(cfg)):
+        print0(f"warning: {name} was trained with {k}={trained}, this eval uses {k}={now}: the prompt differs "
+               f"from training (--{k}={str(trained).lower()} matches it)")
     keep = bool(cfg.export_rft or cfg.save_trajectories)  # gather token ids only when something needs them
     summary, predictions, *rest = evaluate(model, processor, samples, cfg, distributed=True, return_trajectories=keep)
     trajectories = rest[0] if keep else None

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import needle
-from data import ViewConfig, collate, load_samples, model_vision
+from data import ViewConfig, collate, load_samples, model_vision, save_view
 from model import (atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, rng_state,
                    set_rng_state, token_logprobs)
 from reward import Judge, RewardConfig, answer_type, reward_batch
@@ -465,6 +465,7 @@ def save(cfg, d, hf, net, processor, opt, step, pos, fsdp):
             hf.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
             processor.save_pretrained(tmp)
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+            save_view(ViewConfig(**cfg.view), tmp)  # eval.py warns when it renders prompts another way
             metrics = os.path.join(cfg.out, "metrics.jsonl")  # the log so far; atomic_dir moves rollouts/, eval/
             if os.path.exists(metrics):
                 shutil.copy(metrics, tmp)

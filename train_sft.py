@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (DataError, Renderer, ViewConfig, batch_to, collate, global_times, model_vision, normalize_row,
-                  read_rows, render_sft, view_from)
+                  read_rows, render_sft, save_view, view_from)
 from model import (atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, rng_state,
                    set_rng_state, unwrap)
 import needle
@@ -285,6 +285,7 @@ def save(model, processor, engine, optimizer, scheduler, state, cfg, d):
             model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
             processor.save_pretrained(tmp)
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+            save_view(view_from(cfg), tmp)  # eval.py warns when it renders prompts another way
             if os.path.exists(metrics):
                 shutil.copy(metrics, tmp)
         atomic_dir(cfg.out, write)

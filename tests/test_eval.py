@@ -195,6 +195,24 @@ def test_default_out_and_model(tmp_path, monkeypatch):
     assert ev.default_out("runs/grpo") == os.path.join("runs", "grpo", "eval")
 
 
+def test_warns_when_the_prompt_layout_differs_from_training(needle_dir, tmp_path, capsys):
+    """A checkpoint's view.json (written by the trainers) against eval's flags: a prompt-layout field that differs
+    (here ask_first) is named in a warning with the flag that matches; frame budgets and tools may differ freely."""
+    from data import ViewConfig, save_view
+    from model import save_checkpoint
+    ckpt = str(tmp_path / "ckpt")
+    model, processor = load_model("tiny")
+    save_checkpoint(model, processor, ckpt)
+    save_view(ViewConfig(ask_first=True, global_frames=32), ckpt)
+    data = os.path.join(needle_dir, "eval.jsonl")
+    common = [f"--model={ckpt}", f"--data={data}", "--limit=1", "--max_new_tokens=4", "--report_samples=0", *FAST]
+    ev.main(common + [f"--out={tmp_path / 'a'}"])
+    out = capsys.readouterr().out
+    assert "warning" in out and "ask_first=True" in out and "--ask_first=true" in out
+    ev.main(common + [f"--out={tmp_path / 'b'}", "--ask_first=true", "--tools=false"])
+    assert "warning" not in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- scripted policy: RFT, tools off, report
 @pytest.fixture(scope="module")
 def scripted_run(needle_dir, tiny, tmp_path_factory, monkeypatch_module):

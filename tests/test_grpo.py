@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import threading
+from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -216,7 +217,8 @@ def test_torchrun_ddp_fsdp_and_exact_resume(needle_data, tmp_path):
     for m, n in zip(straight[:2], fsdp):  # the same math sharded: equal up to float reduction order
         assert m["reward"] == n["reward"] and m["grad_norm"] == pytest.approx(n["grad_norm"], rel=1e-4)
     layout = {p for p in os.listdir(tmp_path / "a")}
-    assert {"config.json", "model.safetensors", "trainer_state.pt", "metrics.jsonl", "rollouts"} <= layout
+    assert {"config.json", "model.safetensors", "trainer_state.pt", "metrics.jsonl", "rollouts", "view.json"} <= layout
+    assert json.load(open(tmp_path / "a" / "view.json")) == {**asdict(ViewConfig()), **VIEW}
     assert layout == set(os.listdir(tmp_path / "f"))
     assert load_file(tmp_path / "f" / "model.safetensors").keys() == pa.keys()
     train_grpo.train(tiny_cfg(needle_data, tmp_path / "one", steps=1, save_every=1, log_rollouts_every=1))

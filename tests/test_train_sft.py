@@ -1,5 +1,6 @@
 """train_sft.py: the masked loss, 1 process vs 2-process DDP / FSDP2, exact resume, crash-safe checkpoints,
 bad rows and non-finite losses. Tiny needle videos and small frame budgets keep the file fast on 2 CPU cores."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_sft
-from data import Renderer, ViewConfig, collate, model_vision, render_sft
+from data import Renderer, ViewConfig, collate, model_vision, render_sft, view_from
 from model import load_model, resolve_checkpoint, token_logprobs
 from conftest import ranks_output, run_ranks
 from needle import NeedleConfig, generate
@@ -169,6 +170,9 @@ def test_resume_is_exact(sft_file, tmp_path, copy_mix):
     assert all(("copy_loss" in m) == bool(copy_mix) for m in strip[0])
     state = torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)
     assert state["step"] == 6 and state["config"]["steps"] == 6 and len(state["rng"]) == 1
+    view = json.load(open(os.path.join(split, "view.json")))  # the view it trained with, for eval.py's check
+    assert view == dataclasses.asdict(view_from(train_sft.Config(**{**state["config"]})))
+    assert view["global_frames"] == 8 and view["crop_max_frames"] == 8
 
 
 KILLER = """
