@@ -9,7 +9,7 @@
 Each step: prompts_per_step prompts (rank-strided, seeded shuffle), group_size rollouts each through the real tool
 loop (rollout.py), rewards (reward.py), group advantages, then ppo_epochs x mini_batches optimizer steps on the
 clipped surrogate + k3 KL to the frozen init weights, on policy_mask == 1 tokens only. <out> is an HF checkpoint
-(eval.py, train_sft.py --init read it) + trainer_state.pt, metrics.jsonl, rollouts/, eval/.
+(eval.py, train_sft.py --init read it) + trainer_state.pt, view.json, metrics.jsonl, rollouts/, eval/.
 
 Variants: --adv_norm=none (Dr. GRPO: r - mean); --clip_high > clip_low (DAPO clip-higher); --dynamic_sampling
 (DAPO: groups whose rewards are all equal are replaced by fresh prompts for up to resample_rounds rounds, those

@@ -23,7 +23,8 @@ by length instead of packing several samples into one row: packing M-RoPE vision
 attention masks that sdpa on a padded batch does not give.
 
 Checkpoints (every --save_every steps and at the end) go to --out in HF layout plus trainer_state.pt (optimizer,
-scheduler, per-rank RNG states, step / data position, config) and metrics.jsonl, written to a temp dir and renamed.
+scheduler, per-rank RNG states, step / data position, config), view.json and metrics.jsonl, written to a temp dir and
+renamed.
 Under FSDP2 the model and optimizer states are gathered to full, CPU-offloaded state dicts and saved by rank 0 only;
 on resume every rank reads the full optimizer state and keeps its shard. bf16 on CUDA is autocast (DDP) or FSDP2's
 mixed precision; master weights and AdamW states stay fp32.
