@@ -304,7 +304,8 @@ def default_out(model_name):
 
 
 def main(argv=None):
-    cfg = parse_config(Config, sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_config(Config, argv)
     if cfg.samples > 1 and cfg.temperature <= 0:
         raise SystemExit("--samples > 1 needs --temperature > 0 (greedy draws are identical)")
     d = compute_init(cfg.seed)
@@ -320,9 +321,14 @@ def main(argv=None):
     out = cfg.out or default_out(name)
     print0(f"eval {name} on {cfg.data} ({len(samples)} samples x {cfg.samples}) -> {out}")
     model, processor = load_model(name, d.device)
-    for k, trained, now in layout_mismatch(name, view_from(cfg)):
-        print0(f"warning: {name} was trained with {k}={trained}, this eval uses {k}={now}: the prompt differs "
-               f"from training (--{k}={str(trained).lower()} matches it)")
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    for k, trained, now in layout_mismatch(name, view_from(cfg)):  # the prompt layout it was trained with
+        if k in given:
+            print0(f"warning: {name} was trained with {k}={trained}, this eval uses {k}={now}: the prompt differs "
+                   f"from training (--{k}={str(trained).lower()} matches it)")
+        else:
+            setattr(cfg, k, trained)
+            print0(f"{k}={trained}: as {name} was trained (its view.json; --{k}= overrides)")
     keep = bool(cfg.export_rft or cfg.save_trajectories)  # gather token ids only when something needs them
     summary, predictions, *rest = evaluate(model, processor, samples, cfg, distributed=True, return_trajectories=keep)
     trajectories = rest[0] if keep else None

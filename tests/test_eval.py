@@ -195,9 +195,10 @@ def test_default_out_and_model(tmp_path, monkeypatch):
     assert ev.default_out("runs/grpo") == os.path.join("runs", "grpo", "eval")
 
 
-def test_warns_when_the_prompt_layout_differs_from_training(needle_dir, tmp_path, capsys):
-    """A checkpoint's view.json (written by the trainers) against eval's flags: a prompt-layout field that differs
-    (here ask_first) is named in a warning with the flag that matches; frame budgets and tools may differ freely."""
+def test_prompt_layout_follows_the_checkpoint_unless_given(needle_dir, tmp_path, capsys):
+    """A checkpoint's view.json (written by the trainers): a prompt-layout field (here ask_first) that eval's flags do
+    not set is taken from it, and said; one they set otherwise is kept, with a warning naming the flag that matches.
+    Frame budgets and tools are not layout: they follow eval's flags silently."""
     from data import ViewConfig, save_view
     from model import save_checkpoint
     ckpt = str(tmp_path / "ckpt")
@@ -206,11 +207,15 @@ def test_warns_when_the_prompt_layout_differs_from_training(needle_dir, tmp_path
     save_view(ViewConfig(ask_first=True, global_frames=32), ckpt)
     data = os.path.join(needle_dir, "eval.jsonl")
     common = [f"--model={ckpt}", f"--data={data}", "--limit=1", "--max_new_tokens=4", "--report_samples=0", *FAST]
+    view = lambda d: json.load(open(tmp_path / d / "summary.json"))["view"]  # noqa: E731
     ev.main(common + [f"--out={tmp_path / 'a'}"])
     out = capsys.readouterr().out
+    assert "ask_first=True: as" in out and "warning" not in out
+    assert view("a")["ask_first"] is True and view("a")["global_frames"] == 4
+    ev.main(common + [f"--out={tmp_path / 'b'}", "--ask_first=false", "--tools=false"])
+    out = capsys.readouterr().out
     assert "warning" in out and "ask_first=True" in out and "--ask_first=true" in out
-    ev.main(common + [f"--out={tmp_path / 'b'}", "--ask_first=true", "--tools=false"])
-    assert "warning" not in capsys.readouterr().out
+    assert view("b")["ask_first"] is False and view("b")["tools"] is False
 
 
 # --------------------------------------------------------------------------- scripted policy: RFT, tools off, report
