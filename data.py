@@ -321,6 +321,10 @@ class Renderer:
             return SYSTEM
         return SYSTEM + TOOLS_TEXT.format(schema=json.dumps(CROP_VIDEO_SCHEMA))
 
+    def system_turn(self):
+        """The system turn: the system prompt, with the tool schema when tools are on."""
+        return self.text(f"<|im_start|>system\n{self.system_text()}<|im_end|>\n")
+
     def prompt(self, sample, frames, timestamps):
         """System + user (global view, instruction, question; LongVT's order with longvt_text: global view,
         question, instruction; with instruction_first: instruction, global view, question; with ask_first the
@@ -337,8 +341,7 @@ class Renderer:
             lead, body = f"{instr.lstrip()}\n", q
         else:
             lead, body = "", f"{q}{instr}" if self.view.longvt_text else f"{instr.lstrip()}\n{q}"
-        system = self.text(f"<|im_start|>system\n{self.system_text()}<|im_end|>\n")
-        return system + self.user(q, frames, timestamps, body, lead)
+        return self.system_turn() + self.user(q, frames, timestamps, body, lead)
 
     def user(self, q, frames, timestamps, body=None, lead=""):
         """The user turn around the global view + the assistant header: `lead`, the question with ask_first, the

@@ -64,7 +64,7 @@ def accuracy(model, r, cfg, pad, groups, bare=False, system=False):
     """(colour_acc, time_acc) on cfg.num_eval held-out views of `groups` patches (in the real prompt, or a bare user
     turn, behind the whole real system turn with `system`), teacher-forced."""
     rng, colour, time = random.Random(10_000 + cfg.seed), 0, 0
-    head = r.text(f"<|im_start|>system\n{r.system_text()}<|im_end|>\n") if system else None
+    head = r.system_turn() if system else None
     model.eval()
     with torch.no_grad():
         for _ in range(cfg.num_eval):

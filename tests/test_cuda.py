@@ -22,7 +22,7 @@ from needle import NeedleConfig
 from rollout import RolloutConfig, rollout
 from test_grpo import needle_data, tiny_cfg  # noqa: F401  (fixture)
 from test_grpo import metrics as grpo_metrics
-from test_rollout import VIEW, needle_set, scripted  # noqa: F401  (fixtures)
+from test_rollout import VIEW, full_logprobs, needle_set, scripted  # noqa: F401  (fixtures)
 from test_train_sft import args, metrics, sft_file  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -56,12 +56,6 @@ def logprobs(model, b, device):
         lp, _ = token_logprobs(model, b["input_ids"].to(device), b["attention_mask"].to(device),
                                b["position_ids"].to(device), **model_vision(b["vision"], device))
     return lp[0].float().cpu()
-
-
-def full_logprobs(model, proc, trajs):
-    """Reference: one forward pass over each final sequence, on the model's device."""
-    dev = next(model.parameters()).device
-    return [logprobs(model, collate(model, [t.rendered()], proc.tokenizer.pad_token_id), dev) for t in trajs]
 
 
 def test_load_defaults_bf16_and_forward_tracks_cpu(needle_set):

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from data import Renderer, ViewConfig, collate, model_vision, render_sft
+from data import Renderer, ViewConfig, batch_to, collate, model_vision, render_sft
 from model import TinyConfig, load_model, token_logprobs
 from needle import NeedleConfig, generate
 from rollout import RolloutConfig, rollout
@@ -24,14 +24,15 @@ def needle_set(tmp_path_factory):
 
 
 def full_logprobs(model, proc, trajs):
-    """Reference: one forward pass over each final sequence (prompt, sampled ids, observations, frames)."""
-    out = []
+    """Reference: one forward pass over each final sequence (prompt, sampled ids, observations, frames), on the
+    model's device (tests/test_cuda.py runs it on the GPU); fp32 on the CPU."""
+    out, dev = [], next(model.parameters()).device
     for t in trajs:
-        b = collate(model, [t.rendered()], proc.tokenizer.pad_token_id)
-        vision = model_vision(b["vision"])
+        b = batch_to(collate(model, [t.rendered()], proc.tokenizer.pad_token_id), dev)
         with torch.no_grad():
-            lp, _ = token_logprobs(model, b["input_ids"], b["attention_mask"], b["position_ids"], **vision)
-        out.append(lp[0])
+            lp, _ = token_logprobs(model, b["input_ids"], b["attention_mask"], b["position_ids"],
+                                   **model_vision(b["vision"]))
+        out.append(lp[0].float().cpu())
     return out
 
 

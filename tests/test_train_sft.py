@@ -171,7 +171,7 @@ def test_resume_is_exact(sft_file, tmp_path, copy_mix):
     state = torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)
     assert state["step"] == 6 and state["config"]["steps"] == 6 and len(state["rng"]) == 1
     view = json.load(open(os.path.join(split, "view.json")))  # the view it trained with, for eval.py's check
-    assert view == dataclasses.asdict(view_from(train_sft.Config(**{**state["config"]})))
+    assert view == dataclasses.asdict(view_from(train_sft.Config(**state["config"])))
     assert view["global_frames"] == 8 and view["crop_max_frames"] == 8
 
 
