@@ -49,6 +49,8 @@ class ViewConfig:
                                   # to it (README "The question first"); LongVT: off
     instruction_first: bool = False  # the instruction opens the user turn instead of sitting between the view and
                                      # the question (README "The instruction first"); LongVT: after the question
+    time_after: bool = False      # each timestamp after its frames instead of before them, so that (causal attention)
+                                  # the timestamp's tokens see the frames they name (README "The time after")
 
 
 def view_from(cfg) -> ViewConfig:
@@ -63,7 +65,8 @@ def view_from(cfg) -> ViewConfig:
 
 
 VIEW_FILE = "view.json"  # in a checkpoint dir: the ViewConfig it was trained with
-LAYOUT_FIELDS = ("visual_format", "timestamps", "time_grid", "longvt_text", "ask_first", "instruction_first")
+LAYOUT_FIELDS = ("visual_format", "timestamps", "time_grid", "longvt_text", "ask_first", "instruction_first",
+                 "time_after")
 
 
 def save_view(view: ViewConfig, out_dir):
@@ -284,8 +287,8 @@ class Renderer:
         return Rendered(ids, [train] * len(ids), [0] * len(ids), {})
 
     def visual(self, frames, timestamps):
-        """Frames as one video (timestamps off), one video per temporal patch with its time before it (on),
-        or one image per frame ('images' format)."""
+        """Frames as one video (timestamps off), one video per temporal patch with its time before it (on; after it
+        with time_after), or one image per frame ('images' format)."""
         frames = np.asarray(frames)
         if self.view.visual_format == "images":
             groups = [(frames[i:i + 1], timestamps[i]) for i in range(len(frames))]
@@ -297,9 +300,9 @@ class Renderer:
             groups = [(frames[i:i + step], timestamps[i]) for i in range(0, len(frames), step)]
         parts = []
         for g, t in groups:
-            if self.view.timestamps:
-                parts.append(self.text(f"{fmt_time(t)}s"))
-            parts.append(self._vision_block(g, timestamps))
+            stamp = [self.text(f"{fmt_time(t)}s")] if self.view.timestamps else []
+            block = [self._vision_block(g, timestamps)]
+            parts += block + stamp if self.view.time_after else stamp + block
         return Rendered.join(parts)
 
     def _vision_block(self, frames, all_ts):

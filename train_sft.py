@@ -125,6 +125,7 @@ class Config:
     longvt_text: bool = ViewConfig.longvt_text      # LongVT's tool-response wording
     ask_first: bool = ViewConfig.ask_first          # the question also before the global view
     instruction_first: bool = ViewConfig.instruction_first  # the instruction before the global view
+    time_after: bool = ViewConfig.time_after        # each timestamp after its frames
     max_frames: int = ViewConfig.global_frames      # frame budget of the global view
     global_fps: float = ViewConfig.global_fps       # fps cap of the global view
     time_grid: float = ViewConfig.time_grid         # global-view frames at round times (0: slice centres)

@@ -45,8 +45,8 @@ def example(r, rng, context):
     if context == "system":
         c = rng.choice(needle.SCENE_COLOURS)
         q = needle.question(c, rng.random() < needle.NeedleConfig.when_fraction, needle.NeedleConfig())
-        return r.text(f"<|im_start|>system\n{r.system_text()}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
-                      f"<|im_start|>assistant\n") + r.text(f"<think>The {c}", train=1), c
+        return (r.system_turn() + r.text(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
+                + r.text(f"<think>The {c}", train=1)), c
     if context in ("short", "video"):
         return warmup.copy_example(r, rng, frames=20 if context == "video" else 0)
     raise SystemExit(f"--context must be short, system or video, got {context!r}")

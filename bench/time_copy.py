@@ -26,7 +26,7 @@ behind the whole real system turn. --init / --save: start from / write a checkpo
 import os
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import needle  # noqa: E402
 import warmup  # noqa: E402
 from data import Renderer, ViewConfig, collate, model_vision  # noqa: E402
-from model import load_model, parse_config  # noqa: E402
+from model import TinyConfig, load_model, parse_config  # noqa: E402
 
 
 @dataclass
@@ -46,8 +46,10 @@ class Config:
     number_digits: int = 1   # model.NUMBER_DIGITS: longest number that is one token (4: every time one token)
     ask_first: bool = False  # the question also before the view (data.ViewConfig.ask_first)
     instruction_first: bool = False  # the real prompt's instruction before the view (data.ViewConfig)
+    time_after: bool = False  # each timestamp after its frames (data.ViewConfig.time_after)
     prefix: float = 0.0      # fraction of bare views behind a (random-length prefix of the) system turn
     init: str = "tiny"       # model to start from: tiny or a checkpoint dir
+    tiny: dict = field(default_factory=dict)  # the tiny model's shape, model.TinyConfig fields: '{"heads":8}'
     save: str = ""           # write the trained model here (a checkpoint dir)
     describe: int = 0        # also train each step on this many views asked the other way round ("What colour is
                              # the scene at <T>s?" -> "<think>The scene at <T>s is <colour>"; own token mean, added)
@@ -89,8 +91,9 @@ def main(argv=None):
     torch.set_num_threads(cfg.threads)
     import model as M
     M.NUMBER_DIGITS = cfg.number_digits
-    model, proc = load_model(cfg.init, dtype=torch.float32)
-    r = Renderer(proc, ViewConfig(ask_first=cfg.ask_first, instruction_first=cfg.instruction_first))
+    model, proc = load_model(cfg.init, dtype=torch.float32, tiny=TinyConfig(**cfg.tiny))
+    r = Renderer(proc, ViewConfig(ask_first=cfg.ask_first, instruction_first=cfg.instruction_first,
+                                   time_after=cfg.time_after))
     rng = random.Random(cfg.seed)
     pad = proc.tokenizer.pad_token_id
     print(asdict(cfg), flush=True)

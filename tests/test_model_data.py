@@ -350,6 +350,27 @@ def test_instruction_first_opens_the_user_turn_with_it(tiny):
         assert torch.equal(moved.vision["pixel_values_videos"], plain.vision["pixel_values_videos"])
 
 
+def test_time_after_writes_each_timestamp_after_its_frames(tiny):
+    """time_after: each temporal patch's timestamp follows its frames instead of preceding them (global view and
+    crop observation alike, 'images' format too); the same tokens and pixels, only reordered."""
+    _, proc = tiny
+    frames = np.stack([np.full((56, 56, 3), v, np.uint8) for v in (0, 0, 90, 90, 200)])
+    for fmt, n in (("video", 3), ("images", 5)):
+        before, after = (Renderer(proc, ViewConfig(visual_format=fmt, time_after=a)).visual(frames, [0., 1., 12., 13., 24.])
+                         for a in (False, True))
+        text = proc.tokenizer.decode(after.input_ids)
+        blocks = text.split("<|vision_end|>")
+        assert len(blocks) == n + 1 and blocks[0].startswith("<|vision_start|>") and blocks[-1] == "24s"
+        stamps = [b.split("<|vision_start|>")[0] for b in blocks[1:]]
+        assert stamps == (["0s", "12s", "24s"] if fmt == "video" else ["0s", "1s", "12s", "13s", "24s"])
+        assert sorted(after.input_ids) == sorted(before.input_ids) and after.input_ids != before.input_ids
+        key = "pixel_values_videos" if fmt == "video" else "pixel_values"
+        assert torch.equal(after.vision[key], before.vision[key])
+    obs = Renderer(proc, ViewConfig(time_after=True)).observation(dict(frames=frames[:2], timestamps=[5.0, 6.0],
+                                                                       text="Frames from 5s to 7s."))
+    assert "<|vision_end|>5s" in proc.tokenizer.decode(obs.input_ids)
+
+
 def test_script_configs_pass_every_view_field():
     """data.view_from: every ViewConfig field that train_sft's or eval's Config has (max_frames as global_frames)
     reaches the view, set to a non-default value; a bad visual_format is a clear error."""
@@ -358,7 +379,8 @@ def test_script_configs_pass_every_view_field():
     import train_sft
     from data import view_from
     odd = dict(visual_format="images", timestamps=False, tools=False, global_fps=0.5, time_grid=0.0, max_pixels=28 * 28,
-               crop_max_frames=7, crop_max_pixels=28 * 28, longvt_text=True, ask_first=True, instruction_first=True)
+               crop_max_frames=7, crop_max_pixels=28 * 28, longvt_text=True, ask_first=True, instruction_first=True,
+               time_after=True)
     for cls in (train_sft.Config, ev.Config):
         names = {f.name for f in dataclasses.fields(cls)}
         view = view_from(cls(max_frames=9, **{k: v for k, v in odd.items() if k in names}))

@@ -268,11 +268,12 @@ def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs(tmp_pat
     assert cuts == {True, False}  # both the whole system prompt and shorter prefixes
     out = str(tmp_path / "bound")
     lines = time_copy.main(["--groups=3", "--short_steps=1", "--steps=2", "--eval_every=2", "--num_eval=2",
-                            "--batch_size=2", "--describe=1", "--prefix=0.5", "--instruction_first", f"--save={out}"])
+                            "--batch_size=2", "--describe=1", "--prefix=0.5", "--instruction_first", "--time_after",
+                            '--tiny={"layers": 3}', f"--save={out}"])
     assert [x["step"] for x in lines] == [2] and all(0 <= lines[0][k] <= 1 for k in (
         "colour_acc", "time_acc", "short_colour_acc", "short_time_acc", "sys_time_acc"))
     again = time_copy.main(["--groups=3", "--steps=1", "--eval_every=1", "--num_eval=2", f"--init={out}", "--lr=0"])
-    assert again[0]["step"] == 1 and load_model(out)[1] is not None
+    assert again[0]["step"] == 1 and load_model(out)[0].config.text_config.num_hidden_layers == 3
     with pytest.raises(ValueError, match="random or regular"):
         warmup.time_example(r, random.Random(0), 2, times="sorted")
     with pytest.raises(SystemExit, match="random or regular"):
