@@ -136,6 +136,19 @@ def time_example(r, rng, groups, times="random", bare=False, describe=False, cfg
     return head + r.text(think, train=1), colour_at
 
 
+def name_example(r, rng, max_groups=3):
+    """A bare user turn asking "What colour is this scene?" over 1..max_groups temporal patches of one solid scene
+    colour (timestamps anywhere in 0-600 s), loss on "<think>The scene is <colour>": names a scene's colour from its
+    frames, the pixel -> word half of the binding that time_example trains, without any binding (bench/time_copy
+    --name_steps)."""
+    c, n = rng.choice(SCENE_COLOURS), rng.randint(1, max_groups)
+    size = int(math.isqrt(r.view.max_pixels))
+    frames = np.stack([np.full((size, size, 3), COLOURS[c], np.uint8)] * (2 * n))
+    t0 = 5.0 * rng.randrange(0, 121)
+    return r.user("What colour is this scene?", frames, [t0 + 2.5 * i for i in range(2 * n)]) + r.text(
+        f"<think>The scene is {c}", train=1)
+
+
 def fit(model, draw, steps, lr, warmup_steps=10, on_step=None):
     """The one training loop of the reading warm-up and the bench/ studies: `steps` teacher-forced AdamW steps
     (betas 0.9/0.95, no weight decay; linear warm-up over `warmup_steps` steps, then cosine to 10% of lr; grad norm

@@ -5,6 +5,7 @@
     python bench/time_copy.py --times=regular                   # times one per 10 s from 0 (positions suffice)
     python bench/time_copy.py --number_digits=4                 # every timestamp one token
     python bench/time_copy.py --describe=8                      # + 8 views asked "What colour is the scene at <T>s?"
+    python bench/time_copy.py --name_steps=300 --ask_first      # first 300 steps naming scene colours (no binding)
     python bench/time_copy.py --groups=2 --short_steps=2500 --steps=2500 --ask_first --save=/tmp/bound
     python bench/time_copy.py --init=/tmp/bound --groups=2 --short_steps=300 --steps=300 --prefix=1 \
         --ask_first --instruction_first        # then behind random-length system prefixes, in the moved layout
@@ -53,6 +54,8 @@ class Config:
     save: str = ""           # write the trained model here (a checkpoint dir)
     describe: int = 0        # also train each step on this many views asked the other way round ("What colour is
                              # the scene at <T>s?" -> "<think>The scene at <T>s is <colour>"; own token mean, added)
+    name_steps: int = 0      # before the steps: this many steps (batch 16, lr 4e-3) of warmup.name_example, naming a
+                             # scene's colour from its frames (then the steps as configured)
     steps: int = 600         # optimizer steps
     batch_size: int = 8
     lr: float = 4e-3
@@ -98,6 +101,12 @@ def main(argv=None):
     pad = proc.tokenizer.pad_token_id
     print(asdict(cfg), flush=True)
     lines = []
+
+    if cfg.name_steps:
+        name_rng = random.Random(cfg.seed + 3)
+        losses = warmup.fit(model, lambda _: collate(model, [warmup.name_example(r, name_rng) for _ in range(16)], pad),
+                            cfg.name_steps, 4e-3)
+        print(dict(name_steps=cfg.name_steps, name_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4)), flush=True)
 
     def draw(step):
         short = step <= cfg.short_steps

@@ -268,7 +268,7 @@ def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs(tmp_pat
     assert cuts == {True, False}  # both the whole system prompt and shorter prefixes
     out = str(tmp_path / "bound")
     lines = time_copy.main(["--groups=3", "--short_steps=1", "--steps=2", "--eval_every=2", "--num_eval=2",
-                            "--batch_size=2", "--describe=1", "--prefix=0.5", "--instruction_first", "--time_after",
+                            "--batch_size=2", "--describe=1", "--prefix=0.5", "--instruction_first", "--time_after", "--name_steps=2",
                             '--tiny={"layers": 3}', f"--save={out}"])
     assert [x["step"] for x in lines] == [2] and all(0 <= lines[0][k] <= 1 for k in (
         "colour_acc", "time_acc", "short_colour_acc", "short_time_acc", "sys_time_acc"))
@@ -337,3 +337,39 @@ def test_copy_warmup_teaches_the_colour_copy():
     assert before <= 0.3 and after >= 0.7, (before, after)
     model2, _ = load_model("tiny")
     assert warmup.copy_warmup(model2, proc, ViewConfig(), 150) == losses
+
+
+def test_name_example_names_the_colour_its_frames_show():
+    """warmup.name_example (bench/time_copy --name_steps): every frame, read back from its pixels, is the colour the
+    target names; the loss is on the target alone; 1..max_groups patches."""
+    _, proc = load_model("tiny")
+    r, tok, counts = Renderer(proc, ViewConfig()), proc.tokenizer, set()
+    for seed in range(12):
+        x = warmup.name_example(r, random.Random(seed))
+        target = tok.decode([i for i, m in zip(x.input_ids, x.policy_mask) if m])
+        colours = frame_colours(proc, x)
+        assert len(set(colours)) == 1 and target == f"<think>The scene is {colours[0]}"
+        text = tok.decode(x.input_ids)
+        assert text.startswith("<|im_start|>user\n") and text.endswith(
+            "<|vision_end|>What colour is this scene?<|im_end|>\n<|im_start|>assistant\n" + target)
+        counts.add(len(colours) // 2)
+    assert counts == {1, 2, 3}
+
+
+def test_long_read_study_scores_against_the_target_and_runs(monkeypatch):
+    """bench/long_read.accuracy: an oracle that predicts every next token scores (1, 1), one that predicts the token
+    itself (never the next) (0, 0); a short run (warm-up, then growing crops) reports both at each eval patch count."""
+    import sys
+    from types import SimpleNamespace
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import long_read
+    model, proc = load_model("tiny")
+    r, V = Renderer(proc, ViewConfig()), len(proc.tokenizer)
+    for shift, want in ((1, (1.0, 1.0)), (0, (0.0, 0.0))):  # logits from the ids: the next token, or the token itself
+        monkeypatch.setattr(model, "forward", lambda input_ids, **_: SimpleNamespace(
+            logits=torch.nn.functional.one_hot(torch.roll(input_ids, -shift, dims=1), V).float()))
+        assert long_read.accuracy(model, r, 3, 4, 0) == want
+    lines = long_read.main(["--warmup_steps=2", "--steps=2", "--grow=1", "--top=4", "--eval_every=2", "--num_eval=2",
+                            "--eval_pairs=1,4", "--time_after"])
+    assert [x["step"] for x in lines] == [0, 2]
+    assert all(0 <= x[k] <= 1 for x in lines for k in ("colour1", "time1", "colour4", "time4"))
