@@ -50,7 +50,8 @@ class ViewConfig:
     instruction_first: bool = False  # the instruction opens the user turn instead of sitting between the view and
                                      # the question (README "The instruction first"); LongVT: after the question
     time_after: bool = False      # each timestamp after its frames instead of before them, so that (causal attention)
-                                  # the timestamp's tokens see the frames they name (README "The time after")
+                                  # the timestamp's tokens see the frames they name (README: it does not shorten
+                                  # the binding's plateau); LongVT: no timestamps
 
 
 def view_from(cfg) -> ViewConfig:
