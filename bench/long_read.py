@@ -7,9 +7,9 @@ The reading warm-up (warmup.reading_warmup, as train_sft runs it) trains the ans
 temporal patches. A policy that looked through a long video in a few large crops (e.g. 180 s at about 0.5 fps: 48
 patches each) would need to read crops six times longer. This trains the warm-up, then --steps more steps of
 warmup.reading_example crops whose patch count is drawn from 1..P, P growing linearly from --start to --top over
---grow steps (then P stays --top), and prints, every --eval_every steps, on --num_eval held-out crops of each --eval_pairs patch count, the
-teacher-forced accuracy of the needle's colour word in the think (colour) and of the whole "at about <T>s" (time: the
-flash's timestamp read off the crop).
+--grow steps (then P stays --top), and prints, every --eval_every steps, on --num_eval held-out crops of each
+--eval_pairs patch count, the teacher-forced accuracy of the needle's colour word in the think (colour) and of the
+whole "at about <T>s" (time: the flash's timestamp read off the crop).
 """
 import os
 import random

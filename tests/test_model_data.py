@@ -356,8 +356,8 @@ def test_time_after_writes_each_timestamp_after_its_frames(tiny):
     _, proc = tiny
     frames = np.stack([np.full((56, 56, 3), v, np.uint8) for v in (0, 0, 90, 90, 200)])
     for fmt, n in (("video", 3), ("images", 5)):
-        before, after = (Renderer(proc, ViewConfig(visual_format=fmt, time_after=a)).visual(frames, [0., 1., 12., 13., 24.])
-                         for a in (False, True))
+        before, after = (Renderer(proc, ViewConfig(visual_format=fmt, time_after=a)).visual(
+            frames, [0., 1., 12., 13., 24.]) for a in (False, True))
         text = proc.tokenizer.decode(after.input_ids)
         blocks = text.split("<|vision_end|>")
         assert len(blocks) == n + 1 and blocks[0].startswith("<|vision_start|>") and blocks[-1] == "24s"

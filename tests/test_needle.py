@@ -268,8 +268,8 @@ def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs(tmp_pat
     assert cuts == {True, False}  # both the whole system prompt and shorter prefixes
     out = str(tmp_path / "bound")
     lines = time_copy.main(["--groups=3", "--short_steps=1", "--steps=2", "--eval_every=2", "--num_eval=2",
-                            "--batch_size=2", "--describe=1", "--prefix=0.5", "--instruction_first", "--time_after", "--name_steps=2",
-                            '--tiny={"layers": 3}', f"--save={out}"])
+                            "--batch_size=2", "--describe=1", "--prefix=0.5", "--instruction_first", "--time_after",
+                            "--name_steps=2", '--tiny={"layers": 3}', f"--save={out}"])
     assert [x["step"] for x in lines] == [2] and all(0 <= lines[0][k] <= 1 for k in (
         "colour_acc", "time_acc", "short_colour_acc", "short_time_acc", "sys_time_acc"))
     again = time_copy.main(["--groups=3", "--steps=1", "--eval_every=1", "--num_eval=2", f"--init={out}", "--lr=0"])
