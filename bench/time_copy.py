@@ -103,9 +103,8 @@ def main(argv=None):
     lines = []
 
     if cfg.name_steps:
-        name_rng = random.Random(cfg.seed + 3)
-        losses = warmup.fit(model, lambda _: collate(model, [warmup.name_example(r, name_rng) for _ in range(16)], pad),
-                            cfg.name_steps, 4e-3)
+        losses = warmup.skill_warmup(model, proc, r.view, cfg.name_steps, warmup.name_example, lr=4e-3,
+                                     seed=cfg.seed + 3, batch_size=16, desc="naming")
         print(dict(name_steps=cfg.name_steps, name_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4)), flush=True)
 
     def draw(step):
