@@ -9,9 +9,22 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")  # a subprocess killed by a native abort prints every thread's stack
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import reward  # noqa: E402
+
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(autouse=True)
+def clean_judge_env(monkeypatch):
+    """A judge configured on the machine running the tests must not leak into them (reward.Judge.from_env)."""
+    for k in ("LLM_AS_A_JUDGE_BASE", "OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_MODEL_NAME"):
+        monkeypatch.delenv(k, raising=False)
+    reward._ENV_JUDGES.clear()
+    yield
+    reward._ENV_JUDGES.clear()
 
 
 def run_ranks(cmd, **kw):
