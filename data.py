@@ -46,11 +46,11 @@ class ViewConfig:
     longvt_text: bool = False     # LongVT's observation wording and question-then-instruction order (for its
                                   # released checkpoints); off: the instruction first, the question last
     ask_first: bool = False       # the question also before the global view, so that the view's tokens can attend
-                                  # to it (README "The question first"); LongVT: off
+                                  # to it (docs/studies.md, "The question first"); LongVT: off
     instruction_first: bool = False  # the instruction opens the user turn instead of sitting between the view and
-                                     # the question (README "The instruction first"); LongVT: after the question
+                                     # the question (docs/studies.md, "The instruction first"); LongVT: after the question
     time_after: bool = False      # each timestamp after its frames instead of before them, so that (causal attention)
-                                  # the timestamp's tokens see the frames they name (README: it does not shorten
+                                  # the timestamp's tokens see the frames they name (docs/studies.md: it does not shorten
                                   # the binding's plateau); LongVT: no timestamps
 
 

@@ -101,21 +101,21 @@ class Config:
     threads: int = 1                # CPU only: torch intra-op threads (0 = torch's default; see above)
     time_warmup: int = 0            # steps of warmup.time_warmup (bare two-patch views: a colour -> the timestamp
                                     # before its frames; batch 32, lr 1e-3) first (off: learned after ~3,000 steps
-                                    # but no gain in the pipeline yet, README "The grounding study")
+                                    # but no gain in the pipeline yet, docs/studies.md)
     copy_warmup: int = 0            # steps of warmup.copy_warmup (the question alone -> "<think>The <colour>") first
-                                    # (off: the copy it teaches does not survive the warm-ups and SFT after it, README)
+                                    # (off: the copy it teaches does not survive the warm-ups and SFT after it, docs/studies.md)
     reading_warmup: int = -1        # steps of warmup.reading_warmup (in-memory crops alone) before SFT; -1: 600 when
                                     # the tiny model starts from scratch on the default needle data, else 0
     reading_max_pairs: int = 8      # its crops show 1..this many temporal patches
     copy_mix: int = 0               # rows of warmup.copy_example (the real prompt with a solid-colour global view ->
                                     # "<think>The <the question's colour>") added to every reading warm-up and SFT
                                     # step, as their own token-mean loss term: the policy then names the question's
-                                    # colour (20-32 of 32 vs 4) but crops and answers get worse (off; README
-                                    # "The grounding study")
+                                    # colour (20-32 of 32 vs 4) but crops and answers get worse (off;
+                                    # docs/studies.md)
     copy_frames: int = 20           # frames of their global view
     grounding_warmup: int = 0       # steps of warmup.grounding_warmup (in-memory global views, the crop window of
                                     # several scenes asked per view) before the reading warm-up (off: no gain in
-                                    # the pipeline, README "The grounding study")
+                                    # the pipeline, docs/studies.md)
     grounding_queries: int = 8      # scenes asked per view in it
     view_jitter: bool = True        # render each sample's global view with a random frame count (fixed per sample)
                                     # between its default and max_frames, so short videos also train long prompts

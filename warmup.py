@@ -3,7 +3,7 @@ SFT (train_sft.py runs them; bench/ studies measure why each exists). Each draws
 benchmark's generators (needle.py), so none reads a file.
 
     reading   an in-memory crop alone -> the answer turn (on by default for the tiny model)
-    copy      the question -> "<think>The <its colour>" (off: README "The grounding study")
+    copy      the question -> "<think>The <its colour>" (off: docs/studies.md, the grounding study)
     grounding a global view -> the scene's crop window, several scenes asked per view (off: same)
     time      bare two-patch views: a colour -> the timestamp written before its frames (off)
 """
@@ -105,7 +105,7 @@ def time_example(r, rng, groups, times="random", bare=False, describe=False, cfg
     asked the other way ("What colour is the scene at <T>s?" -> "<think>The scene at <T>s is <colour>"). prefix > 0
     (bare only): with that probability a system turn comes first, holding the real system prompt (half of them) or
     a random-length token prefix of it, so that the binding learned on short bare turns holds behind a long context
-    (README "The instruction first"). Returns (Rendered, index of the colour word's first token; None with
+    (docs/studies.md, "The instruction first"). Returns (Rendered, index of the colour word's first token; None with
     describe)."""
     cols = rng.sample(SCENE_COLOURS, groups)
     if times == "regular":
@@ -198,7 +198,7 @@ def reading_warmup(model, processor, view, steps, lr=4e-3, seed=0, max_pairs=8, 
     model from scratch does not learn to read the needle inside the full SFT context (bench/reading.py); after
     this warm-up the pipeline's policy reads it in part (README results). copy_mix > 0: each step also trains the
     colour copy on that many copy_example rows in the real prompt (`copy_frames` frames): without them the copy is
-    not learned, or a copy learned before is lost (README "The grounding study")."""
+    not learned, or a copy learned before is lost (docs/studies.md, the grounding study)."""
     size = int(math.isqrt(view.crop_max_pixels))
     return skill_warmup(model, processor, view, steps,
                         lambda r, rng: reading_example(r, rng, rng.randint(1, max_pairs), cfg, size),
@@ -214,8 +214,8 @@ def copy_warmup(model, processor, view, steps, lr=4e-3, seed=0, batch_size=8, cf
 
 def time_warmup(model, processor, view, steps, lr=1e-3, seed=0, groups=2, batch_size=32, cfg=NeedleConfig()):
     """Teach the hop from a colour to its timestamp on bare two-patch views first (time_example): with batch 32 and
-    lr 1e-3 the tiny model sits at a coin flip between the two times for ~3,000 steps, then learns it (README
-    "The grounding study")."""
+    lr 1e-3 the tiny model sits at a coin flip between the two times for ~3,000 steps, then learns it (docs/studies.md,
+    the grounding study)."""
     return skill_warmup(model, processor, view, steps,
                         lambda r, rng: time_example(r, rng, groups, bare=True, cfg=cfg)[0],
                         lr, seed + 3, batch_size, "time warm-up")

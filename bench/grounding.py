@@ -71,8 +71,8 @@ class Config:
     max_offset: float = 0.0          # training timestamps shown shifted by a random multiple of 10 s up to this
                                      # (frames unchanged): only a model that copies the digits can fit them
     queries: int = 1                 # grounding questions per training layout (> 1: more scenes asked, denser loss)
-    square: float = needle.NeedleConfig.square  # the needle's side (1: whole-frame flash; the README's first
-                                     # tables were measured with the earlier 0.25, which --square=0.25 gives)
+    square: float = needle.NeedleConfig.square  # the needle's side (1: whole-frame flash; the first tables of
+                                     # docs/studies.md were measured with the earlier 0.25, which --square=0.25 gives)
     factors: bool = False            # at the end, also evaluate held-out sets that change one thing at a time
                                      # (video length, view step, frame count): see FACTORS
 
