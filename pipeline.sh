@@ -6,7 +6,7 @@
 #
 #   bash pipeline.sh                                  # defaults, writes runs/ and runs/results.md
 #   RUNS=/tmp/r DATA=/tmp/d DATA_ARGS="--num_train=8" SFT_ARGS="--steps=3" bash pipeline.sh   # shrunken
-#   RUNS=runs_long DATA=data/needle_long DATA_ARGS="--num_train=768" GRPO_ARGS="--steps=150" bash pipeline.sh
+#   RUNS=runs/long DATA=data/needle_long DATA_ARGS="--num_train=768" GRPO_ARGS="--steps=150" bash pipeline.sh
 #                                                 # the longer configuration (README): 4x the videos, 3x GRPO
 #
 # Every stage takes extra --key=value flags from its *_ARGS variable. A stage whose output is complete is not
