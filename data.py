@@ -48,10 +48,11 @@ class ViewConfig:
     ask_first: bool = False       # the question also before the global view, so that the view's tokens can attend
                                   # to it (docs/studies.md, "The question first"); LongVT: off
     instruction_first: bool = False  # the instruction opens the user turn instead of sitting between the view and
-                                     # the question (docs/studies.md, "The instruction first"); LongVT: after the question
+                                     # the question (docs/studies.md, "The instruction first"); LongVT: after
+                                     # the question
     time_after: bool = False      # each timestamp after its frames instead of before them, so that (causal attention)
-                                  # the timestamp's tokens see the frames they name (docs/studies.md: it does not shorten
-                                  # the binding's plateau); LongVT: no timestamps
+                                  # the timestamp's tokens see the frames they name (docs/studies.md: it does not
+                                  # shorten the binding's plateau); LongVT: no timestamps
 
 
 def view_from(cfg) -> ViewConfig:

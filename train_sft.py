@@ -103,7 +103,8 @@ class Config:
                                     # before its frames; batch 32, lr 1e-3) first (off: learned after ~3,000 steps
                                     # but no gain in the pipeline yet, docs/studies.md)
     copy_warmup: int = 0            # steps of warmup.copy_warmup (the question alone -> "<think>The <colour>") first
-                                    # (off: the copy it teaches does not survive the warm-ups and SFT after it, docs/studies.md)
+                                    # (off: the copy it teaches does not survive the warm-ups and SFT after it,
+                                    # docs/studies.md)
     reading_warmup: int = -1        # steps of warmup.reading_warmup (in-memory crops alone) before SFT; -1: 600 when
                                     # the tiny model starts from scratch on the default needle data, else 0
     reading_max_pairs: int = 8      # its crops show 1..this many temporal patches

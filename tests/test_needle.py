@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -29,7 +30,6 @@ def test_grounding_study_runs_and_reports(tmp_path):
     """bench/grounding.py (the study behind the tokenizer, time-grid and warm-up defaults) runs and writes its
     lines, with the dense queries and shifted timestamps on."""
     import subprocess
-    import sys
     out = tmp_path / "g.jsonl"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "bench/grounding.py", "--steps=2", "--eval_every=2", "--num_eval=2",
@@ -48,8 +48,6 @@ def test_reading_study_crops_like_the_tool_and_runs(tmp_path):
     """bench/reading.py draws its crops in memory: the frame times must be the ones tools.crop_video decodes from a
     real needle video, and the target after "show a" must be the square's colour. A short run (perception warm-up
     then the in-context task) reports both stages."""
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from bench import reading
     from model import load_model
     from needle import NeedleConfig, make_layout, write_video
@@ -218,8 +216,6 @@ def test_time_copy_study_targets_the_timestamp_before_the_scene_and_runs(tmp_pat
     prefix of it). A short run reports both accuracies, the curriculum's, and behind the system turn; it saves a
     checkpoint that a second run starts from."""
     import re
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from bench import time_copy
     _, proc = load_model("tiny")
     r, tok, shifted = Renderer(proc, ViewConfig()), proc.tokenizer, 0
@@ -303,8 +299,6 @@ def test_copy_study_examples_and_run():
     """bench/copy_study.py: the loss is on exactly "<think>The <colour>", the colour is the question's, every context
     ends with the question right before the assistant turn, an unknown context is a clear error; a short run
     reports its accuracy."""
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from bench import copy_study
     _, proc = load_model("tiny")
     r, tok = Renderer(proc, ViewConfig()), proc.tokenizer
@@ -325,8 +319,6 @@ def test_copy_warmup_teaches_the_colour_copy():
     """warmup.copy_warmup (150 steps of the question alone -> "<think>The <colour>", seconds on CPU) makes the model
     name the question's colour after "<think>The" in the full prompt (system text, global view, question), where
     the untrained model is at chance; it is deterministic for a seed."""
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from bench import copy_study
     model, proc = load_model("tiny")
     r, pad = Renderer(proc, ViewConfig()), proc.tokenizer.pad_token_id
@@ -359,9 +351,7 @@ def test_name_example_names_the_colour_its_frames_show():
 def test_long_read_study_scores_against_the_target_and_runs(monkeypatch):
     """bench/long_read.accuracy: an oracle that predicts every next token scores (1, 1), one that predicts the token
     itself (never the next) (0, 0); a short run (warm-up, then growing crops) reports both at each eval patch count."""
-    import sys
     from types import SimpleNamespace
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from bench import long_read
     model, proc = load_model("tiny")
     r, V = Renderer(proc, ViewConfig()), len(proc.tokenizer)
