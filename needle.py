@@ -1,19 +1,23 @@
-"""The synthetic long-video "needle" benchmark (the embedded default), run through `python data.py`.
+"""The synthetic long-video "needle" benchmark (the embedded default), written by `python needle.py`.
 
-Each video is minutes long, low resolution, and made of solid-colour scenes of `scene_min`..`scene_max`
-seconds. One scene, whose colour appears nowhere else in the video, holds the needle: for `needle_seconds`
-the frame flashes another colour (or, with `square` < 1, a square of that colour appears). Questions name that
-scene by its colour and ask for the needle's colour (or, for `when_fraction` of them, the second it appears).
-The global view (one frame per 10 or 15 s, at round times: data.global_times) shows every scene but rarely
-catches the needle; a 1-fps crop of the scene always does.
+Each video is minutes long, low resolution, made of solid-colour scenes of `scene_min`..`scene_max` seconds; for
+`needle_seconds` the whole frame flashes one of six needle colours (or, with `square` < 1, a square of it shows).
 
-Why these numbers: scenes of >= 20 s are seen by >= 1 global frame even in a 15-minute video (60 frames,
-one per 15 s); the SFT crop of a scene (from the frame pair before it to the pair after it) spans <= ~95 s,
-sampled at <= 48 frames: one frame per <= 2 s, which catches the 2-s needle (tests measure both).
+task="window" (the default): the question gives the flash's window, "What colour flashes between 121s and 139s?"
+(12-24 s wide). The flash is placed where no global-view frame falls (the no-tool answer is a guess: chance 1/6),
+and a crop of the asked window (16 frames at most, one per <= 1.5 s) always shows it. Every skill the policy needs
+sits near the generation point (docs/screen.md): copy the window from the question into the call, read the colour
+off the crop. The SFT data is imperfect by construction, so that RL has something to fix: `loose_fraction` of the
+questions are phrased "A flash appears between A s and B s. What colour is it?", and `lazy_fraction` of their
+trajectories skim [0, B] instead (16 frames over up to 300 s: the flash is placed between their frames too), see no
+flash and guess. The greedy SFT policy copies that habit for the loose phrasing; GRPO, rewarded on accuracy and IoU,
+learns that the asked window pays, and RFT keeps its correct, grounded trajectories. `notool_fraction` more rows
+answer without tools (the no-tool baseline's prompt: it guesses, since the global view misses the flash).
 
-sft.jsonl holds tool-integrated trajectories written from the ground truth: think, crop the scene (between
-the global-view timestamps around it, which the model can read off its prompt), observe, think, answer.
-`imperfect_fraction` of them first crop a wrong scene, see no square, and correct themselves.
+task="scene" (the harder variant, docs/studies.md): the question names the scene holding the needle by its colour
+("What colour is the flash that appears during the teal scene?"; `when_fraction` ask the second it appears); the
+policy must find that scene's times in the global view, a binding the tiny model does not learn in CPU budgets.
+Its crops span up to ~95 s: run it with --crop_max_frames=48 (one frame per <= 2 s).
 """
 import json
 import os
@@ -24,6 +28,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from data import ViewConfig, global_times
+from tools import crop_times
 from model import COLOURS, parse_config
 
 SCENE_COLOURS = ["orange", "purple", "cyan", "magenta", "gray", "brown", "teal", "navy", "lime", "maroon"]
@@ -34,10 +39,9 @@ NEEDLE_COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
 class NeedleConfig:
     out: str = "data/needle"       # output folder (videos/, train.jsonl, eval.jsonl, sft.jsonl)
     num_train: int = 192           # training samples (one video each); sft.jsonl covers the same videos
-    num_eval: int = 128            # held-out samples (eval.jsonl: the longer eval videos; 128 so that one episode
-                                   # is 0.008 of a score: with 32, the README's tables moved by noise)
-    num_eval_short: int = 128      # held-out samples with the training videos' lengths (eval_short.jsonl): tells
-                                   # what a stage learned apart from how it carries over to longer videos
+    num_eval: int = 256            # held-out samples (eval.jsonl: the longer eval videos, the generalisation set)
+    num_eval_short: int = 256      # held-out samples with the training videos' lengths (eval_short.jsonl): the
+                                   # gate set of the README's results table
     seed: int = 0                  # everything is deterministic for a seed
     min_duration: float = 180.0    # training video length range, seconds
     max_duration: float = 300.0
@@ -51,8 +55,16 @@ class NeedleConfig:
     square: float = 1.0            # side of the square as a fraction of the frame's: 1 = the whole frame flashes
                                    # the needle colour (the default); 0.25 = a small square (bench/reading.py: the
                                    # tiny vision tower needs tens of thousands of examples to see it)
-    when_fraction: float = 0.2     # fraction of "when does it appear" questions (answered in seconds)
-    imperfect_fraction: float = 0.3  # fraction of SFT trajectories that first crop a wrong scene
+    task: str = "window"           # "window": the question gives the flash's window (the default); "scene": the
+                                   # question names the flash's scene by its colour (the harder variant)
+    window_min: int = 12           # window task: width range of the asked window, whole seconds
+    window_max: int = 24
+    loose_fraction: float = 0.4    # window task: questions in the loose phrasing, whose SFT trajectories are lazy
+    lazy_fraction: float = 0.7     # ... this fraction of them: skim [0, B], miss the flash, guess
+    notool_fraction: float = 0.1   # window task: extra SFT rows without tools (they guess), for the no-tool baseline
+    crop_max_frames: int = 16      # window task: the crop frame budget the flash placement assumes (ViewConfig's)
+    when_fraction: float = 0.2     # scene task: fraction of "when does it appear" questions (answered in seconds)
+    imperfect_fraction: float = 0.3  # scene task: fraction of SFT trajectories that first crop a wrong scene
 
 
 def make_layout(rng, duration, cfg: NeedleConfig):
@@ -176,8 +188,8 @@ def retarget(sample, view):
     """A needle SFT row whose crop windows were read off the default global view, rewritten for the timestamps
     that `view` shows (train_sft.py jitters the global view per sample): otherwise the target times are not in
     the prompt to copy. Rows without the needle ground truth (`scenes`) are returned unchanged."""
-    if not sample.get("scenes") or not sample.get("turns"):
-        return sample
+    if not sample.get("scenes") or not sample.get("turns") or "scene" not in (sample.get("needle") or {}):
+        return sample  # not a scene-task row (the window task's crops do not depend on the global view)
     d = sample["duration"]
     t0, t1 = global_times(d, ViewConfig()), global_times(d, view)
     if t0 == t1:
@@ -197,7 +209,72 @@ def retarget(sample, view):
     return dict(sample, turns=turns)
 
 
+# --------------------------------------------------------------------------- the window task (the default)
+def window_question(a, b, loose):
+    if loose:
+        return f"A flash appears between {a}s and {b}s. What colour is it?"
+    return f"What colour flashes between {a}s and {b}s?"
+
+
+def _seen(times, s, needle_seconds):
+    """Would a frame sampled at one of `times` show a needle starting at s? (frames are 0.5 s apart; 0.5-s margin)"""
+    return any(s - 0.5 <= t < s + needle_seconds + 0.5 for t in times)
+
+
+def window_layout(rng, duration, cfg: NeedleConfig):
+    """Scenes, the asked window (a, b) and the needle: the needle lies inside the window, between the frames of the
+    default global view (for this duration) and of the lazy crop [0, b]; a crop of (a, b) always catches it."""
+    scenes, _, needle = make_layout(rng, duration, cfg)
+    gtimes = global_times(duration, ViewConfig())
+    for _ in range(1000):
+        w = rng.randint(cfg.window_min, cfg.window_max)
+        a = rng.randint(30, int(duration) - w - 1)
+        b = a + w
+        lazy = crop_times(0.0, float(b), 1.0, cfg.crop_max_frames)
+        starts = [a + 1 + 0.5 * i for i in range(int(2 * (w - 2 - cfg.needle_seconds)) + 1)]
+        ok = [s for s in starts if not _seen(gtimes, s, cfg.needle_seconds) and not _seen(lazy, s, cfg.needle_seconds)]
+        if ok:
+            s = rng.choice(ok)
+            return scenes, (a, b), dict(needle, start=s, end=s + cfg.needle_seconds)
+    raise RuntimeError(f"no needle placement for a {duration}-s video")
+
+
+def window_turns(sample, loose, rng, cfg: NeedleConfig):
+    """The SFT trajectory of a window question: crop the asked window and read the flash, or (lazy, loose questions
+    only) skim [0, b], see no flash and guess (the label is the true colour: unobservable, so a uniform guess)."""
+    (a, b), colour = (int(x) for x in sample["window"]), sample["answer"]
+    if loose and rng.random() < cfg.lazy_fraction:
+        return [f"<think>I will skim the video up to {b}s.</think>{call_text(0, b)}",
+                f"<think>I see no flash, so I guess.</think><answer>{colour}</answer>"]
+    return [f"<think>The flash is between {a}s and {b}s. I will crop it.</think>{call_text(a, b)}",
+            f"<think>The cropped frames show a {colour} flash.</think><answer>{colour}</answer>"]
+
+
+NOTOOL_TURN = "<think>The global view shows no flash, so I guess.</think><answer>{}</answer>"
+
+
 def make_sample(i, split, rng, cfg: NeedleConfig, video_dir):
+    if cfg.task == "scene":
+        return make_scene_sample(i, split, rng, cfg, video_dir)
+    if cfg.task != "window":
+        raise ValueError(f"task must be 'window' or 'scene', got {cfg.task!r}")
+    short = split in ("train", "eval_short")
+    lo, hi = (cfg.min_duration, cfg.max_duration) if short else (cfg.eval_min_duration, cfg.eval_max_duration)
+    duration = float(round(rng.uniform(lo, hi)))
+    scenes, (a, b), needle = window_layout(rng, duration, cfg)
+    name = f"{split}_{i:05d}.mp4"
+    path = os.path.join(video_dir, name)
+    if not os.path.exists(path):
+        write_video(path, duration, scenes, needle, cfg)
+    loose = rng.random() < cfg.loose_fraction
+    sample = dict(id=f"{split}_{i:05d}", video=f"videos/{name}", question=window_question(a, b, loose),
+                  answer=needle["colour"], answer_type="text", window=[float(a), float(b)], duration=duration,
+                  needle=needle, scenes=scenes)
+    turns = window_turns(sample, loose, rng, cfg)
+    return sample, turns
+
+
+def make_scene_sample(i, split, rng, cfg: NeedleConfig, video_dir):
     short = split in ("train", "eval_short")
     lo, hi = (cfg.min_duration, cfg.max_duration) if short else (cfg.eval_min_duration, cfg.eval_max_duration)
     duration = float(round(rng.uniform(lo, hi)))
@@ -213,7 +290,7 @@ def make_sample(i, split, rng, cfg: NeedleConfig, video_dir):
     sample = dict(id=f"{split}_{i:05d}", video=f"videos/{name}", question=q, answer=answer, answer_type=atype,
                   window=[scenes[k][0], scenes[k][1]], duration=duration,
                   needle=dict(needle, scene=colour), scenes=scenes)
-    return sample, (scenes, k, needle)
+    return sample, sft_turns(sample, scenes, k, needle, rng, cfg)
 
 
 def generate(cfg: NeedleConfig):
@@ -226,10 +303,14 @@ def generate(cfg: NeedleConfig):
     jobs = [("train", i) for i in range(cfg.num_train)] + [("eval", i) for i in range(cfg.num_eval)] + \
         [("eval_short", i) for i in range(cfg.num_eval_short)]
     for split, i in tqdm(jobs, desc=f"needle videos -> {cfg.out}"):
-        sample, (scenes, k, needle) = make_sample(i, split, rng, cfg, video_dir)
-        rows[split].append(sample)
+        sample, turns = make_sample(i, split, rng, cfg, video_dir)  # the turns are drawn for every split, so a
+        rows[split].append(sample)                                   # split's draws never depend on the others'
         if split == "train":
-            rows["sft"].append(dict(sample, turns=sft_turns(sample, scenes, k, needle, rng, cfg)))
+            rows["sft"].append(dict(sample, turns=turns))
+    if cfg.task == "window":  # rows without tools, on other draws of the training videos' answers
+        nrng = random.Random(cfg.seed + 1)
+        for s in nrng.sample(rows["train"], int(round(cfg.notool_fraction * len(rows["train"])))):
+            rows["sft"].append(dict(s, id=s["id"] + "_notool", tools=False, turns=[NOTOOL_TURN.format(s["answer"])]))
     for split, samples in rows.items():
         with open(os.path.join(cfg.out, f"{split}.jsonl.tmp"), "w") as f:
             for s in samples:

@@ -420,6 +420,14 @@ def decode_frames(path, times: list[float], max_pixels: int) -> tuple[np.ndarray
         container.close()
 
 
+def crop_times(start, end, fps=1.0, max_frames=64, min_frames=4):
+    """The times a crop of [start, end] samples: n = clamp(round((end-start)*fps), min_frames, max_frames) frames
+    at the centres of n equal slices of the window."""
+    n = max(1, min(max_frames, max(min_frames, round((end - start) * fps))))
+    step = (end - start) / n
+    return [start + (i + 0.5) * step for i in range(n)]
+
+
 def crop_video(video_path, start_time, end_time, fps=1.0, max_frames=64, min_frames=4,
                max_pixels=56 * 56) -> Clip:
     """Frames of [start_time, end_time] (clamped to the video) sampled at about `fps`.
@@ -433,9 +441,7 @@ def crop_video(video_path, start_time, end_time, fps=1.0, max_frames=64, min_fra
     try:
         info = _probe(container, stream, video_path)
         start, end = _clamp_window(start, end, info["duration"])
-        n = max(1, min(max_frames, max(min_frames, round((end - start) * fps))))
-        step = (end - start) / n
-        times = [start + (i + 0.5) * step for i in range(n)]
+        times = crop_times(start, end, fps, max_frames, min_frames)
         size = fit_size(info["width"], info["height"], max_pixels)
         frames, stamps = _decode(container, stream, video_path, times, size)
     finally:

@@ -241,6 +241,8 @@ def try_render(processor, view, sample, index, cfg):
     """Rendered, or an error string naming the sample when its video / stored frames cannot be read."""
     try:
         v = sample_view(view, sample, index, cfg)
+        if sample.get("tools") is False:  # a row of the no-tool baseline's prompt (needle.py: notool_fraction)
+            v = replace(v, tools=False)
         return render_sft(Renderer(processor, v), needle.retarget(sample, v), cfg.max_turns)
     except (ToolError, DataError, OSError, ValueError, KeyError, IndexError) as e:
         return f"{sample['id']} ({sample['video']}): {type(e).__name__}: {e}"

@@ -16,7 +16,7 @@ import numpy as np
 from data import Rendered, Renderer, batch_to, collate, global_times
 from model import COLOURS
 from needle import (NEEDLE_COLOURS, SCENE_COLOURS, NeedleConfig, _fmt, crop_window_for, frame_at, make_layout,
-                    question, thing)
+                    question, thing, window_question)
 
 
 def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), size=56):
@@ -37,9 +37,14 @@ def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), si
     frames = np.stack([frame_at(0.5, scene, on if i in shown else nd, size) for i in range(2 * pairs)])
     obs = dict(frames=frames, timestamps=times, text=f"Frames from {_fmt(times[0])}s to {_fmt(times[-1] + step)}s.")
     w, at = thing(cfg), _fmt(round(times[j]))
-    q = question(scene[0][2], when, cfg)
-    turn = (f"<think>The cropped frames show a {col} {w.split()[-1]} at about {at}s.</think>"
-            f"<answer>{at if when else col}</answer>")
+    if cfg.task == "window":  # the window task's question and answer turn (needle.window_turns)
+        a = int(t0)
+        q = window_question(a, a + rng.randint(cfg.window_min, cfg.window_max), rng.random() < cfg.loose_fraction)
+        turn = f"<think>The cropped frames show a {col} flash.</think><answer>{col}</answer>"
+    else:
+        q = question(scene[0][2], when, cfg)
+        turn = (f"<think>The cropped frames show a {col} {w.split()[-1]} at about {at}s.</think>"
+                f"<answer>{at if when else col}</answer>")
     head = renderer.text(f"<|im_start|>user\n{q}")  # the observation chunk opens with the user turn's <|im_end|>
     return head + renderer.observation(obs) + renderer.assistant(turn, final=True)
 
