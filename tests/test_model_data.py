@@ -238,18 +238,36 @@ def test_needle_seen_by_crop_missed_by_global_view(needle_set, split):
         crop_hits += any(needle_pixels(f, c) >= 20 for f in clip.frames)
         assert len(frames) == len(global_times(s["duration"], view)) <= view.global_frames
     assert crop_hits == len(samples)
-    assert global_hits <= 0.4 * len(samples)
+    assert global_hits == 0  # the window task places the flash between the global view's frames
 
 
-def test_sft_crop_windows_find_the_needle(needle_set):
-    """The crop written in each SFT trajectory (read off the prompt's timestamps) catches the needle."""
-    out, _ = needle_set
+def test_sft_crops_catch_the_needle_and_lazy_ones_miss_it(needle_set):
+    """The window task's SFT rows, checked on the decoded crop frames: a crop of the asked window always shows the
+    flash; a lazy skim [0, b] (loose questions only) never does, and its answer turn guesses; no-tool rows call no
+    tool. The decoded global view of every row misses the flash (so no-tool answers are at chance)."""
+    out, cfg = needle_set
     view = ViewConfig()
+    kinds = {"exact": 0, "lazy": 0, "notool": 0}
     for s in load_samples(str(out / "sft.jsonl")):
-        o = observe(s["turns"][-2], s["video"], s["duration"], fps=view.crop_fps, max_frames=view.crop_max_frames,
+        c = s["needle"]["colour"]
+        frames, _ = global_view(s["video"], view, s["duration"])
+        assert not any(needle_pixels(f, c) >= 20 for f in frames), s["id"]
+        if s.get("tools") is False:
+            kinds["notool"] += 1
+            assert len(s["turns"]) == 1 and "<tool_call>" not in s["turns"][0]
+            continue
+        o = observe(s["turns"][0], s["video"], s["duration"], fps=view.crop_fps, max_frames=view.crop_max_frames,
                     min_frames=view.crop_min_frames, max_pixels=view.crop_max_pixels)
         assert o["error"] is None
-        assert any(needle_pixels(f, s["needle"]["colour"]) >= 20 for f in o["frames"]), s["id"]
+        seen = any(needle_pixels(f, c) >= 20 for f in o["frames"])
+        if o["window"] == s["window"]:
+            kinds["exact"] += 1
+            assert seen and s["turns"][1].startswith(f"<think>The cropped frames show a {c} flash."), s["id"]
+        else:
+            kinds["lazy"] += 1
+            assert o["window"] == [0.0, s["window"][1]] and s["question"].startswith("A flash appears")
+            assert not seen and s["turns"][1].startswith("<think>I see no flash"), s["id"]
+    assert kinds["exact"] and kinds["lazy"] and kinds["notool"] == round(cfg.notool_fraction * cfg.num_train)
 
 
 @pytest.mark.parametrize("fmt,stamps", [("video", True), ("video", False), ("images", False)])

@@ -79,10 +79,11 @@ def test_needle_is_a_whole_frame_flash_by_default_and_a_small_square_on_request(
     from needle import NeedleConfig, make_sample
     from tools import decode_frames
     for square, word in [(1.0, "flash"), (0.25, "small square")]:
-        cfg = NeedleConfig(size=112, square=square, when_fraction=0.0)
+        cfg = NeedleConfig(size=112, square=square, when_fraction=0.0, task="scene")
         d = tmp_path / word.replace(" ", "_")
         d.mkdir()
-        sample, (scenes, k, nd) = make_sample(0, "train", random.Random(4), cfg, str(d))
+        sample, _ = make_sample(0, "train", random.Random(4), cfg, str(d))
+        nd = sample["needle"]
         assert f"the {word} that appears" in sample["question"]
         t = nd["start"] + cfg.needle_seconds / 2
         frame = decode_frames(os.path.join(str(d), os.path.basename(sample["video"])), [t], 112 * 112)[0][0]
@@ -99,13 +100,19 @@ def test_reading_example_and_warmup():
     model, proc = load_model("tiny")
     r, tok = Renderer(proc, ViewConfig()), proc.tokenizer
     kinds = set()
-    for seed in range(12):
-        ex = warmup.reading_example(r, random.Random(seed), pairs=4)
+    for seed in range(24):
+        task = "scene" if seed % 2 else "window"  # the scene variant words its answer turn as its data does
+        ex = warmup.reading_example(r, random.Random(seed), pairs=4, cfg=needle.NeedleConfig(task=task))
         turn = tok.decode([i for i, m in zip(ex.input_ids, ex.policy_mask) if m])
         col = turn.split("show a ")[1].split(" ")[0]
-        ans, t = turn.split("<answer>")[1].split("</answer>")[0], turn.split("at about ")[1].split("s.")[0]
+        ans = turn.split("<answer>")[1].split("</answer>")[0]
         q = tok.decode(ex.input_ids[:ex.policy_mask.index(1)])
         assert col in needle.NEEDLE_COLOURS
+        if task == "window":
+            assert "flashes between" in q or "A flash appears between" in q
+            assert turn == f"<think>The cropped frames show a {col} flash.</think><answer>{col}</answer><|im_end|>"
+            continue
+        t = turn.split("at about ")[1].split("s.")[0]
         assert turn.startswith(f"<think>The cropped frames show a {col} flash at about ")
         assert ans == (t if "At what second" in q else col), (q, turn)  # the answer follows the question's kind
         kinds.add("At what second" in q)
