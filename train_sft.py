@@ -99,25 +99,9 @@ class Config:
     cache: bool = True              # keep rendered samples in memory (false: re-render each time)
     workers: int = 2                # threads rendering samples at start-up (video decoding, processor)
     threads: int = 1                # CPU only: torch intra-op threads (0 = torch's default; see above)
-    time_warmup: int = 0            # steps of warmup.time_warmup (bare two-patch views: a colour -> the timestamp
-                                    # before its frames; batch 32, lr 1e-3) first (off: learned after ~3,000 steps
-                                    # but no gain in the pipeline yet, docs/studies.md)
-    copy_warmup: int = 0            # steps of warmup.copy_warmup (the question alone -> "<think>The <colour>") first
-                                    # (off: the copy it teaches does not survive the warm-ups and SFT after it,
-                                    # docs/studies.md)
     reading_warmup: int = -1        # steps of warmup.reading_warmup (in-memory crops alone) before SFT; -1: 600 when
                                     # the tiny model starts from scratch on the default needle data, else 0
     reading_max_pairs: int = 8      # its crops show 1..this many temporal patches
-    copy_mix: int = 0               # rows of warmup.copy_example (the real prompt with a solid-colour global view ->
-                                    # "<think>The <the question's colour>") added to every reading warm-up and SFT
-                                    # step, as their own token-mean loss term: the policy then names the question's
-                                    # colour (20-32 of 32 vs 4) but crops and answers get worse (off;
-                                    # docs/studies.md)
-    copy_frames: int = 20           # frames of their global view
-    grounding_warmup: int = 0       # steps of warmup.grounding_warmup (in-memory global views, the crop window of
-                                    # several scenes asked per view) before the reading warm-up (off: no gain in
-                                    # the pipeline, docs/studies.md)
-    grounding_queries: int = 8      # scenes asked per view in it
     view_jitter: bool = True        # render each sample's global view with a random frame count (fixed per sample)
                                     # between its default and max_frames, so short videos also train long prompts
     max_turns: int = RolloutConfig.max_turns        # tool calls per episode (the last observation says so)
@@ -383,7 +367,6 @@ def main(argv=None):
 
     # ---- the warm-ups (needle data, tiny model from scratch): every rank runs the same seeded steps
     data_cfg = needle.load_config(os.path.dirname(cfg.data.split(",")[0]))  # as the data was made (wording, square)
-    copy_renderer = Renderer(processor, view) if cfg.copy_mix else None  # for the --copy_mix rows of every step
     if not cfg.resume:
         tiny_default = init == "tiny" and cfg.data == DEFAULT_DATA
         warmup.run(model, processor, view, cfg, data_cfg, reading_default=600 if tiny_default else 0)
@@ -427,22 +410,17 @@ def main(argv=None):
         mine = orders[epoch][b][d.rank::world]  # rank-strided share of the (length-sorted) global batch
         micro = [[rendered(k) for k in mine[j:j + cfg.micro_batch_size]]
                  for j in range(0, len(mine), cfg.micro_batch_size)]
-        parts = [(mb, 0) for mb in micro]  # (rows, loss term: 0 SFT, 1 the colour copy), the copy rows first
-        if cfg.copy_mix:  # a fresh draw per (seed, step, rank): a resumed run draws the same rows
-            crng = random.Random(cfg.seed * 1_000_003 + step * 1_009 + d.rank)
-            parts.insert(0, ([warmup.copy_example(copy_renderer, crng, data_cfg, cfg.copy_frames)[0]
-                              for _ in range(max(1, cfg.copy_mix // world))], 1))
-        # global counts of policy tokens, so each loss term is a mean over the whole global batch
-        counts = torch.tensor([sum(sum(r.policy_mask[1:]) for mb, kind in parts if kind == k for r in mb)
-                               for k in (0, 1)] + [sum(len(r.input_ids) for mb in micro for r in mb)],
-                              dtype=torch.float64, device=d.device)  # policy tokens per loss term, SFT tokens
+        # the global count of policy tokens, so the loss is a mean over the whole global batch
+        counts = torch.tensor([sum(sum(r.policy_mask[1:]) for mb in micro for r in mb),
+                               sum(len(r.input_ids) for mb in micro for r in mb)],
+                              dtype=torch.float64, device=d.device)  # policy tokens, all tokens
         if world > 1:
             dist.all_reduce(counts)
-        n_policy, n_copy, n_tokens = counts.tolist()
-        nll = torch.zeros(2, dtype=torch.float64, device=d.device)
+        n_policy, n_tokens = counts.tolist()
+        nll = torch.zeros((), dtype=torch.float64, device=d.device)
         model.train()
-        for j, (mb, kind) in enumerate(parts):
-            last = j == len(parts) - 1
+        for j, mb in enumerate(micro):
+            last = j == len(micro) - 1
             if fsdp:
                 engine.set_requires_gradient_sync(last)
             sync = engine.no_sync() if world > 1 and not fsdp and not last else nullcontext()
@@ -450,13 +428,13 @@ def main(argv=None):
             with sync, autocast:
                 loss_sum = engine(batch)
                 # DDP and FSDP2 average gradients over ranks: scale by world to get the global-token mean
-                (loss_sum * world / max(counts[kind].item(), 1.0)).backward()
-            nll[kind] += loss_sum.detach().double()
+                (loss_sum * world / max(n_policy, 1.0)).backward()
+            nll += loss_sum.detach().double()
         if world > 1:
             dist.all_reduce(nll)
-        loss, copy_loss = nll[0].item() / max(n_policy, 1.0), nll[1].item() / max(n_copy, 1.0)
+        loss = nll.item() / max(n_policy, 1.0)
         grad_norm = float("nan")
-        ok = math.isfinite(loss) and math.isfinite(copy_loss)
+        ok = math.isfinite(loss)
         if ok:
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
@@ -475,8 +453,6 @@ def main(argv=None):
                    policy_tokens=int(n_policy), tokens=int(n_tokens), skipped_update=not ok,
                    nonfinite_steps=nonfinite, skipped_samples=skipped,
                    tokens_per_s=round(n_tokens / dt, 1), step_time=round(dt, 3))
-        if cfg.copy_mix:
-            row["copy_loss"] = copy_loss
         if d.is_main:
             with open(metrics_path, "a") as f:  # reopened each time: a checkpoint swaps the directory
                 f.write(json.dumps(row) + "\n")

@@ -12,8 +12,7 @@ def test_pipeline_shrunken(tmp_path):
     env = dict(os.environ, PY=sys.executable, RUNS=str(runs), DATA=str(data), OMP_NUM_THREADS="1",
                DATA_ARGS="--num_train=4 --num_eval=2 --num_eval_short=1 --min_duration=60 --max_duration=80 --eval_min_duration=60 "
                          "--eval_max_duration=80",
-               SFT_ARGS="--steps=2 --batch_size=2 --micro_batch_size=2 --reading_warmup=2 --grounding_warmup=2 "
-                         "--copy_warmup=2 --time_warmup=2",
+               SFT_ARGS="--steps=2 --batch_size=2 --micro_batch_size=2 --reading_warmup=2",
                GRPO_ARGS="--steps=2 --prompts_per_step=2 --group_size=2 --max_new_tokens=16 --eval_every=0 "
                          "--save_every=0 --micro_batch=2",
                RFT_ARGS="--steps=1 --batch_size=1 --micro_batch_size=1",

@@ -92,35 +92,6 @@ def test_loss_only_trains_policy_tokens(sft_file):
     assert not torch.equal(loss_and_grads(changed)[0], loss)
 
 
-def test_copy_mix_adds_the_copy_rows_token_mean(sft_file, tmp_path):
-    """--copy_mix=3: each step also trains on 3 warmup.copy_example rows (drawn from the seed, step and rank) as a
-    loss term of its own. Recomputed here under the initial weights, from the same rows and the whole 8-row file as
-    the one batch: the logged copy_loss is their token-mean NLL, the logged loss the SFT rows' (as a run without the
-    copy rows logs), and the logged grad norm that of the sum of the two means."""
-    import random
-    import warmup
-    out, plain = str(tmp_path / "mix"), str(tmp_path / "plain")
-    kw = dict(steps=1, batch_size=8, micro_batch_size=4)
-    train_sft.main(args(sft_file, out, copy_mix=3, copy_frames=4, **kw))
-    train_sft.main(args(sft_file, plain, copy_mix=0, **kw))
-    cfg = train_sft.Config(max_frames=8, crop_max_frames=8)
-    model, proc = load_model("tiny")
-    view, pad = ViewConfig(global_frames=8, crop_max_frames=8), proc.tokenizer.pad_token_id
-    rng = random.Random(0)
-    rows = [warmup.copy_example(Renderer(proc, view), rng, frames=4)[0] for _ in range(3)]
-    assert all(proc.tokenizer.decode(x.input_ids).count("<|vision_start|>") == 2 for x in rows)  # 4 frames, 2 groups
-    samples, _ = train_sft.read_samples([sft_file])
-    sft = collate(model, [train_sft.try_render(proc, view, x, i, cfg) for i, x in enumerate(samples)], pad)
-    copy = collate(model, rows, pad)
-    means = [train_sft.policy_nll(model, b) / b["policy_mask"][:, 1:].sum() for b in (sft, copy)]
-    sum(means).backward()
-    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
-    (m,), (p,) = metrics(out), metrics(plain)
-    assert m["copy_loss"] == pytest.approx(means[1].item(), rel=1e-5) and "copy_loss" not in p
-    assert m["loss"] == pytest.approx(p["loss"], rel=1e-6) == pytest.approx(means[0].item(), rel=1e-5)
-    assert m["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
-
-
 def test_padded_batch_equals_single_rows(sft_file):
     """policy_nll runs without an attention mask: with right padding no real token can see a pad."""
     model, proc = load_model("tiny")
@@ -155,11 +126,9 @@ def test_two_processes_match_one(sft_file, tmp_path, parallel):
 
 
 # --------------------------------------------------------------------------- resume and checkpoints
-@pytest.mark.parametrize("copy_mix", [0, 2])
-def test_resume_is_exact(sft_file, tmp_path, copy_mix):
-    """With --copy_mix too: its rows are drawn per (seed, step, rank), so a resumed run trains on the same ones."""
+def test_resume_is_exact(sft_file, tmp_path):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    kw = dict(steps=6, batch_size=2, save_every=2, copy_mix=copy_mix, copy_frames=4)
+    kw = dict(steps=6, batch_size=2, save_every=2)
     train_sft.main(args(sft_file, straight, **kw))
     train_sft.main(args(sft_file, split, stop_at=3, **kw))
     assert [m["step"] for m in metrics(split)] == [1, 2, 3]
@@ -167,7 +136,6 @@ def test_resume_is_exact(sft_file, tmp_path, copy_mix):
     assert_same_params(straight, split, atol=0)
     strip = [[{k: v for k, v in m.items() if k not in TIMING} for m in metrics(o)] for o in (straight, split)]
     assert strip[0] == strip[1] and len(strip[0]) == 6
-    assert all(("copy_loss" in m) == bool(copy_mix) for m in strip[0])
     state = torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)
     assert state["step"] == 6 and state["config"]["steps"] == 6 and len(state["rng"]) == 1
     view = json.load(open(os.path.join(split, "view.json")))  # the view it trained with, for eval.py's check
@@ -246,11 +214,14 @@ def test_non_finite_loss_skips_the_step(sft_file, tmp_path, monkeypatch):
     assert m[-1]["nonfinite_steps"] == 1 and all(torch.isfinite(p).all() for p in params(out).values())
 
 
-def test_jittered_views_keep_crop_targets_copyable(sft_file):
-    """With --view_jitter each sample's global view has its own frame times; the crop windows of the SFT turns
-    must be timestamps that this prompt shows (or the video's ends), else there is nothing to copy."""
+def test_jittered_views_keep_crop_targets_copyable(tmp_path):
+    """The scene task: with --view_jitter each sample's global view has its own frame times; the crop windows of the
+    SFT turns must be timestamps that this prompt shows (or the video's ends), else there is nothing to copy."""
     import re
     from data import load_samples
+    generate(NeedleConfig(out=str(tmp_path), num_train=8, num_eval=0, num_eval_short=0, min_duration=60,
+                          max_duration=90, seed=1, task="scene"))
+    sft_file = str(tmp_path / "sft.jsonl")
     _, processor = load_model("tiny")
     cfg = train_sft.Config(view_jitter=True)
     view = ViewConfig()
@@ -269,23 +240,22 @@ def test_jittered_views_keep_crop_targets_copyable(sft_file):
 
 
 def test_warmups_word_their_examples_as_the_data_was_made(tmp_path, monkeypatch):
-    """The warm-ups draw their examples with the needle config the data dir was generated with (its config.json):
+    """The reading warm-up draws its examples with the needle config the data dir was generated with (its config.json):
     data made with --square=0.25 asks about a "small square", so every warm-up's examples do too (they said "flash",
     the default's word, before). A data dir without config.json gets the defaults; an unreadable one is a clear
     error naming the file."""
     import random
     import warmup
     generate(NeedleConfig(out=str(tmp_path), num_train=4, num_eval=0, num_eval_short=0, min_duration=60,
-                          max_duration=80, square=0.25, seed=2))
+                          max_duration=80, square=0.25, seed=2, task="scene"))
     seen = []
 
     def spy(model, processor, view, steps, example, *a, **k):  # record one example instead of training
         seen.append(processor.tokenizer.decode(example(Renderer(processor, view), random.Random(0)).input_ids))
         return [0.0]
     monkeypatch.setattr(warmup, "skill_warmup", spy)
-    train_sft.main(args(str(tmp_path / "sft.jsonl"), str(tmp_path / "out"), steps=1, time_warmup=1, copy_warmup=1,
-                        grounding_warmup=1, reading_warmup=1))
-    assert len(seen) == 4 and all("small square" in s and "flash" not in s for s in seen), seen
+    train_sft.main(args(str(tmp_path / "sft.jsonl"), str(tmp_path / "out"), steps=1, reading_warmup=1))
+    assert len(seen) == 1 and all("small square" in s and "flash" not in s for s in seen), seen
     from needle import load_config
     assert load_config(str(tmp_path)).square == 0.25 and load_config(str(tmp_path / "none")) == NeedleConfig()
     (tmp_path / "config.json").write_text("{not json")
