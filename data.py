@@ -221,7 +221,7 @@ def global_times(duration, view: ViewConfig):
     """Frame times of the global view: about N = min(global_frames, duration * global_fps) frames (>= 2).
     With time_grid g > 0: 0, s, 2s, ... below the duration, s = the spacing duration / N rounded up to a multiple of g,
     so the timestamps shown (and the crop windows read off them) are round numbers: a tiny model learns to copy
-    them much sooner (bench/grounding.py). With g = 0: the centres of N equal slices, rounded to whole seconds."""
+    them much sooner (docs/studies.md, the grounding study). With g = 0: the centres of N equal slices, rounded to whole seconds."""
     n = int(max(2, min(view.global_frames, duration * view.global_fps)))
     if view.time_grid > 0 and duration > 0:
         g = view.time_grid
@@ -339,7 +339,7 @@ class Renderer:
         if sample.get("choices"):
             q += "\n" + "\n".join(sample["choices"])
         instr = INSTRUCTION_TOOLS if self.view.tools else INSTRUCTION_NO_TOOLS
-        if self.view.tools and self.view.longvt_text and sample.get("video"):  # in-memory warm-up views have none
+        if self.view.tools and self.view.longvt_text and sample.get("video"):  # in-memory views have none
             instr += f"\n The video path is: {os.path.basename(sample['video'])}"
         # LongVT's user turn ends with the instruction; ours ends with the question, next to the assistant turn that
         # answers it: the tiny policy then answers the kind of question asked (README "The question last")
@@ -351,7 +351,7 @@ class Renderer:
 
     def user(self, q, frames, timestamps, body=None, lead=""):
         """The user turn around the global view + the assistant header: `lead`, the question with ask_first, the
-        view, then `body` (None: the question alone, the warm-ups' bare turn without system prompt or instruction)."""
+        view, then `body` (None: the question alone, a bare turn without system prompt or instruction)."""
         first = lead + (f"{q}\n" if self.view.ask_first else "")
         return (self.text(f"<|im_start|>user\n{first}") + self.visual(frames, timestamps)
                 + self.text(f"{q if body is None else body}<|im_end|>\n<|im_start|>assistant\n"))

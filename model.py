@@ -11,7 +11,7 @@ anything else falls back to single characters (lossless for ASCII and Latin-1; a
 timestamps in its prompt, and with ten digit tokens every timestamp of a 15-minute eval video is made of pieces
 the model saw in training on 3-5 minute videos (one token per number leaves the tokens of times above 300 s
 untrained); with the round-time global view (data.ViewConfig.time_grid) the window copy is learned much sooner
-(bench/grounding.py measures both).
+(docs/studies.md, the grounding study, measured both).
 """
 import json
 import os
@@ -75,7 +75,7 @@ class TinyConfig:
 
 
 # --------------------------------------------------------------------------- tokenizer / processor
-NUMBER_DIGITS = 1  # longest number that is one token (1: digit by digit; bench/grounding.py --number_digits)
+NUMBER_DIGITS = 1  # longest number that is one token (1: digit by digit; docs/studies.md)
 
 
 def build_tiny_tokenizer():

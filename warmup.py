@@ -1,7 +1,7 @@
 """The reading warm-up train_sft runs before SFT on the needle data with the tiny model: an in-memory curriculum of
 crops alone -> the answer turn (docs/studies.md, the reading study: the tiny model does not learn to read the flash
 from scratch inside the full SFT context). Its examples come from the needle benchmark's generators (needle.py), so
-it reads no file. fit() is also the training loop of bench/screen.py."""
+it reads no file."""
 import math
 import random
 
@@ -42,7 +42,7 @@ def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), si
 
 
 def fit(model, draw, steps, lr, warmup_steps=10, on_step=None):
-    """The one training loop of the reading warm-up and the bench/ studies: `steps` teacher-forced AdamW steps
+    """The training loop of the reading warm-up: `steps` teacher-forced AdamW steps
     (betas 0.9/0.95, no weight decay; linear warm-up over `warmup_steps` steps, then cosine to 10% of lr; grad norm
     clipped at 1) on the batches draw(step) returns (a data.collate batch or a list of them, step from 1). The loss
     is the mean NLL of a batch's policy tokens (train_sft.policy_nll), summed over the list. on_step(step, loss)
