@@ -53,8 +53,8 @@ class NeedleConfig:
     scene_max: float = 40.0
     needle_seconds: float = 2.0    # how long the needle is visible
     square: float = 1.0            # side of the square as a fraction of the frame's: 1 = the whole frame flashes
-                                   # the needle colour (the default); 0.25 = a small square (docs/studies.md, reading: the
-                                   # tiny vision tower needs tens of thousands of examples to see it)
+                                   # the needle colour (the default); 0.25 = a small square (docs/studies.md,
+                                   # reading: the tiny vision tower needs tens of thousands of examples to see it)
     task: str = "window"           # "window": the question gives the flash's window (the default); "scene": the
                                    # question names the flash's scene by its colour (the harder variant)
     window_min: int = 12           # window task: width range of the asked window, whole seconds
