@@ -221,7 +221,7 @@ def global_times(duration, view: ViewConfig):
     """Frame times of the global view: about N = min(global_frames, duration * global_fps) frames (>= 2).
     With time_grid g > 0: 0, s, 2s, ... below the duration, s = the spacing duration / N rounded up to a multiple of g,
     so the timestamps shown (and the crop windows read off them) are round numbers: a tiny model learns to copy
-    them much sooner (docs/studies.md, the grounding study). With g = 0: the centres of N equal slices, rounded to whole seconds."""
+    them much sooner (docs/studies.md). With g = 0: the centres of N equal slices, rounded to whole seconds."""
     n = int(max(2, min(view.global_frames, duration * view.global_fps)))
     if view.time_grid > 0 and duration > 0:
         g = view.time_grid

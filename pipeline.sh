@@ -76,23 +76,4 @@ $PY eval.py --model="$RUNS/rft" --data="$DATA/eval.jsonl" --out="$RUNS/rft/eval_
   --out="$RUNS/rft/eval_notool_short" --tools=false $EVAL_ARGS
 
 stage "results"
-$PY - "$RUNS" "$(( $(date +%s) - start ))" <<'EOF'
-import json, os, sys
-runs, secs = sys.argv[1], int(sys.argv[2])
-rows = [("no-tool baseline", "rft/eval_notool"), ("SFT", "sft/eval"), ("GRPO", "grpo/eval"), ("RFT", "rft/eval")]
-head = ["| stage | accuracy | mean IoU | tool calls / episode | format rate | n |", "|---|---|---|---|---|---|"]
-lines = ["held-out eval videos (longer than training):", "", *head]
-def row(name, d):
-    s = json.load(open(os.path.join(runs, d, "summary.json")))
-    return (f"| {name} | {s['accuracy']:.3f} | {s['mean_iou']:.3f} | {s['tool_calls_per_episode']:.2f} "
-            f"| {s['format_rate']:.3f} | {s['n']} |")
-lines += [row(name, d) for name, d in rows]
-short = [(name, d + "_short") for name, d in rows if os.path.isdir(os.path.join(runs, d + "_short"))]
-if short:
-    lines += ["", "held-out videos as long as the training ones (eval_short.jsonl):", "", *head]
-    lines += [row(name, d) for name, d in short]
-lines.append("\nchance (six needle colours): 0.167")
-lines.append(f"\npipeline wall time: {secs} s")
-open(os.path.join(runs, "results.md"), "w").write("\n".join(lines) + "\n")
-print("\n".join(lines))
-EOF
+$PY results.py "$RUNS" "$(( $(date +%s) - start ))"  # the tables with 95% intervals, runs/results.svg
