@@ -50,7 +50,7 @@ def failure(r):
 def needle_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("needle"))
     generate(NeedleConfig(out=out, num_train=4, num_eval=3, min_duration=60, max_duration=90,
-                          eval_min_duration=60, eval_max_duration=120))
+                          eval_min_duration=60, eval_max_duration=120, task="scene"))
     return out
 
 

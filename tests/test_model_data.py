@@ -13,7 +13,7 @@ from data import (DataError, Renderer, ViewConfig, collate, global_times, global
                   positions, render_sft)
 from model import (COLOURS, build_tiny_tokenizer, compute_init, load_model, parse_config, save_checkpoint,
                    token_logprobs)
-from needle import NeedleConfig, generate
+from needle import NeedleConfig, call_text, generate
 from tools import crop_video, observe
 
 
@@ -276,7 +276,10 @@ def test_renderer_masks_and_concatenation(tiny, needle_set, fmt, stamps):
     out, _ = needle_set
     view = ViewConfig(visual_format=fmt, timestamps=stamps)
     ren = Renderer(proc, view)
-    s = next(x for x in load_samples(str(out / "sft.jsonl")) if len(x["turns"]) == 3)  # an imperfect, 2-call one
+    s = next(x for x in load_samples(str(out / "sft.jsonl")) if x.get("tools") is not False)
+    a, b = (int(x) for x in s["window"])  # a 2-call trajectory: a lazy skim, then the asked window, then the answer
+    s["turns"] = [f"<think>Skim.</think>{call_text(0, b)}", f"<think>Crop.</think>{call_text(a, b)}",
+                  f"<think>Read.</think><answer>{s['answer']}</answer>"]
     r = render_sft(ren, s)
     tok = proc.tokenizer
     # reference by concatenation: prompt + assistant ids + observation chunks
