@@ -2,12 +2,10 @@
 # The three-stage LongVT recipe end to end on the embedded default (synthetic needle videos + tiny model):
 #   data -> stage 1 SFT -> stage 2 GRPO (torchrun, 2 processes) -> stage 3 RFT (export + SFT from GRPO)
 #   -> eval of every stage and of the no-tool baseline on the held-out (longer) videos, and of every stage on
-#   held-out videos as long as the training ones -> results table.
+#   held-out videos as long as the training ones -> results tables (results.py).
 #
 #   bash pipeline.sh                                  # defaults, writes runs/ and runs/results.md
 #   RUNS=/tmp/r DATA=/tmp/d DATA_ARGS="--num_train=8" SFT_ARGS="--steps=3" bash pipeline.sh   # shrunken
-#   RUNS=runs/long DATA=data/needle_long DATA_ARGS="--num_train=768" GRPO_ARGS="--steps=150" bash pipeline.sh
-#                                                 # the longer configuration (README): 4x the videos, 3x GRPO
 #
 # Every stage takes extra --key=value flags from its *_ARGS variable. A stage whose output is complete is not
 # run again (delete its dir to redo it), so a pipeline that was stopped continues where it was.
