@@ -46,7 +46,7 @@ if ! done_ "$RUNS/grpo"; then
   touch "$RUNS/grpo/done"
 fi
 
-stage "stage 3: RFT data (correct, IoU >= 0.3 trajectories of the GRPO policy on 32 train samples x 2)"
+stage "stage 3: RFT data (correct, IoU >= 0.3 trajectories of the GRPO policy on 64 train samples x 2)"
 [ -f "$RUNS/rft.jsonl" ] || $PY eval.py --model="$RUNS/grpo" --data="$DATA/train.jsonl" --out="$RUNS/grpo/eval_train" \
   --export_rft="$RUNS/rft.jsonl" --temperature=1.0 --samples=2 --limit=64 $EVAL_ARGS
 n=$(wc -l < "$RUNS/rft.jsonl")
