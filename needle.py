@@ -6,7 +6,7 @@ Each video is minutes long, low resolution, made of solid-colour scenes of `scen
 task="window" (the default): the question gives the flash's window, "What colour flashes between 121s and 139s?"
 (12-24 s wide). The flash is placed where no global-view frame falls (the no-tool answer is a guess: chance 1/6),
 and a crop of the asked window (16 frames at most, one per <= 1.5 s) always shows it. Every skill the policy needs
-sits near the generation point (docs/screen.md): copy the window from the question into the call, read the colour
+sits near the generation point: copy the window from the question into the call, read the colour
 off the crop. The SFT data is imperfect by construction, so that RL has something to fix: `loose_fraction` of the
 questions are phrased "A flash appears between A s and B s. What colour is it?", and `lazy_fraction` of their
 trajectories skim [0, B] instead (16 frames over up to 300 s: the flash is placed between their frames too), see no
@@ -62,7 +62,8 @@ class NeedleConfig:
     loose_fraction: float = 0.4    # window task: questions in the loose phrasing, whose SFT trajectories are lazy
     lazy_fraction: float = 0.7     # ... this fraction of them: skim [0, B], miss the flash, guess
     notool_fraction: float = 0.1   # window task: extra SFT rows without tools (they guess), for the no-tool baseline
-    crop_max_frames: int = 16      # window task: the crop frame budget the flash placement assumes (ViewConfig's)
+    crop_max_frames: int = ViewConfig.crop_max_frames  # window task: the crop frame budget the flash placement
+                                   # assumes (the lazy skim's frames)
     when_fraction: float = 0.2     # scene task: fraction of "when does it appear" questions (answered in seconds)
     imperfect_fraction: float = 0.3  # scene task: fraction of SFT trajectories that first crop a wrong scene
 
@@ -253,19 +254,26 @@ def window_turns(sample, loose, rng, cfg: NeedleConfig):
 NOTOOL_TURN = "<think>The global view shows no flash, so I guess.</think><answer>{}</answer>"
 
 
+def draw_video(i, split, rng, cfg: NeedleConfig, video_dir, layout):
+    """Draw a duration for the split, lay the video out with layout(rng, duration, cfg) -> (scenes, x, needle) and
+    write it (unless it exists). Returns (duration, file name, the layout)."""
+    short = split in ("train", "eval_short")
+    lo, hi = (cfg.min_duration, cfg.max_duration) if short else (cfg.eval_min_duration, cfg.eval_max_duration)
+    duration = float(round(rng.uniform(lo, hi)))
+    scenes, x, needle = layout(rng, duration, cfg)
+    name = f"{split}_{i:05d}.mp4"
+    path = os.path.join(video_dir, name)
+    if not os.path.exists(path):
+        write_video(path, duration, scenes, needle, cfg)
+    return duration, name, (scenes, x, needle)
+
+
 def make_sample(i, split, rng, cfg: NeedleConfig, video_dir):
     if cfg.task == "scene":
         return make_scene_sample(i, split, rng, cfg, video_dir)
     if cfg.task != "window":
         raise ValueError(f"task must be 'window' or 'scene', got {cfg.task!r}")
-    short = split in ("train", "eval_short")
-    lo, hi = (cfg.min_duration, cfg.max_duration) if short else (cfg.eval_min_duration, cfg.eval_max_duration)
-    duration = float(round(rng.uniform(lo, hi)))
-    scenes, (a, b), needle = window_layout(rng, duration, cfg)
-    name = f"{split}_{i:05d}.mp4"
-    path = os.path.join(video_dir, name)
-    if not os.path.exists(path):
-        write_video(path, duration, scenes, needle, cfg)
+    duration, name, (scenes, (a, b), needle) = draw_video(i, split, rng, cfg, video_dir, window_layout)
     loose = rng.random() < cfg.loose_fraction
     sample = dict(id=f"{split}_{i:05d}", video=f"videos/{name}", question=window_question(a, b, loose),
                   answer=needle["colour"], answer_type="text", window=[float(a), float(b)], duration=duration,
@@ -275,14 +283,7 @@ def make_sample(i, split, rng, cfg: NeedleConfig, video_dir):
 
 
 def make_scene_sample(i, split, rng, cfg: NeedleConfig, video_dir):
-    short = split in ("train", "eval_short")
-    lo, hi = (cfg.min_duration, cfg.max_duration) if short else (cfg.eval_min_duration, cfg.eval_max_duration)
-    duration = float(round(rng.uniform(lo, hi)))
-    scenes, k, needle = make_layout(rng, duration, cfg)
-    name = f"{split}_{i:05d}.mp4"
-    path = os.path.join(video_dir, name)
-    if not os.path.exists(path):
-        write_video(path, duration, scenes, needle, cfg)
+    duration, name, (scenes, k, needle) = draw_video(i, split, rng, cfg, video_dir, make_layout)
     colour = scenes[k][2]
     when = rng.random() < cfg.when_fraction
     q = question(colour, when, cfg)

@@ -42,11 +42,10 @@ def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), si
 
 
 def fit(model, draw, steps, lr, warmup_steps=10, on_step=None):
-    """The training loop of the reading warm-up: `steps` teacher-forced AdamW steps
-    (betas 0.9/0.95, no weight decay; linear warm-up over `warmup_steps` steps, then cosine to 10% of lr; grad norm
-    clipped at 1) on the batches draw(step) returns (a data.collate batch or a list of them, step from 1). The loss
-    is the mean NLL of a batch's policy tokens (train_sft.policy_nll), summed over the list. on_step(step, loss)
-    runs after each step. Returns the losses."""
+    """The training loop of the reading warm-up: `steps` teacher-forced AdamW steps (betas 0.9/0.95, no weight
+    decay; linear warm-up over `warmup_steps` steps, then cosine to 10% of lr; grad norm clipped at 1) on the
+    data.collate batch draw(step) returns (step from 1). The loss is the mean NLL of the batch's policy tokens
+    (train_sft.policy_nll). on_step(step, loss) runs after each step. Returns the losses."""
     import torch
     from train_sft import policy_nll  # imported here: train_sft imports this module
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -54,9 +53,8 @@ def fit(model, draw, steps, lr, warmup_steps=10, on_step=None):
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     losses, dev = [], next(model.parameters()).device
     for step in range(1, steps + 1):
-        batches = draw(step)
-        batches = [batch_to(b, dev) for b in (batches if isinstance(batches, list) else [batches])]
-        loss = sum(policy_nll(model, b) / b["policy_mask"][:, 1:].sum() for b in batches)
+        batch = batch_to(draw(step), dev)
+        loss = policy_nll(model, batch) / batch["policy_mask"][:, 1:].sum()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
