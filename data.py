@@ -1,7 +1,6 @@
 """Samples, readers, the global view, and the ONE chat renderer used by SFT, rollout and eval.
 
-    python data.py                      # writes the synthetic needle benchmark to data/needle (see needle.py)
-    python data.py --out=DIR --num_train=N --num_eval=N --seed=S --min_duration=SEC --max_duration=SEC ...
+(The synthetic needle benchmark is written by `python needle.py`.)
 
 A sample is a dict: id, video, question, answer, optional choices, window ([start, end] s of the evidence),
 duration, answer_type, and for SFT rows `turns` (the assistant texts; tool observations are re-created by
@@ -432,8 +431,3 @@ def collate(model, rendered, pad_id):
         pos[:, b, :n] = positions(model, r)
     return dict(input_ids=ids, attention_mask=att, policy_mask=mask, position_ids=pos,
                 vision=cat_vision([r.vision for r in rendered]))
-
-
-if __name__ == "__main__":
-    import needle
-    needle.main()

@@ -20,9 +20,11 @@ policy must find that scene's times in the global view, a binding the tiny model
 Its crops span up to ~95 s: run it with --crop_max_frames=48 (one frame per <= 2 s).
 """
 import json
+import multiprocessing
 import os
 import random
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -43,6 +45,7 @@ class NeedleConfig:
     num_eval_short: int = 256      # held-out samples with the training videos' lengths (eval_short.jsonl): the
                                    # gate set of the README's results table
     seed: int = 0                  # everything is deterministic for a seed
+    workers: int = 0               # processes writing the videos (0: one per CPU core)
     min_duration: float = 180.0    # training video length range, seconds
     max_duration: float = 300.0
     eval_min_duration: float = 600.0  # eval videos are longer than training ones (generalisation to length)
@@ -254,9 +257,10 @@ def window_turns(sample, loose, rng, cfg: NeedleConfig):
 NOTOOL_TURN = "<think>The global view shows no flash, so I guess.</think><answer>{}</answer>"
 
 
-def draw_video(i, split, rng, cfg: NeedleConfig, video_dir, layout):
+def draw_video(i, split, rng, cfg: NeedleConfig, video_dir, layout, pending=None):
     """Draw a duration for the split, lay the video out with layout(rng, duration, cfg) -> (scenes, x, needle) and
-    write it (unless it exists). Returns (duration, file name, the layout)."""
+    write it (unless it exists; into `pending`, a list of write_video arguments, to write later). Returns
+    (duration, file name, the layout)."""
     short = split in ("train", "eval_short")
     lo, hi = (cfg.min_duration, cfg.max_duration) if short else (cfg.eval_min_duration, cfg.eval_max_duration)
     duration = float(round(rng.uniform(lo, hi)))
@@ -264,16 +268,20 @@ def draw_video(i, split, rng, cfg: NeedleConfig, video_dir, layout):
     name = f"{split}_{i:05d}.mp4"
     path = os.path.join(video_dir, name)
     if not os.path.exists(path):
-        write_video(path, duration, scenes, needle, cfg)
+        job = (path, duration, scenes, needle, cfg)
+        if pending is None:
+            write_video(*job)
+        else:
+            pending.append(job)
     return duration, name, (scenes, x, needle)
 
 
-def make_sample(i, split, rng, cfg: NeedleConfig, video_dir):
+def make_sample(i, split, rng, cfg: NeedleConfig, video_dir, pending=None):
     if cfg.task == "scene":
-        return make_scene_sample(i, split, rng, cfg, video_dir)
+        return make_scene_sample(i, split, rng, cfg, video_dir, pending)
     if cfg.task != "window":
         raise ValueError(f"task must be 'window' or 'scene', got {cfg.task!r}")
-    duration, name, (scenes, (a, b), needle) = draw_video(i, split, rng, cfg, video_dir, window_layout)
+    duration, name, (scenes, (a, b), needle) = draw_video(i, split, rng, cfg, video_dir, window_layout, pending)
     loose = rng.random() < cfg.loose_fraction
     sample = dict(id=f"{split}_{i:05d}", video=f"videos/{name}", question=window_question(a, b, loose),
                   answer=needle["colour"], answer_type="text", window=[float(a), float(b)], duration=duration,
@@ -282,8 +290,8 @@ def make_sample(i, split, rng, cfg: NeedleConfig, video_dir):
     return sample, turns
 
 
-def make_scene_sample(i, split, rng, cfg: NeedleConfig, video_dir):
-    duration, name, (scenes, k, needle) = draw_video(i, split, rng, cfg, video_dir, make_layout)
+def make_scene_sample(i, split, rng, cfg: NeedleConfig, video_dir, pending=None):
+    duration, name, (scenes, k, needle) = draw_video(i, split, rng, cfg, video_dir, make_layout, pending)
     colour = scenes[k][2]
     when = rng.random() < cfg.when_fraction
     q = question(colour, when, cfg)
@@ -303,11 +311,17 @@ def generate(cfg: NeedleConfig):
     # eval_short last: the train and eval splits of a seed do not depend on it
     jobs = [("train", i) for i in range(cfg.num_train)] + [("eval", i) for i in range(cfg.num_eval)] + \
         [("eval_short", i) for i in range(cfg.num_eval_short)]
-    for split, i in tqdm(jobs, desc=f"needle videos -> {cfg.out}"):
-        sample, turns = make_sample(i, split, rng, cfg, video_dir)  # the turns are drawn for every split, so a
-        rows[split].append(sample)                                   # split's draws never depend on the others'
+    pending = []  # the videos to write: drawn in order (every draw comes from one generator), written in parallel
+    for split, i in jobs:
+        sample, turns = make_sample(i, split, rng, cfg, video_dir, pending)  # the turns are drawn for every split,
+        rows[split].append(sample)                                 # so a split's draws never depend on the others'
         if split == "train":
             rows["sft"].append(dict(sample, turns=turns))
+    workers = cfg.workers or os.cpu_count() or 1
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        done = pool.map(write_video, *zip(*pending), chunksize=4) if pending else []
+        for _ in tqdm(done, total=len(pending), desc=f"needle videos -> {cfg.out} ({workers} processes)"):
+            pass
     if cfg.task == "window":  # rows without tools, on other draws of the training videos' answers
         nrng = random.Random(cfg.seed + 1)
         for s in nrng.sample(rows["train"], int(round(cfg.notool_fraction * len(rows["train"])))):

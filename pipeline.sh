@@ -5,6 +5,7 @@
 #   held-out videos as long as the training ones -> results tables (results.py).
 #
 #   bash pipeline.sh                                  # defaults, writes runs/ and runs/results.md
+#   SEED=1 bash pipeline.sh                           # another seed (data, warm-up, SFT, GRPO, evals): runs_seed1/
 #   RUNS=/tmp/r DATA=/tmp/d DATA_ARGS="--num_train=8" SFT_ARGS="--steps=3" bash pipeline.sh   # shrunken
 #
 # Every stage takes extra --key=value flags from its *_ARGS variable. A stage whose output is complete is not
@@ -13,8 +14,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-python}
 NPROC=${NPROC:-2}
-RUNS=${RUNS:-runs}
-DATA=${DATA:-data/needle}
+SEED=${SEED:-0}  # the data's draw and every stage's seed (the tiny model's init stays model.TinyConfig's)
+sfx=$([ "$SEED" = 0 ] || echo "_seed$SEED")
+RUNS=${RUNS:-runs$sfx}
+DATA=${DATA:-data/needle$sfx}
 DATA_ARGS=${DATA_ARGS:-}
 SFT_ARGS=${SFT_ARGS:-}
 GRPO_ARGS=${GRPO_ARGS:-}
@@ -27,14 +30,14 @@ start=$(date +%s)
 stage() { echo; echo "=== $1 ($(( $(date +%s) - start )) s)"; }
 
 stage "data: $DATA"
-[ -f "$DATA/eval.jsonl" ] || $PY data.py --out="$DATA" $DATA_ARGS
+[ -f "$DATA/eval.jsonl" ] || $PY needle.py --out="$DATA" --seed="$SEED" $DATA_ARGS
 
-EVAL_ARGS="--max_new_tokens=128 $EVAL_ARGS"  # the tiny policy's turns are < 100 tokens; cap runaway samples
+EVAL_ARGS="--max_new_tokens=128 --seed=$SEED $EVAL_ARGS"  # the tiny policy's turns are < 100 tokens; cap runaway samples
 done_() { [ -f "$1/done" ]; }
 
 stage "stage 1: SFT cold start -> $RUNS/sft"
 if ! done_ "$RUNS/sft"; then  # (an if, not `||`: set -e does not stop on a failure inside an || list)
-  $PY train_sft.py --data="$DATA/sft.jsonl" --out="$RUNS/sft" --reading_warmup=600 $SFT_ARGS
+  $PY train_sft.py --data="$DATA/sft.jsonl" --out="$RUNS/sft" --skill_warmup=1000 --threads=2 --seed="$SEED" $SFT_ARGS
   touch "$RUNS/sft/done"
 fi
 
@@ -42,7 +45,7 @@ stage "stage 2: GRPO with $NPROC processes -> $RUNS/grpo"
 if ! done_ "$RUNS/grpo"; then
   $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train_grpo.py \
     --init="$RUNS/sft" --data="$DATA/train.jsonl" --eval_data="$DATA/eval.jsonl" --out="$RUNS/grpo" --curve=true \
-    --top_p=0.9 --lr=2e-4 $GRPO_ARGS  # nucleus rollouts: fewer malformed samples, so the advantage ranks more than format
+    --top_p=0.9 --lr=2e-4 --seed="$SEED" $GRPO_ARGS  # nucleus rollouts: fewer malformed samples, so the advantage ranks more than format
   touch "$RUNS/grpo/done"
 fi
 
@@ -54,7 +57,7 @@ if [ "$n" -ge "$RFT_MIN" ] && [ "$n" -gt 0 ]; then
   stage "stage 3: RFT on $n trajectories from the GRPO checkpoint -> $RUNS/rft"
   b=$(( n < 4 ? n : 4 ))
   $PY train_sft.py --init="$RUNS/grpo" --data="$RUNS/rft.jsonl" --out="$RUNS/rft" --batch_size=$b --micro_batch_size=$b \
-    --view_jitter=false --lr=1e-3 $RFT_ARGS
+    --view_jitter=false --lr=1e-3 --threads=2 --seed="$SEED" $RFT_ARGS
 else
   stage "stage 3: WARNING: the GRPO policy produced $n correct, grounded trajectories (< RFT_MIN=$RFT_MIN); RFT keeps the GRPO weights"
   rm -rf "$RUNS/rft" && mkdir -p "$RUNS/rft" && cp "$RUNS"/grpo/*.* "$RUNS/rft/"

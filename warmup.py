@@ -1,18 +1,22 @@
-"""The reading warm-up train_sft runs before SFT on the needle data with the tiny model: an in-memory curriculum of
-crops alone -> the answer turn (docs/studies.md, the reading study: the tiny model does not learn to read the flash
-from scratch inside the full SFT context). Its examples come from the needle benchmark's generators (needle.py), so
-it reads no file."""
+"""The skill warm-up train_sft runs before SFT on the needle data with the tiny model from scratch: fresh in-memory
+examples of the two skills the window task needs, drawn by the needle benchmark's generators (needle.py; it reads no
+file). Reading: a crop alone -> the answer turn (docs/studies.md: the tiny model does not learn to read the flash
+inside the full SFT context). The copy: whole episodes after a bare question, so the asked window is copied into the
+call (bench/screen.py: the 192 SFT rows alone are memorised, the copy is not learned from them). Steps alternate."""
 import math
 import random
+from dataclasses import replace
 
 import numpy as np
 
-from data import Renderer, batch_to, collate
-from needle import NEEDLE_COLOURS, SCENE_COLOURS, NeedleConfig, _fmt, frame_at, question, thing, window_question
+from data import Renderer, batch_to, collate, global_times
+from needle import (NEEDLE_COLOURS, SCENE_COLOURS, NeedleConfig, _fmt, frame_at, question, thing, window_layout,
+                    window_question, window_turns)
+from tools import crop_times, fmt_time, parse_tool_calls
 
 
 def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), size=56):
-    """An in-memory crop alone, for the reading warm-up: the question (either kind, as often as in the data), then
+    """An in-memory crop alone, for the warm-up's reading steps: the question (either kind, as often as in the data), then
     `pairs` temporal patches (2 frames each) of one scene at 1-2 s spacing, the needle in 1-2 consecutive frames, in
     the observation's wording, then the whole answer turn as the SFT data writes it (loss on it). Frames are drawn
     at `size` px (the crop pixel budget's side)."""
@@ -41,20 +45,61 @@ def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), si
     return head + renderer.observation(obs) + renderer.assistant(turn, final=True)
 
 
-def fit(model, draw, steps, lr, warmup_steps=10, on_step=None):
-    """The training loop of the reading warm-up: `steps` teacher-forced AdamW steps (betas 0.9/0.95, no weight
-    decay; linear warm-up over `warmup_steps` steps, then cosine to 10% of lr; grad norm clipped at 1) on the
-    data.collate batch draw(step) returns (step from 1). The loss is the mean NLL of the batch's policy tokens
-    (train_sft.policy_nll). on_step(step, loss) runs after each step. Returns the losses."""
+def episode_row(rng, cfg: NeedleConfig = NeedleConfig()):
+    """A window-task SFT row drawn like needle.make_sample's, for a video that is never written: (row, scenes,
+    needle), the row with `turns` (needle.window_turns) and a training duration."""
+    duration = float(rng.randint(int(cfg.min_duration), int(cfg.max_duration)))
+    scenes, (a, b), nd = window_layout(rng, duration, cfg)
+    loose = rng.random() < cfg.loose_fraction
+    row = dict(question=window_question(a, b, loose), answer=nd["colour"], window=[float(a), float(b)],
+               duration=duration)
+    return dict(row, turns=window_turns(row, loose, rng, cfg)), scenes, nd
+
+
+def episode_example(renderer, rng, cfg: NeedleConfig = NeedleConfig(), size=56, prompt=False):
+    """A whole window-task SFT episode in memory (episode_row): the question, both assistant turns (loss on them)
+    and, between them, the crop of the called window as the tool returns it (frames drawn at the times the decoder
+    returns, not decoded). Fresh windows at every step, so the tiny model learns to copy the asked window into the
+    call instead of memorising the training rows' windows. prompt=False: a bare user turn holding only the question
+    (the copy forms in this short context: bench/screen.py); True: the full prompt as train_sft renders a row
+    (system turn, a global view with view_jitter's frame count)."""
+    view = renderer.view
+    row, scenes, nd = episode_row(rng, cfg)
+    side = max(1, int(round(size * cfg.square)))
+    needle = dict(nd, side=side, x=rng.randrange(size - side + 1), y=rng.randrange(size - side + 1))
+
+    def shot(times):  # the frames (and times) the decoder returns for `times`: the last video frame at or before
+        dec = [math.floor((t + 1e-6) * cfg.fps) / cfg.fps for t in times]
+        return np.stack([frame_at(t, scenes, needle, size) for t in dec]), dec
+    turns = row["turns"]
+    start, end = (float(parse_tool_calls(turns[0])[-1].arguments[k]) for k in ("start_time", "end_time"))
+    frames, ts = shot(crop_times(start, end, view.crop_fps, view.crop_max_frames, view.crop_min_frames))
+    obs = dict(frames=frames, timestamps=ts, text=f"Frames from {fmt_time(start)}s to {fmt_time(end)}s.")
+    if not prompt:
+        head = renderer.text(f"<|im_start|>user\n{row['question']}<|im_end|>\n<|im_start|>assistant\n")
+        return (head + renderer.assistant(turns[0], final=False) + renderer.observation(obs)
+                + renderer.assistant(turns[1], final=True))
+    d = row["duration"]
+    lo = len(global_times(d, view))
+    n = rng.randint(lo, max(lo, view.global_frames))
+    r = Renderer(renderer.proc, replace(view, global_fps=(n + 0.5) / d)) if n > lo else renderer
+    gframes, gts = shot(global_times(d, r.view))
+    return r.trajectory(row, gframes, gts, lambda i, t: obs)
+
+
+def fit(model, draw, steps, lr, nll, warmup_steps=10, on_step=None):
+    """The warm-ups' training loop: `steps` teacher-forced AdamW steps (betas 0.9/0.95, no weight decay; linear
+    warm-up over `warmup_steps` steps, then cosine to 10% of lr; grad norm clipped at 1) on the data.collate batch
+    draw(step) returns (step from 1). The loss is the mean NLL of the batch's policy tokens; nll(model, batch) is
+    their sum (train_sft.policy_nll). on_step(step, loss) runs after each step. Returns the losses."""
     import torch
-    from train_sft import policy_nll  # imported here: train_sft imports this module
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     losses, dev = [], next(model.parameters()).device
     for step in range(1, steps + 1):
         batch = batch_to(draw(step), dev)
-        loss = policy_nll(model, batch) / batch["policy_mask"][:, 1:].sum()
+        loss = nll(model, batch) / batch["policy_mask"][:, 1:].sum()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -66,36 +111,38 @@ def fit(model, draw, steps, lr, warmup_steps=10, on_step=None):
     return losses
 
 
-def skill_warmup(model, processor, view, steps, example, lr=4e-3, seed=0, batch_size=16, desc="warm-up"):
-    """fit() on batches of `batch_size` fresh example(renderer, rng) sequences, with a progress bar. Deterministic
-    for a seed. Returns the losses."""
+def skill_warmup(model, processor, view, steps, examples, nll, lr=4e-3, seed=0, desc="warm-up"):
+    """fit() on fresh batches: step k draws the batch examples[k % len(examples)] = (batch size, example(renderer,
+    rng)) describes, so steps alternate between the kinds of example. Deterministic for a seed; a progress bar.
+    Returns the losses."""
     from tqdm import tqdm
     r, rng, pad = Renderer(processor, view), random.Random(seed), processor.tokenizer.pad_token_id
 
-    def draw(_):
-        return collate(model, [example(r, rng) for _ in range(batch_size)], pad)
+    def draw(step):
+        n, example = examples[step % len(examples)]
+        return collate(model, [example(r, rng) for _ in range(n)], pad)
     with tqdm(total=steps, desc=desc, mininterval=5) as bar:
-        return fit(model, draw, steps, lr, on_step=lambda *_: bar.update())
+        return fit(model, draw, steps, lr, nll, on_step=lambda *_: bar.update())
 
 
-def reading_warmup(model, processor, view, steps, lr=4e-3, seed=0, max_pairs=8, batch_size=16, cfg=NeedleConfig()):
-    """Train the reading skill alone before SFT: reading_example batches of 1..max_pairs temporal patches. The tiny
-    model from scratch does not learn to read the needle inside the full SFT context (docs/studies.md, the reading
-    study); after this warm-up it reads it in context."""
+def kinds(view, cfg: NeedleConfig, max_pairs=8):
+    """The warm-up's examples for the data's task: crops alone -> the answer turn (16 per step: reading), and for the
+    window task, on every other step, whole episodes after a bare question (8 per step: the copy of the window)."""
     size = int(math.isqrt(view.crop_max_pixels))
-    return skill_warmup(model, processor, view, steps,
-                        lambda r, rng: reading_example(r, rng, rng.randint(1, max_pairs), cfg, size),
-                        lr, seed, batch_size, "reading warm-up")
+    reading = (16, lambda r, rng: reading_example(r, rng, rng.randint(1, max_pairs), cfg, size))
+    if cfg.task != "window":
+        return [reading]
+    return [reading, (8, lambda r, rng: episode_example(r, rng, cfg, size))]
 
 
-def run(model, processor, view, cfg, data: NeedleConfig = NeedleConfig(), reading_default=0):
-    """The reading warm-up train_sft's config `cfg` asks for (its -1 means reading_default steps), logging its loss
+def run(model, processor, view, cfg, data: NeedleConfig, nll, default_steps=0):
+    """The warm-up train_sft's config `cfg` asks for (--skill_warmup steps; -1 means default_steps), logging its loss
     from the first step to the mean of the last 20. `data`: the config the training data was made with
     (needle.load_config), so the examples are worded and drawn as the data is."""
     from model import print0
-    steps = cfg.reading_warmup if cfg.reading_warmup >= 0 else reading_default
+    steps = cfg.skill_warmup if cfg.skill_warmup >= 0 else default_steps
     if steps:
-        losses = reading_warmup(model, processor, view, steps, lr=cfg.lr, seed=cfg.seed,
-                                max_pairs=cfg.reading_max_pairs, cfg=data)
+        losses = skill_warmup(model, processor, view, steps, kinds(view, data), nll, lr=cfg.lr, seed=cfg.seed,
+                              desc="skill warm-up")
         tail = losses[-20:]
-        print0(f"reading warm-up: {steps} steps, loss {losses[0]:.3f} -> {sum(tail) / len(tail):.3f}")
+        print0(f"skill warm-up: {steps} steps, loss {losses[0]:.3f} -> {sum(tail) / len(tail):.3f}")

@@ -102,9 +102,9 @@ def test_rollout_on_gpu_matches_generate_and_full_forward(needle_set, scripted):
 
 
 def test_warmups_run_on_gpu_and_track_cpu():
-    """train_sft's reading warm-up (warmup.run) on a model on the GPU: the same losses as on a CPU copy of it, to
+    """train_sft's skill warm-up (warmup.run) on a model on the GPU: the same losses as on a CPU copy of it, to
     fp32 reduction order."""
-    cfg = train_sft.Config(reading_warmup=2)
+    cfg = train_sft.Config(skill_warmup=2)
     view = ViewConfig(global_frames=8, crop_max_frames=8)
     data = NeedleConfig()
     losses = {}
@@ -114,7 +114,7 @@ def test_warmups_run_on_gpu_and_track_cpu():
         real = warmup.fit
         warmup.fit = lambda *a, **k: logged.append(real(*a, **k)) or logged[-1]
         try:
-            warmup.run(model, proc, view, cfg, data)
+            warmup.run(model, proc, view, cfg, data, train_sft.policy_nll)
         finally:
             warmup.fit = real
         losses[str(dev)] = logged

@@ -1,4 +1,4 @@
-"""The needle benchmark's generators (needle.py) and the reading warm-up (warmup.py)."""
+"""The needle benchmark's generators (needle.py) and the skill warm-up's examples (warmup.py)."""
 import os
 import random
 
@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import needle
+import train_sft
 import warmup
-from data import Renderer, ViewConfig, global_times
-from model import COLOURS, load_model
+from data import Renderer, ViewConfig, global_times, render_sft
+from model import COLOURS, build_tiny_processor, load_model
 from needle import crop_window_for
 
 
@@ -46,7 +47,7 @@ def test_needle_is_a_whole_frame_flash_by_default_and_a_small_square_on_request(
 def test_reading_example_and_warmup():
     """warmup.reading_example: the loss is on exactly the answer turn (the SFT wording), its colour is a needle
     colour, the vision blocks that differ from a plain scene block are the 1-2 holding the needle frames.
-    warmup.reading_warmup lowers its loss within a few steps, deterministically."""
+    warmup.skill_warmup on them lowers the loss within a few steps, deterministically."""
     model, proc = load_model("tiny")
     r, tok = Renderer(proc, ViewConfig()), proc.tokenizer
     kinds = set()
@@ -72,9 +73,55 @@ def test_reading_example_and_warmup():
         counts = torch.bincount(torch.unique(px, dim=0, return_inverse=True)[1])
         assert 4 - counts.max() in (1, 2)  # the plain blocks are all equal; 1-2 blocks hold the flash
     assert kinds == {True, False}
-    losses = warmup.reading_warmup(model, proc, ViewConfig(), 15, max_pairs=2, batch_size=4)
+    kinds = [(4, lambda r, rng: warmup.reading_example(r, rng, rng.randint(1, 2)))]
+    losses = warmup.skill_warmup(model, proc, ViewConfig(), 15, kinds, train_sft.policy_nll)
     assert losses[-1] < losses[0] - 2
     model2, _ = load_model("tiny")
-    assert warmup.reading_warmup(model2, proc, ViewConfig(), 15, max_pairs=2, batch_size=4) == losses
+    assert warmup.skill_warmup(model2, proc, ViewConfig(), 15, kinds, train_sft.policy_nll) == losses
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_episode_example_is_the_sft_row_rendered_on_its_video(tmp_path, seed):
+    """warmup.episode_example draws a window-task row (episode_row) and renders it without decoding a video. With
+    the full prompt it is token for token what train_sft renders for the same row on the written video (render_sft,
+    the real tool's crop), and its frames match the decoded ones (h264 is lossy); the bare form is the question
+    alone, then the same turns and crop. The loss is on exactly the two turns; a strict question's call is its
+    window and its crop shows the flash, a lazy skim's [0, B] does not."""
+    proc = build_tiny_processor()
+    tok = proc.tokenizer
+    view = ViewConfig(global_frames=8)  # 8 frames for every training duration: no view jitter
+    cfg = needle.NeedleConfig(loose_fraction=0.5, lazy_fraction=1.0)  # every loose question skims
+    seen = set()
+    for k in range(8):
+        row, scenes, nd = warmup.episode_row(random.Random(f"{seed}:{k}"), cfg)
+        full = warmup.episode_example(Renderer(proc, view), random.Random(f"{seed}:{k}"), cfg, prompt=True)
+        bare = warmup.episode_example(Renderer(proc, view), random.Random(f"{seed}:{k}"), cfg)
+        path = str(tmp_path / f"{k}.mp4")
+        needle.write_video(path, row["duration"], scenes, dict(nd, x=0, y=0, side=cfg.size), cfg)
+        real = render_sft(Renderer(proc, view), dict(row, video=path))
+        assert full.input_ids == real.input_ids and full.policy_mask == real.policy_mask
+        for key in ("pixel_values_videos", "video_grid_thw"):
+            a, b = full.vision[key], real.vision[key]
+            assert a.shape == b.shape and (key == "video_grid_thw" or (a - b).abs().max() < 0.2)
+        policy = tok.decode([i for i, m in zip(full.input_ids, full.policy_mask) if m])
+        assert policy == "".join(row["turns"]) + "<|im_end|>"
+        assert tok.decode(bare.input_ids).startswith(f"<|im_start|>user\n{row['question']}<|im_end|>")
+        assert tok.decode([i for i, m in zip(bare.input_ids, bare.policy_mask) if m]) == policy
+        lazy = "skim" in row["turns"][0]
+        a, b = row["window"]
+        assert needle.call_text(0 if lazy else a, b) in row["turns"][0]
+        crop = bare.vision["pixel_values_videos"]  # the bare form's only vision: the crop
+        shows = _shows(proc, crop, needle.frame_at(nd["start"] + 1, scenes, dict(nd, x=0, y=0, side=56), 56))
+        assert shows == (not lazy), (row, shows)
+        seen.add(lazy)
+    assert seen == {True, False}
+
+
+def _shows(proc, crop, flash):
+    """Does a processed crop hold a frame of the flash (drawn in memory, so equal to it up to float rounding)? A row
+    of pixel_values_videos is one patch of a temporal pair: (channel, frame of the pair, 14 x 14)."""
+    f = proc.video_processor(videos=[np.stack([flash, flash])], return_tensors="pt", do_sample_frames=False)
+    f = f["pixel_values_videos"][0].reshape(3, 2, -1)
+    return bool(((crop.reshape(len(crop), 3, 2, -1) - f).abs().amax((1, 3)) < 1e-3).any())
 
 

@@ -240,7 +240,7 @@ def test_jittered_views_keep_crop_targets_copyable(tmp_path):
 
 
 def test_warmups_word_their_examples_as_the_data_was_made(tmp_path, monkeypatch):
-    """The reading warm-up draws its examples with the needle config the data dir was generated with (its config.json):
+    """The skill warm-up draws its examples with the needle config the data dir was generated with (its config.json):
     data made with --square=0.25 asks about a "small square", so every warm-up's examples do too (they said "flash",
     the default's word, before). A data dir without config.json gets the defaults; an unreadable one is a clear
     error naming the file."""
@@ -250,11 +250,12 @@ def test_warmups_word_their_examples_as_the_data_was_made(tmp_path, monkeypatch)
                           max_duration=80, square=0.25, seed=2, task="scene"))
     seen = []
 
-    def spy(model, processor, view, steps, example, *a, **k):  # record one example instead of training
-        seen.append(processor.tokenizer.decode(example(Renderer(processor, view), random.Random(0)).input_ids))
+    def spy(model, processor, view, steps, examples, *a, **k):  # record one example of each kind instead of training
+        for _, example in examples:
+            seen.append(processor.tokenizer.decode(example(Renderer(processor, view), random.Random(0)).input_ids))
         return [0.0]
     monkeypatch.setattr(warmup, "skill_warmup", spy)
-    train_sft.main(args(str(tmp_path / "sft.jsonl"), str(tmp_path / "out"), steps=1, reading_warmup=1))
+    train_sft.main(args(str(tmp_path / "sft.jsonl"), str(tmp_path / "out"), steps=1, skill_warmup=1))
     assert len(seen) == 1 and all("small square" in s and "flash" not in s for s in seen), seen
     from needle import load_config
     assert load_config(str(tmp_path)).square == 0.25 and load_config(str(tmp_path / "none")) == NeedleConfig()
