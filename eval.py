@@ -33,8 +33,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import Renderer, ViewConfig, layout_mismatch, load_samples, render_sft, view_from
-from model import compute_init, load_model, parse_config, print0, resolve_checkpoint
-from reward import RewardConfig, iou_reward, reward_batch
+from model import check_writable, compute_init, load_model, parse_config, print0, resolve_checkpoint
+from reward import RewardConfig, _config_judge, iou_reward, reward_batch
 from rollout import RolloutConfig, rollout
 from tools import ToolError
 
@@ -262,8 +262,9 @@ def write_outputs(out_dir, summary, predictions, trajectories=None, report_sampl
                 f.write(json.dumps(x) + "\n")
         os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
     dump("predictions.jsonl", predictions)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    with open(os.path.join(out_dir, "summary.json.tmp"), "w") as f:  # a full disk never leaves a truncated one
         json.dump(summary, f, indent=1)
+    os.replace(os.path.join(out_dir, "summary.json.tmp"), os.path.join(out_dir, "summary.json"))
     if trajectories is not None:
         dump("trajectories.jsonl", (dict(id=p["id"], draw=p["draw"], prompt_len=t.prompt_len, input_ids=t.input_ids,
                                          policy_mask=t.policy_mask, logprobs=t.logprobs, turn_ids=t.turn_ids)
@@ -318,9 +319,16 @@ def main(argv=None):
             dist.barrier()
     samples = load_samples(cfg.data)
     samples = samples[:cfg.limit] if cfg.limit > 0 else samples
-    name = cfg.model or default_model()
+    name = resolve_checkpoint(cfg.model) if cfg.model else default_model()  # <dir>.old: a save killed mid-swap
     out = cfg.out or default_out(name)
     print0(f"eval {name} on {cfg.data} ({len(samples)} samples x {cfg.samples}) -> {out}")
+    check_writable(out)  # every rank, so that all stop alike before any rollout
+    if cfg.export_rft:
+        check_writable(os.path.dirname(os.path.abspath(cfg.export_rft)), "--export_rft")
+    # the judge answers now or the eval stops, as train_grpo.py does (not rule-scoring everything silently)
+    judge = _config_judge(RewardConfig(accuracy=cfg.accuracy)) if cfg.accuracy != "rule" else None
+    if judge is not None:
+        judge.health_check()
     model, processor = load_model(name, d.device)
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     for k, trained, now in layout_mismatch(name, view_from(cfg)):  # the prompt layout it was trained with
@@ -331,10 +339,11 @@ def main(argv=None):
             setattr(cfg, k, trained)
             print0(f"{k}={trained}: as {name} was trained (its view.json; --{k}= overrides)")
     keep = bool(cfg.export_rft or cfg.save_trajectories)  # gather token ids only when something needs them
-    summary, predictions, *rest = evaluate(model, processor, samples, cfg, distributed=True, return_trajectories=keep)
+    summary, predictions, *rest = evaluate(model, processor, samples, cfg, judge=judge, distributed=True,
+                                           return_trajectories=keep)
     trajectories = rest[0] if keep else None
     if d.is_main:
-        summary.update(model=name, data=cfg.data)
+        summary.update(model=name, data=cfg.data, judge_last_error=judge.last_error if judge else None)
         if cfg.export_rft:
             summary["rft"] = export_rft(cfg.export_rft, trajectories, predictions,
                                         Renderer(processor, view_from(cfg)), cfg.rft_min_iou)

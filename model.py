@@ -13,6 +13,7 @@ the model saw in training on 3-5 minute videos (one token per number leaves the 
 untrained); with the round-time global view (data.ViewConfig.time_grid) the window copy is learned much sooner
 (docs/studies.md, the grounding study, measured both).
 """
+import errno
 import json
 import os
 import random
@@ -158,6 +159,10 @@ def load_model(name="tiny", device="cpu", dtype=None, grad_ckpt=False, tiny: Tin
             model = Qwen2_5_VLForConditionalGeneration(config)
         model.to(dtype)
     else:
+        if resolve_checkpoint(name) != name:  # a kill between atomic_dir's two renames left only <name>.old
+            print0(f"note: {name} is missing; loading {resolve_checkpoint(name)}, the checkpoint a save left there "
+                   f"when it was interrupted between its two renames")
+            name = resolve_checkpoint(name)
         if not os.path.isdir(name) and os.path.exists(name):
             raise ValueError(f"--model={name}: not a directory (expected 'tiny', an HF id or a checkpoint dir)")
         processor = AutoProcessor.from_pretrained(name)
@@ -280,16 +285,28 @@ def parse_config(cls, argv=None):
 
 # --------------------------------------------------------------------------- checkpoints
 def atomic_dir(final_dir, write):
-    """Call write(tmp_dir), then swap tmp_dir into place, so a crash mid-write leaves the previous checkpoint intact.
+    """Call write(tmp_dir), then swap tmp_dir into place, so a crash mid-write leaves the previous checkpoint intact
+    (temp dirs that killed saves of the same checkpoint left are removed first; a full disk is said so).
     Subdirectories of the previous dir that the new one does not have (eval.py's default <checkpoint>/eval, GRPO's
     rollouts/ and eval/) are moved over after the swap, renamed, not copied; top-level files are the checkpoint's
     own and are replaced. A `.old` dir left by a crash during an earlier swap gives its subdirectories back too."""
     parent = os.path.dirname(os.path.abspath(final_dir))
     os.makedirs(parent, exist_ok=True)
     old = final_dir.rstrip("/") + ".old"
-    tmp = tempfile.mkdtemp(prefix=".tmp_ckpt_", dir=parent)
+    prefix = f".tmp_ckpt_{os.path.basename(os.path.abspath(final_dir))}_"
+    for name in os.listdir(parent):  # temp dirs of this checkpoint's earlier saves that a kill left behind
+        if name.startswith(prefix) and os.path.isdir(os.path.join(parent, name)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except (OSError, RuntimeError) as e:  # torch.save on a full disk says "unexpected pos ..."
+            free = shutil.disk_usage(parent).free
+            if getattr(e, "errno", None) != errno.ENOSPC and free >= 64 * 2**20:
+                raise
+            raise OSError(errno.ENOSPC, f"disk full while writing the checkpoint {final_dir} ({free / 2**20:.1f} MiB "
+                          f"free in {parent}); the previous checkpoint there is kept. ({type(e).__name__}: {e})") from e
         if os.path.exists(final_dir):
             if os.path.isdir(old):  # an earlier swap crashed after its first rename: keep what only it holds
                 _move_subdirs(old, final_dir)
@@ -325,6 +342,17 @@ def set_rng_state(s):
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
+
+
+def check_writable(out_dir, flag="--out"):
+    """Create out_dir and write a probe file in it, so that an output that cannot be written fails before any work
+    (a read-only or impossible path would otherwise be found after all the rollouts or steps)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write_check_"):
+            pass
+    except OSError as e:
+        raise SystemExit(f"{flag}={out_dir}: cannot write there ({type(e).__name__}: {e})") from None
 
 
 def resolve_checkpoint(path):

@@ -39,8 +39,10 @@ NEEDLE_COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
 
 @dataclass
 class NeedleConfig:
-    out: str = "data/needle"       # output folder (videos/, train.jsonl, eval.jsonl, sft.jsonl)
+    out: str = "data/needle"       # output folder (videos/, train.jsonl, sft.jsonl, rl.jsonl, eval*.jsonl)
     num_train: int = 192           # training samples (one video each); sft.jsonl covers the same videos
+    num_rl: int = -1               # RL prompts (rl.jsonl: other videos of the training lengths, for GRPO and the
+                                   # RFT export, as LongVT's RL data is not its SFT data); -1: num_train
     num_eval: int = 256            # held-out samples (eval.jsonl: the longer eval videos, the generalisation set)
     num_eval_short: int = 256      # held-out samples with the training videos' lengths (eval_short.jsonl): the
                                    # gate set of the README's results table
@@ -261,7 +263,7 @@ def draw_video(i, split, rng, cfg: NeedleConfig, video_dir, layout, pending=None
     """Draw a duration for the split, lay the video out with layout(rng, duration, cfg) -> (scenes, x, needle) and
     write it (unless it exists; into `pending`, a list of write_video arguments, to write later). Returns
     (duration, file name, the layout)."""
-    short = split in ("train", "eval_short")
+    short = split != "eval"
     lo, hi = (cfg.min_duration, cfg.max_duration) if short else (cfg.eval_min_duration, cfg.eval_max_duration)
     duration = float(round(rng.uniform(lo, hi)))
     scenes, x, needle = layout(rng, duration, cfg)
@@ -307,10 +309,11 @@ def generate(cfg: NeedleConfig):
     video_dir = os.path.join(cfg.out, "videos")
     os.makedirs(video_dir, exist_ok=True)
     rng = random.Random(cfg.seed)
-    rows = {"train": [], "eval": [], "sft": [], "eval_short": []}
-    # eval_short last: the train and eval splits of a seed do not depend on it
+    rows = {"train": [], "eval": [], "sft": [], "eval_short": [], "rl": []}
+    # eval_short, then rl, last: the splits before them do not depend on them
+    n_rl = cfg.num_train if cfg.num_rl < 0 else cfg.num_rl
     jobs = [("train", i) for i in range(cfg.num_train)] + [("eval", i) for i in range(cfg.num_eval)] + \
-        [("eval_short", i) for i in range(cfg.num_eval_short)]
+        [("eval_short", i) for i in range(cfg.num_eval_short)] + [("rl", i) for i in range(n_rl)]
     pending = []  # the videos to write: drawn in order (every draw comes from one generator), written in parallel
     for split, i in jobs:
         sample, turns = make_sample(i, split, rng, cfg, video_dir, pending)  # the turns are drawn for every split,
@@ -363,8 +366,8 @@ def ensure(path, **overrides):
 def main(argv=None):
     cfg = parse_config(NeedleConfig, sys.argv[1:] if argv is None else argv)
     rows = generate(cfg)
-    print(f"wrote {len(rows['train'])} train, {len(rows['eval'])} eval, {len(rows['eval_short'])} eval_short, "
-          f"{len(rows['sft'])} sft samples to {cfg.out}")
+    print(f"wrote {len(rows['train'])} train, {len(rows['sft'])} sft, {len(rows['rl'])} rl, {len(rows['eval'])} eval, "
+          f"{len(rows['eval_short'])} eval_short samples to {cfg.out}")
 
 
 if __name__ == "__main__":

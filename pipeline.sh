@@ -44,20 +44,20 @@ fi
 stage "stage 2: GRPO with $NPROC processes -> $RUNS/grpo"
 if ! done_ "$RUNS/grpo"; then
   $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train_grpo.py \
-    --init="$RUNS/sft" --data="$DATA/train.jsonl" --eval_data="$DATA/eval.jsonl" --out="$RUNS/grpo" --curve=true \
+    --init="$RUNS/sft" --data="$DATA/rl.jsonl" --eval_data="$DATA/eval.jsonl" --out="$RUNS/grpo" --curve=true \
     --top_p=0.9 --lr=2e-4 --seed="$SEED" $GRPO_ARGS  # nucleus rollouts: fewer malformed samples, so the advantage ranks more than format
   touch "$RUNS/grpo/done"
 fi
 
-stage "stage 3: RFT data (correct, IoU >= 0.3 trajectories of the GRPO policy on 64 train samples x 2)"
-[ -f "$RUNS/rft.jsonl" ] || $PY eval.py --model="$RUNS/grpo" --data="$DATA/train.jsonl" --out="$RUNS/grpo/eval_train" \
-  --export_rft="$RUNS/rft.jsonl" --temperature=1.0 --samples=2 --limit=64 $EVAL_ARGS
+stage "stage 3: RFT data (correct, IoU >= 0.3 trajectories of the GRPO policy on the RL prompts, 2 each)"
+[ -f "$RUNS/rft.jsonl" ] || $PY eval.py --model="$RUNS/grpo" --data="$DATA/rl.jsonl" --out="$RUNS/grpo/eval_rl" \
+  --export_rft="$RUNS/rft.jsonl" --temperature=1.0 --samples=2 $EVAL_ARGS
 n=$(wc -l < "$RUNS/rft.jsonl")
 if [ "$n" -ge "$RFT_MIN" ] && [ "$n" -gt 0 ]; then
   stage "stage 3: RFT on $n trajectories from the GRPO checkpoint -> $RUNS/rft"
   b=$(( n < 4 ? n : 4 ))
   $PY train_sft.py --init="$RUNS/grpo" --data="$RUNS/rft.jsonl" --out="$RUNS/rft" --batch_size=$b --micro_batch_size=$b \
-    --view_jitter=false --lr=1e-3 --threads=2 --seed="$SEED" $RFT_ARGS
+    --view_jitter=false --lr=1e-3 --epochs=2 --threads=2 --seed="$SEED" $RFT_ARGS
 else
   stage "stage 3: WARNING: the GRPO policy produced $n correct, grounded trajectories (< RFT_MIN=$RFT_MIN); RFT keeps the GRPO weights"
   rm -rf "$RUNS/rft" && mkdir -p "$RUNS/rft" && cp "$RUNS"/grpo/*.* "$RUNS/rft/"

@@ -50,7 +50,7 @@ from rollout import RolloutConfig, rollout
 @dataclass
 class Config:
     init: str = "runs/sft"                  # starting policy: train_sft.py's output dir, an HF id/dir, or "tiny"
-    data: str = "data/needle/train.jsonl"   # training prompts (any format data.load_samples reads)
+    data: str = "data/needle/rl.jsonl"      # training prompts (any format data.load_samples reads)
     eval_data: str = "data/needle/eval.jsonl"  # held-out file for the periodic eval ("" = none)
     out: str = "runs/grpo"                  # checkpoint (HF layout + trainer_state.pt) and logs
     resume: bool = False                    # continue exactly from the checkpoint in <out>
@@ -239,7 +239,7 @@ def episode_stats(t, r, c):
 def init_path(p):
     """--init as load_model takes it: a checkpoint dir, "tiny" or an HF hub id; a missing run dir is an error."""
     local = os.path.exists(p) or p.startswith(("runs/", "./", "/", "../"))  # else an HF hub id
-    if p != "tiny" and local and not os.path.isfile(os.path.join(p, "config.json")):
+    if p != "tiny" and local and not os.path.isfile(os.path.join(resolve_checkpoint(p), "config.json")):
         raise SystemExit(f"--init={p}: no checkpoint there. Run stage 1 first (torchrun --standalone "
                          "--nproc_per_node=2 train_sft.py writes runs/sft), or start from scratch with --init=tiny.")
     return p

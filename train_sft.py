@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from data import (DataError, Renderer, ViewConfig, batch_to, collate, global_times, model_vision, normalize_row,
                   read_rows, render_sft, save_view, view_from)
-from model import (atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, rng_state,
+from model import (atomic_dir, check_writable, compute_init, load_model, parse_config, print0, resolve_checkpoint, rng_state,
                    set_rng_state, unwrap)
 import needle
 import warmup
@@ -317,6 +317,7 @@ def main(argv=None):
     barrier()
     if cfg.resume and not os.path.exists(os.path.join(cfg.out, "trainer_state.pt")):
         raise SystemExit(f"--resume: no checkpoint in {cfg.out}")
+    check_writable(cfg.out)  # every rank, before any rendering or warm-up (all ranks stop alike)
     if cfg.data == DEFAULT_DATA and d.is_main:
         needle.ensure(DEFAULT_DATA)
     barrier()

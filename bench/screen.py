@@ -1,6 +1,7 @@
-"""Screen candidate SFT schedules of the embedded default: for each, how well the tiny model does every step the
-window task needs, in free generation with the real tool loop (eval.evaluate, greedy), after the warm-up alone and
-after the pipeline's SFT on the data's sft.jsonl. One row per (candidate, stage):
+"""Screen candidate SFT schedules of the embedded default (docs/screen.md holds the table and the decision): for
+each, how well the tiny model does every step the window task needs, in free generation with the real tool loop
+(eval.evaluate, greedy), after the in-memory warm-up alone and after the pipeline's SFT on the data's sft.jsonl.
+One row per (candidate, stage):
 
     acc     accuracy of the episode (the colour)
     format  the format reward's mean
@@ -11,7 +12,10 @@ after the pipeline's SFT on the data's sft.jsonl. One row per (candidate, stage)
     skim_l  loose questions whose first call is the skim [0, B]
     read    accuracy among episodes whose first call is the asked window (the crop shows the flash)
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/screen.py --data=/tmp/pd --out=/tmp/screen --only=episode-600
+    .venv/bin/python needle.py --out=/tmp/pd
+    OMP_NUM_THREADS=1 .venv/bin/python bench/screen.py --data=/tmp/pd --out=/tmp/screen --only=alt-800
+    OMP_NUM_THREADS=1 .venv/bin/python bench/screen.py --data=/tmp/pd --out=/tmp/screen --only=alt-800-sft3 \
+        --warm=/tmp/screen/alt-800/warm              # another SFT schedule from the same warm-up checkpoint
     .venv/bin/python bench/screen.py --out=/tmp/screen --table=true     # the table of the rows written so far
 
 Candidates run one per process (--only; two side by side on 2 cores); rows are appended to <out>/screen.jsonl.

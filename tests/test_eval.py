@@ -365,3 +365,37 @@ def test_overfit_export(needle_dir, tmp_path):
     assert s["accuracy"] == 1.0 and s["rft"]["exported"] == 1
     assert load_samples(rft)[0]["turns"] == row["turns"]
     shutil.rmtree(ckpt)
+
+
+def test_bad_outputs_and_an_unreachable_judge_stop_eval_before_any_work(needle_dir, tmp_path, monkeypatch):
+    """eval.py checks that --out (and --export_rft's folder) can be written and health-checks a configured judge
+    before it loads the model or rolls anything out: an impossible path is a SystemExit naming the flag, an
+    unreachable judge train_grpo.py's error (not a run scored by rules alone that exits 0). summary.json is replaced
+    through a temp file: a write that fails (a full disk) keeps the previous one whole."""
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded: the check came after work started")
+    monkeypatch.setattr(ev, "load_model", no_work)
+    data = os.path.join(needle_dir, "eval.jsonl")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit, match=r"--out=.*a_file/out: cannot write there"):
+        ev.main([f"--data={data}", f"--out={blocker}/out"])
+    with pytest.raises(SystemExit, match=r"--export_rft=.*a_file/x: cannot write there"):
+        ev.main([f"--data={data}", f"--out={tmp_path / 'ok'}", f"--export_rft={blocker}/x/rft.jsonl"])
+    monkeypatch.setenv("LLM_AS_A_JUDGE_BASE", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(RuntimeError, match="LLM judge unreachable at http://127.0.0.1:9"):
+        ev.main([f"--data={data}", f"--out={tmp_path / 'ok'}"])
+
+    out = str(tmp_path / "w")
+    summary = dict(n=1, view={})
+    ev.write_outputs(out, summary, [], report_samples=0)
+    real = json.dump
+
+    def full_disk(obj, f, **k):
+        f.write('{"n": ')
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(json, "dump", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ev.write_outputs(out, dict(n=2, view={}), [], report_samples=0)
+    monkeypatch.setattr(json, "dump", real)
+    assert json.load(open(os.path.join(out, "summary.json"))) == summary

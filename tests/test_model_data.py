@@ -3,6 +3,8 @@ import hashlib
 import json
 import os
 import random
+import shutil
+from types import SimpleNamespace
 from dataclasses import replace
 
 import numpy as np
@@ -209,8 +211,9 @@ def test_needle_generator_is_deterministic(needle_set, tmp_path):
 
 
 def test_needle_eval_short_split(needle_set, tmp_path):
-    """eval_short.jsonl: held-out layouts with the training videos' lengths, generated after the other splits so
-    the train and eval splits of a seed are the same with or without it."""
+    """eval_short.jsonl: held-out layouts with the training videos' lengths; rl.jsonl: GRPO's prompts, other videos
+    of those lengths. Both are generated after the other splits, so the train, sft and eval splits of a seed are
+    the same with or without them."""
     out, cfg = needle_set
     short = load_samples(str(out / "eval_short.jsonl"))
     train = load_samples(str(out / "train.jsonl"))
@@ -219,10 +222,13 @@ def test_needle_eval_short_split(needle_set, tmp_path):
     assert all(os.path.isfile(s["video"]) for s in short)
     layouts = {json.dumps(s["scenes"]) for s in train}
     assert not any(json.dumps(s["scenes"]) in layouts for s in short)  # held out
-    generate(NeedleConfig(**{**cfg.__dict__, "out": str(tmp_path), "num_eval_short": 0}))
-    for split in ("train", "eval"):
+    rl = load_samples(str(out / "rl.jsonl"))  # GRPO's prompts: as many as num_train (-1), other videos
+    assert len(rl) == cfg.num_train and all(cfg.min_duration <= s["duration"] <= cfg.max_duration for s in rl)
+    assert not any(json.dumps(s["scenes"]) in layouts for s in rl) and len({s["video"] for s in rl + train}) == 24
+    generate(NeedleConfig(**{**cfg.__dict__, "out": str(tmp_path), "num_eval_short": 0, "num_rl": 0}))
+    for split in ("train", "eval", "sft"):
         assert open(tmp_path / f"{split}.jsonl").read() == open(out / f"{split}.jsonl").read()
-    assert open(tmp_path / "eval_short.jsonl").read() == ""
+    assert open(tmp_path / "eval_short.jsonl").read() == "" and open(tmp_path / "rl.jsonl").read() == ""
 
 
 @pytest.mark.parametrize("split", ["train", "eval", "eval_short"])
@@ -457,3 +463,37 @@ def test_checkpoint_swap_keeps_subdirectories_it_does_not_write(tmp_path):
     assert sorted(os.listdir(d)) == ["eval", "model.safetensors", "rollouts"]
     assert open(os.path.join(d, "rollouts", "step_0010.jsonl")).read() == "x"
     assert not os.path.exists(d + ".old")
+
+
+def test_a_kill_between_the_renames_or_mid_write_leaves_a_loadable_checkpoint(tiny, tmp_path, monkeypatch):
+    """A kill between atomic_dir's two renames leaves <out>.old and no <out>: load_model(out) (so eval.py --model=out
+    and train_grpo.py --init=out) loads the .old one. Temp dirs that killed saves left (.tmp_ckpt_<name>_*) are
+    removed by the next save of that checkpoint, not those of another one. A full disk mid-write keeps the previous
+    checkpoint and says the disk is full."""
+    import train_grpo
+    from model import atomic_dir
+    model, proc = tiny
+    out = str(tmp_path / "ck")
+    save_checkpoint(model, proc, out)
+    os.rename(out, out + ".old")  # the state a kill after the first rename leaves
+    loaded, _ = load_model(out)
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert train_grpo.init_path(out) == out
+    with pytest.raises(SystemExit, match="no checkpoint there"):
+        train_grpo.init_path(str(tmp_path / "none"))
+    os.rename(out + ".old", out)
+    for stale in (".tmp_ckpt_ck_x1", ".tmp_ckpt_ck_x2", ".tmp_ckpt_other_x3"):  # killed saves of ck and of other
+        os.makedirs(tmp_path / stale / "sub")
+    save_checkpoint(model, proc, out)
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".tmp")) == [".tmp_ckpt_other_x3"]
+
+    def full(tmp):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 1557056 vs 1556944")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=4096))
+    with pytest.raises(OSError, match="disk full while writing the checkpoint .*previous checkpoint there is kept"):
+        atomic_dir(out, full)
+    load_model(out)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # the same error with room on the disk: not "full"
+        atomic_dir(out, full)

@@ -262,3 +262,15 @@ def test_warmups_word_their_examples_as_the_data_was_made(tmp_path, monkeypatch)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json"):
         load_config(str(tmp_path))
+
+
+def test_an_out_that_cannot_be_written_stops_before_any_work(tmp_path, monkeypatch):
+    """train_sft.py checks --out first: an impossible path stops it, naming the flag, before the model is loaded,
+    the samples rendered or the warm-up run (they took minutes before the check came)."""
+    def no_work(*a, **k):
+        raise AssertionError("work started before the --out check")
+    monkeypatch.setattr(train_sft, "load_model", no_work)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit, match=r"--out=.*a_file/sft: cannot write there"):
+        train_sft.main(args(str(tmp_path / "sft.jsonl"), f"{blocker}/sft"))
