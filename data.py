@@ -285,8 +285,17 @@ class Renderer:
         self.tps = getattr(processor.video_processor, "temporal_patch_size", 2)
 
     def text(self, s, train=0):
-        ids = self.tok.encode(s, add_special_tokens=False)
+        """Text that may come from data (questions, choices, SFT turns, tool texts): a special token written in it
+        (`<|im_end|>`, `<|video_pad|>`, ...) is encoded as the characters it is made of, so no row can forge a chat
+        turn or a vision placeholder. The tool protocol's own tags (`<tool_call>`, `<answer>`, ...) are not special
+        tokens and still encode as themselves."""
+        ids = self.tok.encode(s, add_special_tokens=False, split_special_tokens=True)
         return Rendered(ids, [train] * len(ids), [0] * len(ids), {})
+
+    def mark(self, s):
+        """The renderer's own markup: special tokens in it are the real ones."""
+        ids = self.tok.encode(s, add_special_tokens=False)
+        return Rendered(ids, [0] * len(ids), [0] * len(ids), {})
 
     def visual(self, frames, timestamps):
         """Frames as one video (timestamps off), one video per temporal patch with its time before it (on; after it
@@ -318,7 +327,7 @@ class Renderer:
             spacing = (all_ts[-1] - all_ts[0]) / max(len(all_ts) - 1, 1) or 1.0  # seconds between frames
             vision = {"pixel_values_videos": v["pixel_values_videos"], "video_grid_thw": v["video_grid_thw"],
                       "second_per_grid_ts": torch.tensor([spacing * self.tps])}
-        start, end = self.text("<|vision_start|>"), self.text("<|vision_end|>")
+        start, end = self.mark("<|vision_start|>"), self.mark("<|vision_end|>")
         return start + Rendered([pad] * n, [0] * n, [kind] * n, vision) + end
 
     def system_text(self):
@@ -328,7 +337,7 @@ class Renderer:
 
     def system_turn(self):
         """The system turn: the system prompt, with the tool schema when tools are on."""
-        return self.text(f"<|im_start|>system\n{self.system_text()}<|im_end|>\n")
+        return self.mark("<|im_start|>system\n") + self.text(self.system_text()) + self.mark("<|im_end|>\n")
 
     def prompt(self, sample, frames, timestamps):
         """System + user (global view, instruction, question; LongVT's order with longvt_text: global view,
@@ -352,17 +361,18 @@ class Renderer:
         """The user turn around the global view + the assistant header: `lead`, the question with ask_first, the
         view, then `body` (None: the question alone, a bare turn without system prompt or instruction)."""
         first = lead + (f"{q}\n" if self.view.ask_first else "")
-        return (self.text(f"<|im_start|>user\n{first}") + self.visual(frames, timestamps)
-                + self.text(f"{q if body is None else body}<|im_end|>\n<|im_start|>assistant\n"))
+        return (self.mark("<|im_start|>user\n") + self.text(first) + self.visual(frames, timestamps)
+                + self.text(q if body is None else body) + self.mark("<|im_end|>\n<|im_start|>assistant\n"))
 
     def observation(self, obs, last=False):
         """The chunk appended after a tool-call turn: closes the assistant turn, the tool response as a user
         turn, and opens the next assistant turn. obs: dict(frames, timestamps, text) (frames may be None)."""
-        out = self.text("<|im_end|>\n<|im_start|>user\n<tool_response>")
+        out = self.mark("<|im_end|>\n<|im_start|>user\n<tool_response>")
         if obs.get("frames") is not None and len(obs["frames"]):
             out = out + self.visual(obs["frames"], obs["timestamps"])
         note = f"\n{LAST_TURN_NOTE}" if last else ""
-        return out + self.text(f"{obs['text']}</tool_response>{note}<|im_end|>\n<|im_start|>assistant\n")
+        tail = self.text(f"{obs['text']}</tool_response>{note}")
+        return out + tail + self.mark("<|im_end|>\n<|im_start|>assistant\n")
 
     def assistant(self, text, final):
         """An assistant turn as the policy would emit it (mask 1), incl. <|im_end|> on the final turn."""

@@ -41,7 +41,7 @@ def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), si
         q = question(scene[0][2], when, cfg)
         turn = (f"<think>The cropped frames show a {col} {w.split()[-1]} at about {at}s.</think>"
                 f"<answer>{at if when else col}</answer>")
-    head = renderer.text(f"<|im_start|>user\n{q}")  # the observation chunk opens with the user turn's <|im_end|>
+    head = renderer.mark("<|im_start|>user\n") + renderer.text(q)  # the observation chunk opens with the user turn's <|im_end|>
     return head + renderer.observation(obs) + renderer.assistant(turn, final=True)
 
 
@@ -76,7 +76,8 @@ def episode_example(renderer, rng, cfg: NeedleConfig = NeedleConfig(), size=56, 
     frames, ts = shot(crop_times(start, end, view.crop_fps, view.crop_max_frames, view.crop_min_frames))
     obs = dict(frames=frames, timestamps=ts, text=f"Frames from {fmt_time(start)}s to {fmt_time(end)}s.")
     if not prompt:
-        head = renderer.text(f"<|im_start|>user\n{row['question']}<|im_end|>\n<|im_start|>assistant\n")
+        head = (renderer.mark("<|im_start|>user\n") + renderer.text(row["question"])
+                + renderer.mark("<|im_end|>\n<|im_start|>assistant\n"))
         return (head + renderer.assistant(turns[0], final=False) + renderer.observation(obs)
                 + renderer.assistant(turns[1], final=True))
     d = row["duration"]
