@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from model import rope_index
-from tools import CROP_VIDEO_SCHEMA, decode_frames, fmt_time, video_info
+from tools import CROP_VIDEO_SCHEMA, ToolError, decode_frames, fmt_time, video_info
 
 
 @dataclass
@@ -113,7 +113,22 @@ def _resolve(path, base):
 
 
 def normalize_row(row, base):
-    """One row of any supported format -> our sample dict. Raises DataError on a row it cannot use."""
+    """One row of any supported format -> our sample dict. Raises DataError on a row it cannot use: not an object,
+    a field missing, a question or answer that is null or empty, a duration that is not a positive finite number of
+    seconds (at most a day), a malformed window or turns."""
+    s = _normalize(row, base)
+    if not isinstance(s.get("question"), str) or not s["question"].strip():
+        raise DataError(f"question must be a non-empty string, got {s.get('question')!r}")
+    if s.get("answer") is None or s["answer"] == "None" or not str(s["answer"]).strip():
+        raise DataError(f"answer must not be null or empty, got {s.get('answer')!r}")
+    d = s.get("duration")
+    if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d)
+                          or not 0 < d <= 86400):
+        raise DataError(f"duration must be a positive number of seconds (at most a day), got {d!r}")
+    return s
+
+
+def _normalize(row, base):
     if not isinstance(row, dict):
         raise DataError("row is not a JSON object")
     if "prompt" in row and "videos" in row:  # LongVT RL row (verl)
@@ -208,6 +223,17 @@ def load_samples(path):
 
 
 # --------------------------------------------------------------------------- global view
+def sample_duration(sample):
+    """The sample's duration: its `duration` field, checked against the video's own length (off by more than 2 s
+    and 2% is a ToolError naming both: the global view and the crops would sample times the video does not have),
+    or the video's when the row has none."""
+    real = video_info(sample["video"])["duration"]
+    d = sample.get("duration")
+    if d and abs(d - real) > max(2.0, 0.02 * real):
+        raise ToolError(f"duration {d} s in the row, but the video {sample['video']} is {real:.1f} s long")
+    return d or real
+
+
 def global_view(video, view: ViewConfig, duration=None):
     """(frames (N, H, W, 3) uint8, timestamps): N frames at the centres of N equal slices of the whole video,
     N = min(global_frames, duration * global_fps), at least 2. Decoded by seeking; memory is N frames.
@@ -400,7 +426,7 @@ def render_sft(renderer: Renderer, sample, max_turns=5):
     from tools import observe
     view = renderer.view
     s = dict(sample)
-    s["duration"] = s.get("duration") or video_info(s["video"])["duration"]
+    s["duration"] = sample_duration(s)
     frames, ts = global_view(s["video"], view, s["duration"])
     stored = s.get("observations")
 

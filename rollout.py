@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from data import Rendered, Renderer, ViewConfig, cat_vision, global_view, model_vision, positions
+from data import Rendered, Renderer, ViewConfig, cat_vision, global_view, model_vision, positions, sample_duration
 from model import unwrap
-from tools import ToolError, observe, video_info
+from tools import ToolError, observe
 
 
 @dataclass
@@ -269,7 +269,7 @@ def prepare(samples, view: ViewConfig, workers=4):
     def load(s):
         try:
             s = dict(s)
-            s["duration"] = s.get("duration") or video_info(s["video"])["duration"]
+            s["duration"] = sample_duration(s)
             frames, ts = global_view(s["video"], view, s["duration"])
             return s, frames, ts
         except ToolError as e:

@@ -530,3 +530,34 @@ def test_special_tokens_in_data_text_are_encoded_as_text(tiny, needle_set, forge
     batch = collate(model, [r], proc.tokenizer.pad_token_id)
     with torch.no_grad():
         model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **model_vision(batch["vision"]))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("duration", "abc", "duration must be a positive number"), ("duration", float("nan"), "duration must be a positive"),
+    ("duration", -5, "duration must be a positive"), ("duration", 1e6, "duration must be a positive number of seconds .at most a day."),
+    ("duration", True, "duration must be a positive"), ("question", None, "question must be a non-empty string"),
+    ("question", "  ", "question must be a non-empty string"), ("answer", None, "answer must not be null"),
+    ("window", [5, "x"], "window must be"),
+])
+def test_bad_fields_are_errors_naming_file_and_line(tmp_path, field, value, message):
+    """Each bad field of a row is a DataError naming file:line when the rows are read (before: a TypeError from a
+    thread pool for "abc", a ValueError for NaN, -5 and 1e6 used silently, null rendered as the text "None")."""
+    good = dict(video="a.mp4", question="What colour?", answer="red", duration=136.0)
+    p = tmp_path / "rows.jsonl"
+    p.write_text(json.dumps(good) + "\n" + json.dumps({**good, field: value}) + "\n")
+    with pytest.raises(DataError, match=rf"rows.jsonl:2: {message}"):
+        load_samples(str(p))
+
+
+def test_a_duration_that_is_not_the_videos_is_named_at_render(needle_set):
+    """A duration in range but not the video's (100000 vs 136 s was used silently: the global view sampled times past
+    the end): rendering the row is a ToolError naming both lengths, which the scripts turn into a named skip."""
+    from tools import ToolError
+    out, _ = needle_set
+    s = load_samples(str(out / "sft.jsonl"))[0]
+    real = s["duration"]
+    proc = load_model("tiny")[1]
+    for wrong in (real * 3, real / 2):
+        with pytest.raises(ToolError, match=rf"duration {wrong} s in the row, but the video .* is {real:.1f} s long"):
+            render_sft(Renderer(proc, ViewConfig(global_frames=8)), dict(s, duration=wrong))
+    render_sft(Renderer(proc, ViewConfig(global_frames=8)), dict(s, duration=real + 1))  # within 2 s: fine
