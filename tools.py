@@ -415,9 +415,22 @@ def decode_frames(path, times: list[float], max_pixels: int) -> tuple[np.ndarray
     try:
         info = _probe(container, stream, path)
         size = fit_size(info["width"], info["height"], max_pixels)
-        return _decode(container, stream, path, list(times), size)
+        frames, stamps = _decode(container, stream, path, list(times), size)
     finally:
         container.close()
+    _check_decoded(path, times, stamps, info)
+    return frames, stamps
+
+
+def _check_decoded(path, times, stamps, info):
+    """A truncated file decodes without error and repeats its last decodable frame: a frame more than about one
+    frame (and 2 s) older than the time asked is a ToolError, never passed on as that time's frame."""
+    slack = max(2.0, 2.5 / info["fps"]) if info["fps"] > 0 else 2.0  # headers may run a little past the frames
+    short = [(t, st) for t, st in zip(times, stamps) if t - st > slack]
+    if short:
+        t, st = short[0]
+        raise ToolError(f"video {path} has no frame at {t:.1f}s (the last one decoded there is at {st:.1f}s of its "
+                        f"{info['duration']:.1f}-s header): the file is truncated or damaged")
 
 
 def crop_times(start, end, fps=1.0, max_frames=64, min_frames=4):
@@ -446,6 +459,7 @@ def crop_video(video_path, start_time, end_time, fps=1.0, max_frames=64, min_fra
         frames, stamps = _decode(container, stream, video_path, times, size)
     finally:
         container.close()
+    _check_decoded(video_path, times, stamps, info)
     return Clip(frames=frames, timestamps=stamps, start=start, end=end)
 
 

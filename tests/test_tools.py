@@ -453,3 +453,33 @@ def test_crops_from_threads_match_sequential(tool_videos):
         par = list(pool.map(lambda w: tools.crop_video(path, *w, fps=3.0, max_pixels=SIZE * SIZE), windows))
     for a, b in zip(seq, par):
         assert a.timestamps == b.timestamps and np.array_equal(a.frames, b.frames)
+
+
+def test_a_file_cut_short_with_its_index_first_is_an_error_not_repeated_frames(tmp_path):
+    """An mp4 written with its index first (faststart) and cut at 50% opens and decodes without an FFmpeg error:
+    a crop past the cut used to return copies of the last decodable frame as "Frames from 100s to 120s", and the
+    global view repeated it. Frames whose decoded time falls short of the asked one are a ToolError naming the
+    file (an error observation in a rollout, a named skip for a sample); times before the cut still decode."""
+    path = tmp_path / "cut.mp4"
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as out:
+        st = out.add_stream("libx264", rate=2, options={"preset": "ultrafast"})
+        st.width = st.height = 64
+        st.pix_fmt = "yuv420p"
+        for i in range(2 * 160):
+            for packet in st.encode(av.VideoFrame.from_ndarray(_index_image(i, 64), format="rgb24")):
+                out.mux(packet)
+        for packet in st.encode():
+            out.mux(packet)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert tools.video_info(path)["duration"] == pytest.approx(160, abs=1)  # the header still says 160 s
+    with pytest.raises(ToolError, match=r"cut.mp4 has no frame at 1\d\d\.\ds .*truncated or damaged"):
+        tools.crop_video(path, 100, 120)
+    obs = tools.observe(tools_call(100, 120), str(path), 160.0)
+    assert obs["frames"] is None and "truncated or damaged" in obs["text"]
+    frames, stamps = tools.decode_frames(path, [1.0, 10.0], 64 * 64)  # before the cut (at ~48 s here): fine
+    assert stamps == [1.0, 10.0]
+
+
+def tools_call(a, b):
+    return f'<tool_call>{{"name": "crop_video", "arguments": {{"start_time": {a}, "end_time": {b}}}}}</tool_call>'
