@@ -285,10 +285,18 @@ def rollout(model, processor, samples, group_size=1, cfg: RolloutConfig = Rollou
     t0 = time.time()
     engine = Engine(model, processor, cfg, view)
     loaded = prepare(samples, view, cfg.workers)
+    prompts = []
+    for i, x in enumerate(loaded):  # a prompt that leaves no room for a turn is skipped and named, never prefilled
+        if not isinstance(x, str):
+            p = engine.renderer.prompt(*x)
+            if len(p.input_ids) + 1 > cfg.max_total_tokens:
+                loaded[i] = (f"{x[0].get('id') or x[0]['video']}: its prompt is {len(p.input_ids)} tokens, no room "
+                             f"for a turn in max_total_tokens={cfg.max_total_tokens} (raise it or shrink the view)")
+            else:
+                prompts.append(p)
     ok = [x for x in loaded if not isinstance(x, str)]
     finished = []
     if ok:
-        prompts = [engine.renderer.prompt(s, f, ts) for s, f, ts in ok]
         finished = engine.run([x[0] for x in ok], prompts, group_size)
     by_sample = {}
     for t in sorted(finished, key=lambda t: t.index):

@@ -1,6 +1,8 @@
 """rollout.py against independent references: HF generate, a full forward pass, and the SFT renderer."""
 import copy
 
+import re
+
 import pytest
 import torch
 
@@ -189,3 +191,20 @@ def test_logprobs_match_full_forward_other_visual_formats(needle_set, fmt, stamp
     for t, ref in zip(trajs, full_logprobs(model, proc, trajs)):
         mask = torch.tensor(t.policy_mask, dtype=torch.bool)
         assert (torch.tensor(t.logprobs)[mask] - ref[mask]).abs().max() < 1e-4
+
+
+def test_a_prompt_longer_than_the_budget_is_skipped_and_named_not_prefilled(needle_set, monkeypatch):
+    """A question of 100,000 words (the prefill asked for 14.5 GB and the machine killed eval): the sample is skipped
+    with its prompt's length and the budget in the error, before any forward pass; the other samples run."""
+    import rollout as ro
+    model, proc = load_model("tiny")
+    long = dict(needle_set["train"][0], question="what " * 100_000)
+    calls = []
+    real = ro.Engine.forward
+    monkeypatch.setattr(ro.Engine, "forward", lambda self, chunks, offsets: calls.append(
+        max(len(c.input_ids) for c in chunks)) or real(self, chunks, offsets))
+    trajs = rollout(model, proc, [long, needle_set["train"][1]], 2, RolloutConfig(max_new_tokens=4), VIEW)
+    assert [t.stop_reason for t in trajs[:2]] == ["skipped"] * 2
+    assert re.search(r"train_00000: its prompt is 100\d{3} tokens, no room for a turn in max_total_tokens=8192",
+                     trajs[0].error), trajs[0].error
+    assert all(t.stop_reason != "skipped" and t.input_ids for t in trajs[2:]) and max(calls) < 8192
