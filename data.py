@@ -187,7 +187,9 @@ def _from_messages(row, base):
                 answer=extract_answer(turns[-1]) or "", turns=turns, observations=observations)
 
 
-def read_rows(path):
+def read_rows(path, tolerant=False):
+    """(line, row) of a .jsonl / .json / .parquet file. A malformed JSONL line is a DataError naming file:line, or
+    (tolerant) yielded as that DataError in place of its row, so the lines after it are still read."""
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
@@ -204,21 +206,37 @@ def read_rows(path):
         for i, line in enumerate(f):
             if line.strip():
                 try:
-                    yield i + 1, json.loads(line)
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i + 1}: malformed JSON: {e.msg}") from None
+                    if not tolerant:
+                        raise DataError(f"{path}:{i + 1}: malformed JSON: {e.msg}") from None
+                    row = DataError(f"malformed JSON: {e.msg}")
+                yield i + 1, row
 
 
-def load_samples(path):
-    """All samples of a file; a malformed row is an error naming the file and line."""
+def load_samples(path, skip_bad=False, check=None, skipped=None):
+    """All samples of a file. The one rule of every script for a bad row (malformed JSON, a field normalize_row
+    refuses, or one check(sample) raises DataError for): a DataError naming file:line, or with skip_bad (the scripts'
+    --skip_bad_rows=true) the row is skipped with a warning naming file:line, appended to `skipped` when given."""
+    from model import print0
     base = os.path.dirname(os.path.abspath(path))
     out = []
-    for line, row in read_rows(path):
+    for line, row in read_rows(path, tolerant=skip_bad):
         try:
-            out.append(normalize_row(row, base))
+            if isinstance(row, DataError):
+                raise row
+            s = normalize_row(row, base)
+            if check:
+                check(s)
         except (DataError, KeyError, TypeError, IndexError) as e:
-            raise DataError(f"{path}:{line}: {e}") from None
-        out[-1]["id"] = out[-1]["id"] or f"{os.path.basename(path)}:{line}"
+            if not skip_bad:
+                raise DataError(f"{path}:{line}: {e}") from None
+            print0(f"warning: skipping {path}:{line}: {e} (--skip_bad_rows=true)")
+            if skipped is not None:
+                skipped.append(f"{path}:{line}")
+            continue
+        s["id"] = s["id"] or f"{os.path.basename(path)}:{line}"
+        out.append(s)
     return out
 
 

@@ -48,6 +48,7 @@ class Config:
     data: str = DEFAULT_DATA        # eval file (our JSONL, VideoSIAH-Eval, Video-MME, LVBench rows); default generated
     out: str = ""                   # output dir; "" = <model dir>/eval, or runs/eval_<name> for tiny / an HF id
     limit: int = 0                  # evaluate the first `limit` samples only (0 = all)
+    skip_bad_rows: bool = False     # a bad row: skip it with a warning naming file:line instead of stopping there
     batch_size: int = 8             # samples per rollout call (each gives `samples` rows)
     samples: int = 1                # trajectories per sample: k of pass@k (needs temperature > 0 to differ)
     temperature: float = 0.0        # 0 = greedy
@@ -317,7 +318,7 @@ def main(argv=None):
             needle.ensure(cfg.data)
         if dist.is_initialized():
             dist.barrier()
-    samples = load_samples(cfg.data)
+    samples = load_samples(cfg.data, cfg.skip_bad_rows)
     samples = samples[:cfg.limit] if cfg.limit > 0 else samples
     name = resolve_checkpoint(cfg.model) if cfg.model else default_model()  # <dir>.old: a save killed mid-swap
     out = cfg.out or default_out(name)

@@ -54,6 +54,7 @@ class Config:
     eval_data: str = "data/needle/eval.jsonl"  # held-out file for the periodic eval ("" = none)
     out: str = "runs/grpo"                  # checkpoint (HF layout + trainer_state.pt) and logs
     resume: bool = False                    # continue exactly from the checkpoint in <out>
+    skip_bad_rows: bool = False             # a bad row: skip it with a warning naming file:line, not stop there
     seed: int = 0                           # data order and rollout sampling
     steps: int = 50                         # GRPO steps (rollouts + update each)
     prompts_per_step: int = 4               # prompts per step over all ranks (a multiple of the world size)
@@ -289,8 +290,9 @@ def train(cfg: Config):
         os.rename(resolve_checkpoint(cfg.out), cfg.out)  # a crash between atomic_dir's two renames
     if dist.is_initialized():
         dist.barrier()
-    samples = load_samples(cfg.data)
-    held_out = load_samples(cfg.eval_data)[:cfg.eval_samples] if cfg.eval_every and cfg.eval_data else []
+    samples = load_samples(cfg.data, cfg.skip_bad_rows)
+    held_out = load_samples(cfg.eval_data, cfg.skip_bad_rows)[:cfg.eval_samples] if cfg.eval_every and cfg.eval_data \
+        else []
     judge = Judge.from_env(timeout=rcfg.judge_timeout, retries=rcfg.judge_retries, backoff=rcfg.judge_backoff,
                            workers=rcfg.judge_workers) if rcfg.accuracy != "rule" else None
     if judge is not None:

@@ -57,8 +57,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (DataError, Renderer, ViewConfig, batch_to, collate, global_times, model_vision, normalize_row,
-                  read_rows, render_sft, save_view, view_from)
+from data import (DataError, Renderer, ViewConfig, batch_to, collate, global_times, load_samples, model_vision,
+                  render_sft, save_view, view_from)
 from model import (atomic_dir, check_writable, compute_init, load_model, parse_config, print0, resolve_checkpoint, rng_state,
                    set_rng_state, unwrap)
 import needle
@@ -96,6 +96,8 @@ class Config:
     group_by_length: bool = True    # batch samples of similar length together (less padding)
     max_len: int = 0                # skip samples longer than this many tokens (0 = no limit)
     limit: int = 0                  # use only the first N rows (0 = all)
+    skip_bad_rows: bool = False     # a bad row (malformed JSON, a bad field): skip it with a warning naming
+                                    # file:line instead of stopping there (the same rule in every script)
     cache: bool = True              # keep rendered samples in memory (false: re-render each time)
     workers: int = 2                # threads rendering samples at start-up (video decoding, processor)
     threads: int = 1                # CPU only: torch intra-op threads (0 = torch's default; see above)
@@ -170,41 +172,19 @@ def use_bf16(cfg, d):
 
 
 # --------------------------------------------------------------------------- data
-def rows_of(path):
-    """(line, row or DataError) of a file; unlike data.read_rows a malformed JSONL line does not end the file."""
-    if path.endswith((".json", ".parquet")):
-        yield from read_rows(path)
-        return
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield i, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield i, DataError(f"malformed JSON: {e.msg}")
+def needs_turns(s):
+    if not s.get("turns"):
+        raise DataError("no assistant turns (an SFT row needs `turns` or `messages`)")
 
 
-def read_samples(paths, limit=0):
-    """SFT samples of all files; unusable rows are skipped with a warning. Returns (samples, skipped count)."""
-    samples, skipped = [], 0
+def read_samples(paths, limit=0, skip_bad=False):
+    """SFT samples of all files (data.load_samples' rule for bad rows). Returns (samples, skipped count)."""
+    samples, skipped = [], []
     for path in paths:
         if not os.path.exists(path):
             raise SystemExit(f"--data: {path} does not exist")
-        base = os.path.dirname(os.path.abspath(path))
-        for line, row in rows_of(path):
-            try:
-                if isinstance(row, DataError):
-                    raise row
-                s = normalize_row(row, base)
-                if not s.get("turns"):
-                    raise DataError("no assistant turns (an SFT row needs `turns` or `messages`)")
-            except (DataError, KeyError, TypeError, IndexError) as e:
-                print0(f"warning: skipping {path}:{line}: {e}")
-                skipped += 1
-                continue
-            s["id"] = s["id"] or f"{os.path.basename(path)}:{line}"
-            samples.append(s)
-    return (samples[:limit] if limit else samples), skipped
+        samples += load_samples(path, skip_bad, needs_turns, skipped)
+    return (samples[:limit] if limit else samples), len(skipped)
 
 
 def sample_view(view, sample, index, cfg):
@@ -329,7 +309,7 @@ def main(argv=None):
     view = view_from(cfg)
 
     # ---- data: every rank renders a strided share; lengths and failures are shared so all ranks agree
-    samples, skipped_rows = read_samples(cfg.data.split(","), cfg.limit)
+    samples, skipped_rows = read_samples(cfg.data.split(","), cfg.limit, cfg.skip_bad_rows)
     cache, info = {}, {}
     share = range(d.rank, len(samples), world)
     with ThreadPoolExecutor(cfg.workers) as pool:

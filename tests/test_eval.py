@@ -399,3 +399,24 @@ def test_bad_outputs_and_an_unreachable_judge_stop_eval_before_any_work(needle_d
         ev.write_outputs(out, dict(n=2, view={}), [], report_samples=0)
     monkeypatch.setattr(json, "dump", real)
     assert json.load(open(os.path.join(out, "summary.json"))) == summary
+
+
+def test_bad_rows_stop_eval_and_grpo_naming_file_and_line_unless_skipped(needle_dir, tmp_path, capsys):
+    """The rule train_sft.py follows too: a malformed line or a bad field stops eval.py and train_grpo.py with a
+    DataError naming file:line before any work; --skip_bad_rows=true skips it with that warning and evaluates the
+    rest."""
+    import train_grpo
+    from data import DataError
+    good = [line for line in open(os.path.join(needle_dir, "eval.jsonl")) if line.strip()][:1]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(good[0].replace('"videos/', f'"{needle_dir}/videos/') + "{not json\n"
+                    + json.dumps({"video": "a.mp4", "question": None, "answer": "red"}) + "\n")
+    with pytest.raises(DataError, match=r"mixed.jsonl:2: malformed JSON"):
+        ev.main([f"--data={path}", f"--out={tmp_path / 'e'}"])
+    with pytest.raises(DataError, match=r"mixed.jsonl:2: malformed JSON"):
+        train_grpo.train(train_grpo.Config(data=str(path), out=str(tmp_path / "g"), init="tiny", eval_every=0))
+    ev.main([f"--data={path}", f"--out={tmp_path / 'e'}", "--skip_bad_rows=true", "--max_new_tokens=4",
+             "--report_samples=0", *FAST])
+    out = capsys.readouterr().out
+    assert "skipping " in out and "mixed.jsonl:2: malformed JSON" in out and "mixed.jsonl:3: question must be" in out
+    assert json.load(open(tmp_path / "e" / "summary.json"))["n"] == 1

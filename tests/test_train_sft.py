@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_sft
-from data import Renderer, ViewConfig, collate, model_vision, render_sft, view_from
+from data import DataError, Renderer, ViewConfig, collate, model_vision, render_sft, view_from
 from model import load_model, resolve_checkpoint, token_logprobs
 from conftest import ranks_output, run_ranks
 from needle import NeedleConfig, generate
@@ -185,6 +185,8 @@ def test_kill_during_checkpoint_keeps_previous(sft_file, tmp_path, mode):
 
 # --------------------------------------------------------------------------- bad data and non-finite losses
 def test_bad_rows_and_missing_videos_are_skipped(sft_file, tmp_path, capsys):
+    """The one rule of every script for a bad row: stop, naming file:line (here before any work), unless
+    --skip_bad_rows=true skips it with that warning. A missing video is always a named skip."""
     rows = [json.loads(line) for line in open(sft_file)]
     for r in rows:
         r["video"] = os.path.join(os.path.dirname(sft_file), r["video"])
@@ -193,7 +195,9 @@ def test_bad_rows_and_missing_videos_are_skipped(sft_file, tmp_path, capsys):
     lines = [json.dumps(r) for r in rows[:4]] + ["{not json", json.dumps({"question": "q"}), json.dumps(bad)]
     path.write_text("\n".join(lines) + "\n")
     out = str(tmp_path / "run")
-    train_sft.main(args(str(path), out, steps=1))
+    with pytest.raises(DataError, match=r"mixed.jsonl:5: malformed JSON"):
+        train_sft.main(args(str(path), out, steps=1))
+    train_sft.main(args(str(path), out, steps=1, skip_bad_rows=True))
     err = capsys.readouterr().out
     assert "mixed.jsonl:5" in err and "mixed.jsonl:6" in err and "gone" in err
     assert metrics(out)[0]["skipped_samples"] == 3
