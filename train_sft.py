@@ -94,7 +94,8 @@ class Config:
     resume: bool = False            # continue from the checkpoint in --out
     stop_at: int = 0                # end this invocation after this step, checkpointed (0 = run to the end)
     group_by_length: bool = True    # batch samples of similar length together (less padding)
-    max_len: int = 0                # skip samples longer than this many tokens (0 = no limit)
+    max_len: int = 0                # skip samples longer than this many tokens (0: the model's context,
+                                    # max_position_embeddings of its text config; the tiny model's is 32768)
     limit: int = 0                  # use only the first N rows (0 = all)
     skip_bad_rows: bool = False     # a bad row (malformed JSON, a bad field): skip it with a warning naming
                                     # file:line instead of stopping there (the same rule in every script)
@@ -322,12 +323,15 @@ def main(argv=None):
         parts = [None] * world
         dist.all_gather_object(parts, info)
         info = {k: v for p in parts for k, v in p.items()}
+    text_cfg = getattr(model.config, "text_config", model.config)
+    max_len = cfg.max_len or getattr(text_cfg, "max_position_embeddings", None) or float("inf")
     keep = []
     for i in range(len(samples)):
         if isinstance(info[i], str):
             print0(f"warning: skipping sample {info[i]}")
-        elif cfg.max_len and info[i] > cfg.max_len:
-            print0(f"warning: skipping sample {samples[i]['id']}: {info[i]} tokens > max_len {cfg.max_len}")
+        elif info[i] > max_len:
+            print0(f"warning: skipping sample {samples[i]['id']}: {info[i]} tokens > max_len {max_len}"
+                   + ("" if cfg.max_len else " (the model's context; --max_len= sets another)"))
         else:
             keep.append(i)
     skipped = skipped_rows + len(samples) - len(keep)

@@ -2,6 +2,7 @@
 bad rows and non-finite losses. Tiny needle videos and small frame budgets keep the file fast on 2 CPU cores."""
 import dataclasses
 import json
+import re
 import os
 import subprocess
 import sys
@@ -278,3 +279,18 @@ def test_an_out_that_cannot_be_written_stops_before_any_work(tmp_path, monkeypat
     blocker.write_text("x")
     with pytest.raises(SystemExit, match=r"--out=.*a_file/sft: cannot write there"):
         train_sft.main(args(str(tmp_path / "sft.jsonl"), f"{blocker}/sft"))
+
+
+def test_a_row_longer_than_the_models_context_is_skipped_and_counted(sft_file, tmp_path, capsys):
+    """max_len 0 is the model's context (max_position_embeddings; 32768 for the tiny model): a row of a 40,000-word
+    question is skipped with its length and counted, not trained on for minutes; the other rows train."""
+    rows = [json.loads(line) for line in open(sft_file)]
+    for r in rows:
+        r["video"] = os.path.join(os.path.dirname(sft_file), r["video"])
+    path = tmp_path / "long.jsonl"
+    long = dict(rows[0], id="long", question="what " * 40_000)
+    path.write_text("\n".join(json.dumps(r) for r in rows[:4] + [long]) + "\n")
+    out = str(tmp_path / "run")
+    train_sft.main(args(str(path), out, steps=1))
+    assert re.search(r"skipping sample long: 4\d{4} tokens > max_len 32768 \(the model's context", capsys.readouterr().out)
+    assert metrics(out)[0]["skipped_samples"] == 1
