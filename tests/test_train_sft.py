@@ -294,3 +294,18 @@ def test_a_row_longer_than_the_models_context_is_skipped_and_counted(sft_file, t
     train_sft.main(args(str(path), out, steps=1))
     assert re.search(r"skipping sample long: 4\d{4} tokens > max_len 32768 \(the model's context", capsys.readouterr().out)
     assert metrics(out)[0]["skipped_samples"] == 1
+
+
+def test_a_scene_row_without_duration_on_a_corrupt_video_says_what_is_wrong(tmp_path, capsys):
+    """A needle SFT row without `duration` whose video is corrupt was skipped with "KeyError: 'duration'", hiding the
+    cause: the warning now names the video and says it cannot be read."""
+    generate(NeedleConfig(out=str(tmp_path), num_train=5, num_eval=0, num_eval_short=0, min_duration=60,
+                          max_duration=80, seed=3, task="scene"))
+    rows = [json.loads(line) for line in open(tmp_path / "sft.jsonl")]
+    (tmp_path / "videos" / "bad.mp4").write_bytes(b"\x00" * 5000)
+    rows[0] = {k: v for k, v in dict(rows[0], video="videos/bad.mp4").items() if k != "duration"}
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    train_sft.main(args(str(tmp_path / "sft.jsonl"), str(tmp_path / "out"), steps=1, skill_warmup=0))
+    out = capsys.readouterr().out
+    assert re.search(r"skipping sample train_00000 \(.*bad.mp4\): ToolError: cannot read video .*bad.mp4", out), out
+    assert "KeyError" not in out
