@@ -96,9 +96,12 @@ class Config:
 # --------------------------------------------------------------------------- the GRPO math
 def group_advantages(rewards, adv_norm="std", eps=1e-6):
     """rewards (P, G) -> advantages (P, G): r - group mean, / (the group's unbiased std + eps) for "std"; Dr. GRPO
-    ("none") drops the division, which up-weights prompts whose rollouts barely differ. Equal rewards -> 0."""
+    ("none") drops the division, which up-weights prompts whose rollouts barely differ. Equal rewards -> 0, and so
+    does a group of one (G = 1)."""
     adv = rewards - rewards.mean(1, keepdim=True)
-    return adv / (rewards.std(1, keepdim=True) + eps) if adv_norm == "std" else adv
+    if adv_norm != "std" or rewards.shape[1] < 2:  # a group of one has no spread: advantage 0 (verl), not NaN
+        return adv
+    return adv / (rewards.std(1, keepdim=True) + eps)
 
 
 def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg, denom):

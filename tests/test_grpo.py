@@ -55,6 +55,8 @@ def test_group_advantages_std_none_and_flat_groups():
     assert torch.allclose(a[2], torch.tensor([-0.5, -0.5, -0.5, 1.5], dtype=torch.float64))  # std = 1.5
     b = group_advantages(R, "none")  # Dr. GRPO: r - mean only
     assert torch.allclose(b, torch.tensor([[.5, -.5, -.5, .5], [0, 0, 0, 0], [-.75, -.75, -.75, 2.25]], dtype=torch.float64))
+    for norm in ("std", "none"):  # group_size=1: the std of one sample was NaN; no spread is advantage 0 (verl)
+        assert torch.equal(group_advantages(R[:, :1], norm), torch.zeros(3, 1, dtype=torch.float64))
 
 
 def loss_inputs():
