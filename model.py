@@ -191,8 +191,9 @@ def rope_index(model, input_ids, mm_token_type_ids, image_grid_thw=None, video_g
 
 # --------------------------------------------------------------------------- log-probs
 def token_logprobs(model, input_ids, attention_mask=None, position_ids=None, chunk=1024, with_entropy=False,
-                   mask=None, **vision):
+                   mask=None, temperature=1.0, **vision):
     """Log-prob of each token given its prefix: out[:, t] = log p(input_ids[:, t] | input_ids[:, :t]); out[:, 0] = 0.
+    p is the distribution the rollout samples from at `temperature` (logits / temperature, as verl scores them).
 
     Runs the decoder once for hidden states and applies the LM head in chunks of `chunk` positions, so a
     full (B, T, V) fp32 tensor never exists. With `mask` (B, T), only positions where mask == 1 are scored
@@ -214,6 +215,8 @@ def token_logprobs(model, input_ids, attention_mask=None, position_ids=None, chu
     for s in range(0, len(b_idx), chunk):
         b, t = b_idx[s:s + chunk], t_idx[s:s + chunk]
         logits = bare.lm_head(hidden[b, t - 1]).float()  # (c, V)
+        if temperature != 1.0:
+            logits = logits / temperature
         lse = torch.logsumexp(logits, dim=-1)
         logp = logp.index_put((b, t), logits.gather(-1, input_ids[b, t, None]).squeeze(-1) - lse)
         if with_entropy:

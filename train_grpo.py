@@ -141,9 +141,10 @@ class LogProbs(torch.nn.Module):
     """The policy as a module whose forward is model.token_logprobs (LM head on policy tokens only). DDP/FSDP2 wrap
     THIS: token_logprobs calls the inner HF modules, so on a DDP-wrapped HF model gradients would never sync."""
 
-    def __init__(self, hf, autocast=False):
+    def __init__(self, hf, autocast=False, temperature=1.0):
         super().__init__()
         self.hf, self.autocast = hf, autocast  # autocast: bf16 compute on fp32 weights (CUDA without FSDP)
+        self.temperature = temperature  # the rollouts': ratios and KL compare the distributions they sampled from
 
     def forward(self, b, with_entropy=False):
         dev = next(self.hf.parameters()).device
@@ -151,7 +152,7 @@ class LogProbs(torch.nn.Module):
         with torch.autocast("cuda", torch.bfloat16) if self.autocast else nullcontext():
             return token_logprobs(self.hf, b["input_ids"].to(dev), b["attention_mask"].to(dev),
                                   b["position_ids"].to(dev), with_entropy=with_entropy, mask=b["policy_mask"].to(dev),
-                                  **vision)
+                                  temperature=self.temperature, **vision)
 
 
 def build(name, d, cfg, trainable):
@@ -161,7 +162,7 @@ def build(name, d, cfg, trainable):
                                grad_ckpt=cfg.grad_ckpt and trainable)
     hf.requires_grad_(trainable)
     fsdp = d.world > 1 and cfg.parallel == "fsdp"
-    net = LogProbs(hf, autocast=d.device.type == "cuda" and not fsdp)
+    net = LogProbs(hf, autocast=d.device.type == "cuda" and not fsdp, temperature=cfg.temperature or 1.0)
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         kw = dict(mp_policy=MixedPrecisionPolicy(torch.bfloat16, torch.float32)) if d.device.type == "cuda" else {}

@@ -123,6 +123,10 @@ def test_chunked_logprobs_equal_full_softmax(tiny):
         p = torch.softmax(model(input_ids=ids).logits.float(), -1)
     assert torch.allclose(lp[:, 1:], ref, atol=1e-5) and (lp[:, 0] == 0).all()
     assert torch.allclose(ent[:, 1:], -(p * p.clamp_min(1e-30).log()).sum(-1)[:, :-1], atol=1e-4)
+    with torch.no_grad():  # at a rollout temperature: the log-probs of the tempered distribution (verl's)
+        hot = torch.log_softmax(model(input_ids=ids).logits.float() / 0.7, -1)[:, :-1].gather(-1, ids[:, 1:, None])
+        lp7, _ = token_logprobs(model, ids, chunk=5, temperature=0.7)
+    assert torch.allclose(lp7[:, 1:], hot[..., 0], atol=1e-5) and not torch.allclose(lp7, lp, atol=1e-3)
 
 
 def test_parse_config_and_compute_init():
