@@ -35,7 +35,7 @@ from tqdm import tqdm
 from data import Renderer, ViewConfig, layout_mismatch, load_samples, render_sft, view_from
 from model import check_writable, compute_init, load_model, parse_config, print0, resolve_checkpoint
 from reward import RewardConfig, _config_judge, iou_reward, reward_batch
-from rollout import RolloutConfig, rollout
+from rollout import RolloutConfig, check_budget, rollout
 from tools import ToolError
 
 DEFAULT_DATA = "data/needle/eval.jsonl"
@@ -339,6 +339,8 @@ def main(argv=None):
         else:
             setattr(cfg, k, trained)
             print0(f"{k}={trained}: as {name} was trained (its view.json; --{k}= overrides)")
+    if samples:
+        check_budget(processor, samples[0], view_from(cfg), cfg.max_new_tokens, cfg.max_total_tokens)
     keep = bool(cfg.export_rft or cfg.save_trajectories)  # gather token ids only when something needs them
     summary, predictions, *rest = evaluate(model, processor, samples, cfg, judge=judge, distributed=True,
                                            return_trajectories=keep)

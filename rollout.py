@@ -278,6 +278,20 @@ def prepare(samples, view: ViewConfig, workers=4):
         return list(pool.map(load, samples))
 
 
+def check_budget(processor, sample, view: ViewConfig, max_new_tokens, max_total_tokens):
+    """Stop before any rollout when the first sample's prompt and one turn of max_new_tokens cannot fit
+    max_total_tokens (every episode would end on `length` after its first tokens). A sample that cannot be read is
+    left to the rollout, which skips and names it."""
+    loaded = prepare([sample], view, 1)[0]
+    if isinstance(loaded, str):
+        return
+    n = len(Renderer(processor, view).prompt(*loaded).input_ids)
+    if n + max_new_tokens > max_total_tokens:
+        raise SystemExit(f"the first sample's prompt is {n} tokens: with one turn of max_new_tokens={max_new_tokens} "
+                         f"it does not fit max_total_tokens={max_total_tokens}. Raise --max_total_tokens (or shrink "
+                         f"the view: --max_frames, --max_pixels)")
+
+
 def rollout(model, processor, samples, group_size=1, cfg: RolloutConfig = RolloutConfig(),
             view: ViewConfig = ViewConfig()):
     """group_size trajectories per sample, grouped in sample order. A sample whose video cannot be read gives

@@ -44,7 +44,7 @@ from data import ViewConfig, collate, load_samples, model_vision, save_view
 from model import (atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, rng_state,
                    set_rng_state, token_logprobs)
 from reward import Judge, RewardConfig, answer_type, reward_batch
-from rollout import RolloutConfig, rollout
+from rollout import RolloutConfig, check_budget, rollout
 
 
 @dataclass
@@ -304,6 +304,8 @@ def train(cfg: Config):
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     state = torch.load(os.path.join(cfg.out, "trainer_state.pt"), weights_only=False) if cfg.resume else None
     hf, net, processor = build(cfg.out if state else init, d, cfg, trainable=True)
+    if samples:  # before the reference is loaded or anything is written
+        check_budget(processor, samples[0], view, cfg.max_new_tokens, cfg.max_total_tokens)
     ref = build(init, d, cfg, trainable=False)[1].eval() if cfg.kl_coef > 0 else None
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, pos = 0, 0

@@ -420,3 +420,18 @@ def test_bad_rows_stop_eval_and_grpo_naming_file_and_line_unless_skipped(needle_
     out = capsys.readouterr().out
     assert "skipping " in out and "mixed.jsonl:2: malformed JSON" in out and "mixed.jsonl:3: question must be" in out
     assert json.load(open(tmp_path / "e" / "summary.json"))["n"] == 1
+
+
+def test_a_budget_the_first_prompt_cannot_fit_stops_eval_and_grpo_before_any_rollout(needle_dir, tmp_path):
+    """The README's old 7B command ran every episode to `length` after one token, silently: eval.py and
+    train_grpo.py render the first sample's prompt first and stop, naming its length, the budget and the flag."""
+    import train_grpo
+    data = os.path.join(needle_dir, "eval.jsonl")
+    msg = r"first sample's prompt is \d+ tokens: with one turn of max_new_tokens=64 it does not fit " \
+          r"max_total_tokens=200. Raise --max_total_tokens"
+    with pytest.raises(SystemExit, match=msg):
+        ev.main([f"--data={data}", f"--out={tmp_path / 'e'}", "--max_total_tokens=200", "--max_new_tokens=64"])
+    with pytest.raises(SystemExit, match=msg):
+        train_grpo.train(train_grpo.Config(data=data, out=str(tmp_path / "g"), init="tiny", eval_every=0,
+                                           kl_coef=0.0, max_total_tokens=200, max_new_tokens=64))
+    assert not os.path.exists(tmp_path / "g" / "metrics.jsonl")
