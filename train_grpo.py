@@ -81,6 +81,8 @@ class Config:
     micro_batch: int = 4                    # rows per forward/backward on one rank (gradient accumulation)
     clip_low: float = 0.2                   # ratio clipped below at 1 - clip_low
     clip_high: float = 0.2                  # ... and above at 1 + clip_high (DAPO clip-higher: 0.28)
+    clip_ratio_c: float = 3.0               # dual clip (verl's, LongVT's): for A < 0 the loss is at most -A x this
+                                            # (0 = off); inert at ratio 1 (one on-policy update per step)
     loss_agg: str = "token-mean"            # "token-mean" over the mini-batch on all ranks | "seq-mean"
     ratio_level: str = "token"              # "token" (PPO/GRPO) | "sequence" (GSPO)
     kl_coef: float = 1e-3                   # k3 KL to the init weights (LongVT: 1e-3); 0 loads no reference
@@ -118,9 +120,11 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg, denom):
     # REINFORCE with a group baseline). Clipping bites from the 2nd mini-batch or epoch of a step on.
     surr = torch.min(ratio * a, ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * a)  # (B, T)
     per_token, kl = -surr, torch.zeros_like(surr)
+    if cfg.clip_ratio_c > 0:  # dual clip (verl): for A < 0 a token's loss is at most -A x c, so a far off-policy
+        per_token = torch.where(a < 0, torch.min(per_token, -a * cfg.clip_ratio_c), per_token)  # token stops pulling
     if cfg.kl_coef > 0:  # k3 = exp(ref - logp) - (ref - logp) - 1: unbiased, >= 0, low variance
-        d = (ref_logp - logp) * mask
-        kl = d.exp() - d - 1                                                  # (B, T)
+        d = ((ref_logp - logp) * mask).clamp(-20, 20)                        # verl's clamps of the log-ratio and k3
+        kl = (d.exp() - d - 1).clamp(-10, 10)                                 # (B, T)
         per_token = per_token + cfg.kl_coef * kl
     per_token = per_token * mask
     if cfg.loss_agg == "token-mean":

@@ -277,3 +277,20 @@ def test_judge_down_mid_run_falls_back_to_rules(needle_data, tmp_path, monkeypat
     assert len(m) == 3 and server.requests == 2  # training went on after the judge died
     assert m[0]["judge_failures"] == 0 and m[0]["accuracy"] == 1.0  # judged correct while it was up
     assert all(x["judge_failures"] == 2 and x["accuracy"] == 0.0 for x in m[1:])  # then the rule scorer, counted
+
+
+def test_dual_clip_and_k3_clamps_bound_far_off_policy_tokens():
+    """verl's dual clip (clip_ratio_c 3, LongVT's): a token with A = -2 and ratio 12 (far off-policy, from a 2nd
+    mini-batch or epoch) loses at most -A x 3 = 6 and no longer pulls (gradient 0); without it, its loss is 24 and its
+    gradient the largest of the batch. The k3 KL clamps the log-ratio to +-20 and k3 to [-10, 10]."""
+    logp = torch.tensor([[0.0, math.log(12.0), math.log(1.1)]], requires_grad=True)
+    old, mask, adv = torch.zeros(1, 3), torch.tensor([[0, 1, 1]]), torch.tensor([-2.0])
+    for c, want, grad12 in [(3.0, (6.0 + 2.2) / 2, 0.0), (0.0, (24.0 + 2.2) / 2, 24.0 / 2)]:
+        logp.grad = None
+        loss, _ = grpo_loss(logp, old, None, adv, mask, Config(kl_coef=0.0, clip_ratio_c=c), 2)
+        loss.backward()
+        assert loss.item() == pytest.approx(want, abs=1e-5)
+        assert logp.grad[0, 1].item() == pytest.approx(grad12, abs=1e-5)  # d(ratio x 2 / 2)/d logp = ratio
+    ref = torch.tensor([[0.0, 30.0, -30.0]])  # log-ratios clamped to +-20; k3(+20) ~ 4.9e8 -> 10, k3(-20) = 19 -> 10
+    _, st = grpo_loss(torch.zeros(1, 3), old, ref, torch.tensor([1.0]), mask, Config(kl_coef=1.0), 2)
+    assert st["kl"] == pytest.approx(20.0, abs=1e-4)
