@@ -59,8 +59,8 @@ from tqdm import tqdm
 
 from data import (DataError, Renderer, ViewConfig, batch_to, collate, global_times, load_samples, model_vision,
                   render_sft, save_view, view_from)
-from model import (atomic_dir, check_writable, compute_init, load_model, parse_config, print0, resolve_checkpoint, rng_state,
-                   set_rng_state, unwrap)
+from model import (atomic_dir, check_writable, compute_init, load_model, parse_config, print0, resolve_checkpoint,
+                   rng_state, set_rng_state, unwrap)
 import needle
 import warmup
 from rollout import RolloutConfig

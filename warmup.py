@@ -16,8 +16,8 @@ from tools import crop_times, fmt_time, parse_tool_calls
 
 
 def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), size=56):
-    """An in-memory crop alone, for the warm-up's reading steps: the question (either kind, as often as in the data), then
-    `pairs` temporal patches (2 frames each) of one scene at 1-2 s spacing, the needle in 1-2 consecutive frames, in
+    """An in-memory crop alone, for the warm-up's reading steps: the question (either kind, as often as in the data),
+    then `pairs` temporal patches (2 frames each) of one scene at 1-2 s spacing, the needle in 1-2 consecutive frames, in
     the observation's wording, then the whole answer turn as the SFT data writes it (loss on it). Frames are drawn
     at `size` px (the crop pixel budget's side)."""
     col, scene = rng.choice(NEEDLE_COLOURS), [(0.0, 1e9, rng.choice(SCENE_COLOURS))]
@@ -41,7 +41,7 @@ def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), si
         q = question(scene[0][2], when, cfg)
         turn = (f"<think>The cropped frames show a {col} {w.split()[-1]} at about {at}s.</think>"
                 f"<answer>{at if when else col}</answer>")
-    head = renderer.mark("<|im_start|>user\n") + renderer.text(q)  # the observation chunk opens with the user turn's <|im_end|>
+    head = renderer.mark("<|im_start|>user\n") + renderer.text(q)  # the observation chunk opens with <|im_end|>
     return head + renderer.observation(obs) + renderer.assistant(turn, final=True)
 
 

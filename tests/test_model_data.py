@@ -537,8 +537,9 @@ def test_special_tokens_in_data_text_are_encoded_as_text(tiny, needle_set, forge
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("duration", "abc", "duration must be a positive number"), ("duration", float("nan"), "duration must be a positive"),
-    ("duration", -5, "duration must be a positive"), ("duration", 1e6, "duration must be a positive number of seconds .at most a day."),
+    ("duration", "abc", "duration must be a positive number"),
+    ("duration", float("nan"), "duration must be a positive"), ("duration", -5, "duration must be a positive"),
+    ("duration", 1e6, "duration must be a positive number of seconds .at most a day."),
     ("duration", True, "duration must be a positive"), ("question", None, "question must be a non-empty string"),
     ("question", "  ", "question must be a non-empty string"), ("answer", None, "answer must not be null"),
     ("window", [5, "x"], "window must be"),

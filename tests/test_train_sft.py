@@ -292,7 +292,8 @@ def test_a_row_longer_than_the_models_context_is_skipped_and_counted(sft_file, t
     path.write_text("\n".join(json.dumps(r) for r in rows[:4] + [long]) + "\n")
     out = str(tmp_path / "run")
     train_sft.main(args(str(path), out, steps=1))
-    assert re.search(r"skipping sample long: 4\d{4} tokens > max_len 32768 \(the model's context", capsys.readouterr().out)
+    assert re.search(r"skipping sample long: 4\d{4} tokens > max_len 32768 \(the model's context",
+                     capsys.readouterr().out)
     assert metrics(out)[0]["skipped_samples"] == 1
 
 
