@@ -401,12 +401,13 @@ def test_bad_outputs_and_an_unreachable_judge_stop_eval_before_any_work(needle_d
     assert json.load(open(os.path.join(out, "summary.json"))) == summary
 
 
-def test_bad_rows_stop_eval_and_grpo_naming_file_and_line_unless_skipped(needle_dir, tmp_path, capsys):
+def test_bad_rows_stop_eval_and_grpo_naming_file_and_line_unless_skipped(needle_dir, tmp_path, capsys, monkeypatch):
     """The rule train_sft.py follows too: a malformed line or a bad field stops eval.py and train_grpo.py with a
     DataError naming file:line before any work; --skip_bad_rows=true skips it with that warning and evaluates the
     rest."""
     import train_grpo
     from data import DataError
+    monkeypatch.setattr(ev, "load_model", load_model)  # not the scripted policy an earlier fixture put there
     good = [line for line in open(os.path.join(needle_dir, "eval.jsonl")) if line.strip()][:1]
     path = tmp_path / "mixed.jsonl"
     path.write_text(good[0].replace('"videos/', f'"{needle_dir}/videos/') + "{not json\n"
@@ -422,10 +423,12 @@ def test_bad_rows_stop_eval_and_grpo_naming_file_and_line_unless_skipped(needle_
     assert json.load(open(tmp_path / "e" / "summary.json"))["n"] == 1
 
 
-def test_a_budget_the_first_prompt_cannot_fit_stops_eval_and_grpo_before_any_rollout(needle_dir, tmp_path):
+def test_a_budget_the_first_prompt_cannot_fit_stops_eval_and_grpo_before_any_rollout(needle_dir, tmp_path,
+                                                                                      monkeypatch):
     """The README's old 7B command ran every episode to `length` after one token, silently: eval.py and
     train_grpo.py render the first sample's prompt first and stop, naming its length, the budget and the flag."""
     import train_grpo
+    monkeypatch.setattr(ev, "load_model", load_model)  # not the scripted policy an earlier fixture put there
     data = os.path.join(needle_dir, "eval.jsonl")
     msg = r"first sample's prompt is \d+ tokens: with one turn of max_new_tokens=64 it does not fit " \
           r"max_total_tokens=200. Raise --max_total_tokens"
