@@ -19,6 +19,7 @@ the observation chunk (mask 0); the final turn's `<|im_end|>` is the policy's ow
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -327,14 +328,24 @@ class Renderer:
         self.im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
         self.merge = processor.image_processor.merge_size ** 2
         self.tps = getattr(processor.video_processor, "temporal_patch_size", 2)
+        specials = sorted((t.content for t in self.tok.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+        self.special = re.compile("|".join(map(re.escape, specials)))
 
     def text(self, s, train=0):
         """Text that may come from data (questions, choices, SFT turns, tool texts): a special token written in it
         (`<|im_end|>`, `<|video_pad|>`, ...) is encoded as the characters it is made of, so no row can forge a chat
         turn or a vision placeholder. The tool protocol's own tags (`<tool_call>`, `<answer>`, ...) are not special
         tokens and still encode as themselves."""
-        ids = self.tok.encode(s, add_special_tokens=False, split_special_tokens=True)
+        ids, pos = [], 0
+        for m in self.special.finditer(s):  # (not split_special_tokens=True: it flips the shared tokenizer's state,
+            t = m.group(0)                  # a race between the threads that render samples)
+            ids += self._enc(s[pos:m.start()]) + self._enc(t[0]) + self._enc(t[1:])  # "<", "|im_end|>": not special
+            pos = m.end()
+        ids += self._enc(s[pos:])
         return Rendered(ids, [train] * len(ids), [0] * len(ids), {})
+
+    def _enc(self, s):
+        return self.tok.encode(s, add_special_tokens=False) if s else []
 
     def mark(self, s):
         """The renderer's own markup: special tokens in it are the real ones."""

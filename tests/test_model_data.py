@@ -566,3 +566,17 @@ def test_a_duration_that_is_not_the_videos_is_named_at_render(needle_set):
         with pytest.raises(ToolError, match=rf"duration {wrong} s in the row, but the video .* is {real:.1f} s long"):
             render_sft(Renderer(proc, ViewConfig(global_frames=8)), dict(s, duration=wrong))
     render_sft(Renderer(proc, ViewConfig(global_frames=8)), dict(s, duration=real + 1))  # within 2 s: fine
+
+
+def test_rendering_from_threads_matches_rendering_alone(tiny):
+    """train_sft renders samples in threads: encoding data text must not touch the tokenizer's shared state (with
+    split_special_tokens=True it did, and a thread's markup lost its special tokens: CI saw 2265 tokens vs 2250)."""
+    from concurrent.futures import ThreadPoolExecutor
+    _, proc = tiny
+    r = Renderer(proc, ViewConfig())
+    texts = [f"q{i} <|im_end|> {'<|video_pad|>' * (i % 3)} words" for i in range(64)]
+    alone = [r.mark("<|im_start|>user\n").input_ids + r.text(t).input_ids for t in texts]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(5):
+            both = list(pool.map(lambda t: r.mark("<|im_start|>user\n").input_ids + r.text(t).input_ids, texts))
+            assert both == alone
