@@ -120,13 +120,18 @@ def normalize_row(row, base):
     s = _normalize(row, base)
     if not isinstance(s.get("question"), str) or not s["question"].strip():
         raise DataError(f"question must be a non-empty string, got {s.get('question')!r}")
-    if s.get("answer") is None or s["answer"] == "None" or not str(s["answer"]).strip():
+    if s.get("answer") is None or not str(s["answer"]).strip():
         raise DataError(f"answer must not be null or empty, got {s.get('answer')!r}")
     d = s.get("duration")
     if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d)
                           or not 0 < d <= 86400):
         raise DataError(f"duration must be a positive number of seconds (at most a day), got {d!r}")
     return s
+
+
+def _text(v):
+    """A field of another format as our text, None kept (normalize_row refuses it, instead of the text "None")."""
+    return None if v is None else str(v)
 
 
 def _normalize(row, base):
@@ -138,19 +143,19 @@ def _normalize(row, base):
         question = extra.get("question") or text.replace("<video>", "").split("\n")[0].strip()
         seg = extra.get("video_segment")
         return dict(id=str(extra.get("index", row.get("id", ""))), video=_resolve(row["videos"][0]["video"], base),
-                    question=question, answer=str((row.get("reward_model") or {}).get("ground_truth", extra.get("answer"))),
+                    question=question, answer=_text((row.get("reward_model") or {}).get("ground_truth", extra.get("answer"))),
                     window=list(map(float, seg)) if seg is not None and len(seg) == 2 else None)
     if "messages" in row:  # LongVT SFT/RFT row (lmms-engine): tool responses carry their frames as images
         return _from_messages(row, base)
     if "video_path" in row and "question" in row:  # VideoSIAH-Eval or LVBench
         q = row["question"]
         return dict(id=str(row.get("id", row.get("uid", ""))), video=_resolve(row["video_path"], base), question=q,
-                    answer=str(row["answer"]), answer_type="choice" if "\n(A)" in q else None)
+                    answer=_text(row["answer"]), answer_type="choice" if "\n(A)" in q else None)
     if "videoID" in row and "options" in row:  # Video-MME
         vid = os.path.join(base, "data", row["videoID"])
         video = next((vid + e for e in (".mp4", ".MP4", ".mkv") if os.path.exists(vid + e)), vid + ".mp4")
         return dict(id=str(row.get("question_id", row["videoID"])), video=video, question=row["question"],
-                    choices=list(row["options"]), answer=str(row["answer"]), answer_type="choice")
+                    choices=list(row["options"]), answer=_text(row["answer"]), answer_type="choice")
     missing = [k for k in ("video", "question", "answer") if k not in row]
     if missing:
         raise DataError(f"missing field(s) {missing}")
@@ -328,7 +333,8 @@ class Renderer:
         self.im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
         self.merge = processor.image_processor.merge_size ** 2
         self.tps = getattr(processor.video_processor, "temporal_patch_size", 2)
-        specials = sorted((t.content for t in self.tok.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+        specials = sorted((t.content for t in self.tok.added_tokens_decoder.values() if t.special), key=len,
+                          reverse=True)
         self.special = re.compile("|".join(map(re.escape, specials)))
 
     def text(self, s, train=0):

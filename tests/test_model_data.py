@@ -580,3 +580,14 @@ def test_rendering_from_threads_matches_rendering_alone(tiny):
         for _ in range(5):
             both = list(pool.map(lambda t: r.mark("<|im_start|>user\n").input_ids + r.text(t).input_ids, texts))
             assert both == alone
+
+
+def test_a_null_answer_in_another_format_is_refused_not_rendered_as_none(tmp_path):
+    """A VideoSIAH-Eval row with a null answer is a DataError naming file:line (its reader kept it as the text "None"
+    before); an answer that is the word "None" is an answer like any other."""
+    p = tmp_path / "siah.jsonl"
+    p.write_text(json.dumps(dict(video_path="a.mp4", question="Which flag?", answer="None")) + "\n"
+                 + json.dumps(dict(video_path="a.mp4", question="Which flag?", answer=None)) + "\n")
+    with pytest.raises(DataError, match=r"siah.jsonl:2: answer must not be null"):
+        load_samples(str(p))
+    assert load_samples(str(p), skip_bad=True)[0]["answer"] == "None"
