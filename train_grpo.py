@@ -44,6 +44,7 @@ from data import ViewConfig, collate, load_samples, model_vision, save_view
 from model import (atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, rng_state,
                    set_rng_state, token_logprobs)
 from reward import Judge, RewardConfig, answer_type, reward_batch
+from results import write_curve
 from rollout import RolloutConfig, check_budget, rollout
 
 
@@ -252,22 +253,6 @@ def init_path(p):
         raise SystemExit(f"--init={p}: no checkpoint there. Run stage 1 first (torchrun --standalone "
                          "--nproc_per_node=2 train_sft.py writes runs/sft), or start from scratch with --init=tiny.")
     return p
-
-
-def write_curve(out):
-    """reward_curve.svg: reward, accuracy and IoU per step as SVG polylines (no plotting dependency)."""
-    rows = [m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "reward" in m]
-    W, H, P, top = 640, 320, 40, max([1.0] + [r["reward"] for r in rows])  # size, padding, y of the top edge
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">'
-           f'<rect x="{P}" y="{P / 2}" width="{W - 2 * P}" height="{H - 1.5 * P}" fill="none" stroke="#999"/>'
-           f'<text x="4" y="{P / 2 + 10}">{top:.2f}</text><text x="4" y="{H - P}">0</text>']
-    for i, (key, colour) in enumerate((("reward", "#d62728"), ("accuracy", "#1f77b4"), ("iou", "#2ca02c"))):
-        pts = " ".join(f"{P + (W - 2 * P) * j / max(len(rows) - 1, 1):.1f},{H - P - (H - 1.5 * P) * r[key] / top:.1f}"
-                       for j, r in enumerate(rows))
-        svg += [f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}"/>',
-                f'<text x="{P + 10 + 90 * i}" y="{H - 8}" fill="{colour}">{key}</text>']
-    with open(os.path.join(out, "reward_curve.svg"), "w") as f:
-        f.write("\n".join(svg + [f'<text x="{W - 120}" y="{H - 8}">{len(rows)} steps</text></svg>']))
 
 
 def dump_rollouts(path, rows, tokenizer):
