@@ -67,6 +67,7 @@ def view_from(cfg) -> ViewConfig:
     return ViewConfig(**kw)
 
 
+VIEW_FIELDS = {f.name for f in fields(ViewConfig)}
 VIEW_FILE = "view.json"  # in a checkpoint dir: the ViewConfig it was trained with
 LAYOUT_FIELDS = ("visual_format", "timestamps", "time_grid", "longvt_text", "ask_first", "instruction_first",
                  "time_after")
@@ -78,17 +79,27 @@ def save_view(view: ViewConfig, out_dir):
         json.dump(asdict(view), f, indent=1)
 
 
-def layout_mismatch(model_dir, view: ViewConfig):
-    """[(field, trained value, this value)] for the prompt-layout fields where `view` differs from the one the
-    checkpoint in model_dir was trained with; [] when they agree or it has no readable view.json (HF ids, older
+def follow_layout(model_dir, view: dict, given=(), log=print):
+    """The prompt layout `model_dir` was trained with (its view.json), for a run from it: {field: trained value}
+    for each layout field that differs from `view` (a dict of ViewConfig fields) and is not in `given` (the flags
+    the user passed: those win, with a warning). Nothing when it has no readable view.json (HF ids, older
     checkpoints). Frame budgets and the tool schema may differ on purpose (longer videos, the no-tool baseline)."""
     path = os.path.join(str(model_dir), VIEW_FILE)
     try:
         with open(path) as f:
             trained = json.load(f)
     except (OSError, ValueError):
-        return []
-    return [(k, trained[k], getattr(view, k)) for k in LAYOUT_FIELDS if k in trained and trained[k] != getattr(view, k)]
+        return {}
+    now = asdict(ViewConfig(**{k: v for k, v in view.items() if k in VIEW_FIELDS}))
+    out = {}
+    for k in (k for k in LAYOUT_FIELDS if k in trained and trained[k] != now[k]):
+        if k in given:
+            log(f"warning: {model_dir} was trained with {k}={trained[k]}, this run uses {k}={now[k]}: the prompt "
+                f"differs from training (--{k}={str(trained[k]).lower()} matches it)")
+        else:
+            out[k] = trained[k]
+            log(f"{k}={trained[k]}: as {model_dir} was trained (its view.json; --{k}= overrides)")
+    return out
 
 
 SYSTEM = "You are a helpful assistant."

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import Renderer, ViewConfig, layout_mismatch, load_samples, render_sft, view_from
+from data import Renderer, ViewConfig, follow_layout, load_samples, render_sft, view_from
 from model import check_writable, compute_init, load_model, parse_config, print0, resolve_checkpoint
 from reward import RewardConfig, _config_judge, iou_reward, reward_batch
 from rollout import RolloutConfig, check_budget, rollout
@@ -332,13 +332,8 @@ def main(argv=None):
         judge.health_check()
     model, processor = load_model(name, d.device)
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-    for k, trained, now in layout_mismatch(name, view_from(cfg)):  # the prompt layout it was trained with
-        if k in given:
-            print0(f"warning: {name} was trained with {k}={trained}, this eval uses {k}={now}: the prompt differs "
-                   f"from training (--{k}={str(trained).lower()} matches it)")
-        else:
-            setattr(cfg, k, trained)
-            print0(f"{k}={trained}: as {name} was trained (its view.json; --{k}= overrides)")
+    for k, v in follow_layout(name, asdict(view_from(cfg)), given, print0).items():  # the layout it learnt
+        setattr(cfg, k, v)
     if samples:
         check_budget(processor, samples[0], view_from(cfg), cfg.max_new_tokens, cfg.max_total_tokens)
     keep = bool(cfg.export_rft or cfg.save_trajectories)  # gather token ids only when something needs them

@@ -219,9 +219,9 @@ def token_logprobs(model, input_ids, attention_mask=None, position_ids=None, chu
             logits = logits / temperature
         lse = torch.logsumexp(logits, dim=-1)
         logp = logp.index_put((b, t), logits.gather(-1, input_ids[b, t, None]).squeeze(-1) - lse)
-        if with_entropy:
-            p = torch.softmax(logits, dim=-1)
-            ent = ent.index_put((b, t), lse - (p * logits).sum(-1))
+        if with_entropy:  # a metric: no graph (the training forward may ask for it too)
+            with torch.no_grad():
+                ent = ent.index_put((b, t), lse - (torch.softmax(logits, dim=-1) * logits).sum(-1))
     return logp, ent
 
 

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import needle
-from data import ViewConfig, collate, load_samples, model_vision, save_view
+from data import ViewConfig, collate, follow_layout, load_samples, model_vision, save_view
 from model import (atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, rng_state,
                    set_rng_state, token_logprobs)
 from reward import Judge, RewardConfig, answer_type, reward_batch
@@ -275,8 +275,9 @@ def train(cfg: Config):
     assert cfg.adv_norm in ("std", "none") and cfg.loss_agg in ("token-mean", "seq-mean"), "bad adv_norm/loss_agg"
     assert cfg.ratio_level in ("token", "sequence") and cfg.parallel in ("ddp", "fsdp"), "bad ratio_level/parallel"
     fsdp, G, dev, cuda = d.world > 1 and cfg.parallel == "fsdp", cfg.group_size, d.device, d.device.type == "cuda"
-    view, rcfg = ViewConfig(**cfg.view), RewardConfig(**cfg.reward)
     init = init_path(cfg.init) if not cfg.resume or cfg.kl_coef > 0 else None  # fail before any work
+    cfg.view = {**cfg.view, **follow_layout(cfg.out if cfg.resume else init, cfg.view, set(cfg.view), print0)}
+    view, rcfg = ViewConfig(**cfg.view), RewardConfig(**cfg.reward)
     if d.is_main and cfg.data == Config.data:
         needle.ensure(cfg.data)  # the default benchmark, generated on first use
     if d.is_main and cfg.resume and resolve_checkpoint(cfg.out) != cfg.out:
@@ -377,16 +378,17 @@ def train(cfg: Config):
                 b = collate(hf, [t.rendered() for t, _ in chunk or [(spare, 0.0)]], processor.tokenizer.pad_token_id)
                 b.update(adv=torch.tensor([a for _, a in chunk] or [0.0]), rows=len(chunk), weight=float(bool(chunk)))
                 micro[-1].append(b)
-        # ---- old (and reference) log-probs, recomputed in one no-grad pass before any update: the sampling
-        # log-probs come from the KV-cached incremental path (other kernels, other batch shapes) and under bf16
-        # drift from the training forward; recomputed with the very micro-batches of the update, ratio == 1
-        # exactly at the first mini-batch of the step.
+        # ---- old (and reference) log-probs in one no-grad pass with the update's micro-batches (the sampling
+        # log-probs come from the KV-cached path and drift under bf16). One epoch of one mini-batch is on-policy by
+        # construction: old = the training forward's own log-probs, detached (one forward fewer; ratio_err 0).
         st = dict(kl=0.0, clipped=0.0, tokens=0.0, ent=0.0, gnorm=0.0, updates=0, nonfinite=0, err=0.0)
+        on_policy = cfg.ppo_epochs == 1 and cfg.mini_batches == 1
         with torch.no_grad():
             for b in (b for items in micro for b in items):
-                b["old"], ent = net(b, with_entropy=True)
+                if not on_policy:
+                    b["old"], ent = net(b, with_entropy=True)
+                    st["ent"] += (ent * b["policy_mask"].to(dev)).sum().item() * b["weight"]  # as 1 epoch's
                 b["ref"] = ref(b)[0] if ref is not None else None
-                st["ent"] += (ent * b["policy_mask"].to(dev)).sum().item() * b["weight"]  # tokens: as 1 epoch's
         # ---- update: ppo_epochs x mini-batches, gradients accumulated over micro-batches, synced on the last
         for epoch in range(cfg.ppo_epochs):
             for k, items in enumerate(micro):
@@ -400,8 +402,11 @@ def train(cfg: Config):
                     if fsdp:
                         net.set_requires_gradient_sync(last)
                     with nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
-                        logp, _ = net(b)
+                        logp, ent = net(b, with_entropy=on_policy)
                         mask = b["policy_mask"].to(dev) * b["weight"]
+                        if on_policy:
+                            b["old"] = logp.detach()
+                            st["ent"] += (ent * mask).sum().item()
                         loss, s = grpo_loss(logp, b["old"], b["ref"], b["adv"].to(dev), mask, cfg, denom)
                         loss.backward()
                     st.update({key: st[key] + v for key, v in s.items()})

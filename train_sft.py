@@ -57,8 +57,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (DataError, Renderer, ViewConfig, batch_to, collate, global_times, load_samples, model_vision,
-                  render_sft, save_view, view_from)
+from data import (DataError, Renderer, ViewConfig, batch_to, collate, follow_layout, global_times, load_samples,
+                  model_vision, render_sft, save_view, view_from)
 from model import (atomic_dir, check_writable, compute_init, load_model, parse_config, print0, resolve_checkpoint,
                    rng_state, set_rng_state, unwrap)
 import needle
@@ -307,6 +307,9 @@ def main(argv=None):
     init = cfg.out if cfg.resume else (cfg.init or cfg.model)
     model, processor = load_model(init, d.device, dtype=torch.float32, grad_ckpt=cfg.grad_ckpt)
     pad_id = processor.tokenizer.pad_token_id
+    given = {a[2:].split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+    for k, v in follow_layout(init, asdict(view_from(cfg)), given, print0).items():  # the layout it learnt
+        setattr(cfg, k, v)
     view = view_from(cfg)
 
     # ---- data: every rank renders a strided share; lengths and failures are shared so all ranks agree

@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,8 +34,11 @@ import eval as evaluation  # noqa: E402
 import needle  # noqa: E402
 import train_sft  # noqa: E402
 import warmup  # noqa: E402
-from data import load_samples, save_view, view_from  # noqa: E402
+from data import ViewConfig, load_samples, save_view, view_from  # noqa: E402
+import model as model_lib  # noqa: E402
 from model import load_model, parse_config, save_checkpoint  # noqa: E402
+
+VIEW_FLAGS = {f.name for f in fields(ViewConfig)}
 
 
 
@@ -48,6 +51,12 @@ def episode(prompt):
 
 
 BARE, FULL, HALF = episode(lambda rng: False), episode(lambda rng: True), episode(lambda rng: rng.random() < 0.5)
+
+
+def BARE_COPY(r, rng, c):  # bare episodes that crop the asked window for both phrasings (no lazy skim)
+    return warmup.episode_example(r, rng, replace(c, lazy_fraction=0.0))
+
+
 # name -> (warm-up steps, [(batch size, example(renderer, rng, data config)) per step, cycled], train_sft flags)
 CANDIDATES = {
     "reading-600": (600, [(16, reading)], []),        # the first window-task pipeline run: crops alone -> answer
@@ -57,6 +66,12 @@ CANDIDATES = {
     "mixed-400": (400, [(8, HALF)], ["--epochs=1"]),  # ... half and half
     "alt-800": (800, [(16, reading), (8, BARE)], []),  # reading and bare episodes on alternate steps
     "alt-800-sft3": (800, [(16, reading), (8, BARE)], ["--epochs=3"]),
+    "alt-1000-copy": (1000, [(16, reading), (8, BARE_COPY)], []),  # the episodes copy for both phrasings
+    "alt-1000-copy-nots": (1000, [(16, reading), (8, BARE_COPY)], ["--timestamps=false"]),  # ... no timestamps
+    # SFT on 768 rows for 2 epochs (data: needle.py --num_train=768; --needle_seconds=3 for -n3), from alt-1000-copy
+    "alt-1000-copy-num3": (1000, [(16, reading), (8, BARE_COPY)], []),  # with --number_digits=3
+    "copy-sft768": (1000, [(16, reading), (8, BARE_COPY)], ["--epochs=2"]),
+    "copy-sft768-n3": (1000, [(16, reading), (8, BARE_COPY)], ["--epochs=2"]),
 }
 
 
@@ -65,6 +80,8 @@ class Config:
     data: str = "data/needle"   # needle data dir: sft.jsonl for SFT, eval_short.jsonl for the measures
     out: str = "runs/screen"
     only: str = ""              # the candidate to run (see CANDIDATES)
+    number_digits: int = 0      # the tiny tokenizer's longest one-token number for the warm-up's fresh model (0: model's)
+    measure: str = ""           # only measure this checkpoint (e.g. a pipeline's SFT) as a row named --only
     n: int = 64                 # eval_short samples measured
     sft: bool = True            # also run the pipeline's SFT after the warm-up and measure it
     warm: str = ""              # start SFT from this warm-up checkpoint (another candidate's) instead of warming up
@@ -87,9 +104,11 @@ def measures(preds):
                 read=frac(exact, lambda p: p["score"]), n=len(preds))
 
 
-def measure(model_dir, samples):
+def measure(model_dir, samples, view):
     model, processor = load_model(model_dir)
-    summary, preds = evaluation.evaluate(model, processor, samples, cfg=dict(max_new_tokens=128))
+    summary, preds = evaluation.evaluate(model, processor, samples, cfg=dict(max_new_tokens=128), view=view)
+    with open(os.path.join(model_dir, "screen_predictions.jsonl"), "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in preds)
     return measures(preds)
 
 
@@ -107,24 +126,29 @@ def main(argv=None):
     if cfg.table:
         print(table(path))
         return
-    if cfg.only not in CANDIDATES:
+    if cfg.only not in CANDIDATES and not cfg.measure:
         raise SystemExit(f"--only must be one of {sorted(CANDIDATES)}, got {cfg.only!r}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    steps, kinds_of, flags = CANDIDATES[cfg.only]
+    steps, kinds_of, flags = CANDIDATES.get(cfg.only, (0, [], []))
+    view = view_from(parse_config(train_sft.Config, [f for f in flags if f.split("=")[0][2:] in VIEW_FLAGS]))
     samples = load_samples(os.path.join(cfg.data, "eval_short.jsonl"))[:cfg.n]
     os.makedirs(cfg.out, exist_ok=True)
 
     def log(stage, t0, model_dir, **extra):
-        row = dict(candidate=cfg.only, stage=stage, **measure(model_dir, samples), seconds=round(time.time() - t0),
-                   **extra)
+        row = dict(candidate=cfg.only, stage=stage, **measure(model_dir, samples, view),
+                   seconds=round(time.time() - t0), **extra)
         print(row, flush=True)
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     t0, warm = time.time(), cfg.warm or os.path.join(cfg.out, cfg.only, "warm")
+    if cfg.measure:
+        return log("measured", t0, cfg.measure)
     if not cfg.warm:
+        if cfg.number_digits:
+            model_lib.NUMBER_DIGITS = cfg.number_digits
         model, processor = load_model("tiny")
-        view, data = view_from(train_sft.Config()), needle.load_config(cfg.data)
+        data = needle.load_config(cfg.data)
         kinds = [(n, lambda r, rng, f=f: f(r, rng, data)) for n, f in kinds_of]
         losses = warmup.skill_warmup(model, processor, view, steps, kinds, train_sft.policy_nll, desc=cfg.only)
         save_checkpoint(model, processor, warm)

@@ -311,3 +311,24 @@ def test_a_scene_row_without_duration_on_a_corrupt_video_says_what_is_wrong(tmp_
     out = capsys.readouterr().out
     assert re.search(r"skipping sample train_00000 \(.*bad.mp4\): ToolError: cannot read video .*bad.mp4", out), out
     assert "KeyError" not in out
+
+
+def test_runs_from_a_checkpoint_keep_its_prompt_layout(sft_file, tmp_path, capsys):
+    """SFT with --timestamps=false -> GRPO and RFT from it render the same layout without being told (the view.json
+    each writes says so); a flag given explicitly wins, with a warning naming the flag that matches."""
+    import train_grpo
+    sft, grpo, rft, other = (str(tmp_path / n) for n in ("sft", "grpo", "rft", "other"))
+    train_sft.main(args(sft_file, sft, steps=1, timestamps="false"))
+    view = lambda d: json.load(open(os.path.join(d, "view.json")))  # noqa: E731
+    assert view(sft)["timestamps"] is False
+    rl = os.path.join(os.path.dirname(sft_file), "train.jsonl")
+    train_grpo.train(train_grpo.Config(init=sft, data=rl, eval_data="", out=grpo, steps=1, prompts_per_step=1,
+                                       group_size=2, max_turns=1, max_new_tokens=2, kl_coef=0.0, eval_every=0,
+                                       save_every=0, log_rollouts_every=0, view=dict(global_frames=4)))
+    assert "timestamps=False: as" in capsys.readouterr().out
+    assert view(grpo)["timestamps"] is False and view(grpo)["global_frames"] == 4
+    train_sft.main(args(sft_file, rft, steps=1, init=grpo))
+    assert "timestamps=False: as" in capsys.readouterr().out and view(rft)["timestamps"] is False
+    train_sft.main(args(sft_file, other, steps=1, init=grpo, timestamps="true"))
+    out = capsys.readouterr().out
+    assert "warning" in out and "--timestamps=false" in out and view(other)["timestamps"] is True
