@@ -44,8 +44,8 @@ class ViewConfig:
                                   # the needle benchmark's 2-s flash (needle.py), a narrow one always catches it
     crop_min_frames: int = 4      # at least this many frames per crop
     crop_max_pixels: int = 56 * 56  # pixel budget per cropped frame
-    longvt_text: bool = False     # LongVT's observation wording and question-then-instruction order (for its
-                                  # released checkpoints); off: the instruction first, the question last
+    protocol: str = "ours"        # "ours" | "longvt" (LongVT's RL strings, separators and tool checks, for its
+                                  # checkpoints: ../FORMATS.md) | "longvt_eval" (the same with LongVT's eval user text)
     ask_first: bool = False       # the question also before the global view, so that the view's tokens can attend
                                   # to it (docs/studies.md, "The question first"); LongVT: off
     instruction_first: bool = False  # the instruction opens the user turn instead of sitting between the view and
@@ -64,12 +64,15 @@ def view_from(cfg) -> ViewConfig:
         kw["global_frames"] = cfg.max_frames
     if kw.get("visual_format", "video") not in ("video", "images"):
         raise ValueError(f"visual_format must be 'video' or 'images', got {kw['visual_format']!r}")
+    if kw.get("protocol", "ours") not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {kw['protocol']!r}")
     return ViewConfig(**kw)
 
 
 VIEW_FIELDS = {f.name for f in fields(ViewConfig)}
+PROTOCOLS = ("ours", "longvt", "longvt_eval")
 VIEW_FILE = "view.json"  # in a checkpoint dir: the ViewConfig it was trained with
-LAYOUT_FIELDS = ("visual_format", "timestamps", "time_grid", "longvt_text", "ask_first", "instruction_first",
+LAYOUT_FIELDS = ("visual_format", "timestamps", "time_grid", "protocol", "ask_first", "instruction_first",
                  "time_after")
 
 
@@ -110,6 +113,23 @@ INSTRUCTION_TOOLS = ("\nThink first inside <think></think>. If you need a closer
                      "start_time and end_time in seconds. Then give the final answer inside <answer></answer>.")
 INSTRUCTION_NO_TOOLS = "\nThink first inside <think></think>, then give the final answer inside <answer></answer>."
 LAST_TURN_NOTE = "No more tool calls are available: answer now."
+# LongVT's strings (protocol="longvt*"; ../FORMATS.md): its template's system turn with its tool schema, the RL and
+# eval user texts after the question, its observation; no newline between turns.
+LONGVT_SCHEMA = ('{"type": "function", "function": {"name": "crop_video", "description": "Crop a video to a specified '
+                 'duration.", "parameters": {"type": "object", "properties": {"video_path": {"type": "string", '
+                 '"description": "Path to the video file", "enum": null}, "start_time": {"type": "number", '
+                 '"description": "Start time in seconds", "enum": null}, "end_time": {"type": "number", '
+                 '"description": "End time in seconds, must be > start_time", "enum": null}}, "required": []}, '
+                 '"strict": false}}')
+LONGVT_TOOLS = ("\n# Tools\nYou may call one or more functions to assist with the user query.\nYou are provided with "
+                "function signatures within <tools></tools> XML tags:\n<tools>" + LONGVT_SCHEMA + "</tools>\nFor each "
+                "function call, return a json object with function name and arguments within <tool_call></tool_call> "
+                "XML tags:\n<tool_call>{\"name\": <function-name>, \"arguments\": <args-json-object>}</tool_call>")
+LONGVT_FORMAT = (" Think first, call **crop_video** if needed, then answer. Format strictly as:  <think>...</think>  "
+                 "<tool_call>...</tool_call> (if tools needed)  <answer>...</answer>")
+LONGVT_RL = (" You FIRST think about the reasoning process as an internal monologue and then provide the final answer."
+             + LONGVT_FORMAT + " \n The Video path for this video is: {path}")
+LONGVT_EVAL = LONGVT_FORMAT + ".\nVideo 0 has video path: {path}"
 
 
 # --------------------------------------------------------------------------- readers
@@ -402,31 +422,42 @@ class Renderer:
         start, end = self.mark("<|vision_start|>"), self.mark("<|vision_end|>")
         return start + Rendered([pad] * n, [0] * n, [kind] * n, vision) + end
 
+    @property
+    def longvt(self):
+        return self.view.protocol.startswith("longvt")
+
     def system_text(self):
         if not self.view.tools:
             return SYSTEM
-        return SYSTEM + TOOLS_TEXT.format(schema=json.dumps(CROP_VIDEO_SCHEMA))
+        return SYSTEM + (LONGVT_TOOLS if self.longvt else TOOLS_TEXT.format(schema=json.dumps(CROP_VIDEO_SCHEMA)))
 
     def system_turn(self):
         """The system turn: the system prompt, with the tool schema when tools are on."""
-        return self.mark("<|im_start|>system\n") + self.text(self.system_text()) + self.mark("<|im_end|>\n")
+        return (self.mark("<|im_start|>system\n") + self.text(self.system_text())
+                + self.mark("<|im_end|>" + self.sep))
+
+    @property
+    def sep(self):  # between turns: LongVT's template has no newline
+        return "" if self.longvt else "\n"
 
     def prompt(self, sample, frames, timestamps):
-        """System + user (global view, instruction, question; LongVT's order with longvt_text: global view,
-        question, instruction; with instruction_first: instruction, global view, question; with ask_first the
-        question also opens the user turn, after the instruction if that is first) + the assistant header."""
+        """System + user (global view, instruction, question; with instruction_first: instruction, global view,
+        question; with ask_first the question also opens the user turn, after the instruction if that is first) +
+        the assistant header. protocol longvt*: LongVT's turn, the view, the question, its text with the path."""
         q = sample["question"]
         if sample.get("choices"):
             q += "\n" + "\n".join(sample["choices"])
+        if self.longvt:  # in-memory samples have no video: the path is left blank
+            path = os.path.abspath(sample["video"]) if sample.get("video") else ""
+            tail = LONGVT_EVAL if self.view.protocol == "longvt_eval" else LONGVT_RL
+            return self.system_turn() + self.user(q, frames, timestamps, q + tail.format(path=path))
         instr = INSTRUCTION_TOOLS if self.view.tools else INSTRUCTION_NO_TOOLS
-        if self.view.tools and self.view.longvt_text and sample.get("video"):  # in-memory views have none
-            instr += f"\n The video path is: {os.path.basename(sample['video'])}"
         # LongVT's user turn ends with the instruction; ours ends with the question, next to the assistant turn that
         # answers it: the tiny policy then answers the kind of question asked (README "The question last")
         if self.view.instruction_first:
             lead, body = f"{instr.lstrip()}\n", q
         else:
-            lead, body = "", f"{q}{instr}" if self.view.longvt_text else f"{instr.lstrip()}\n{q}"
+            lead, body = "", f"{instr.lstrip()}\n{q}"
         return self.system_turn() + self.user(q, frames, timestamps, body, lead)
 
     def user(self, q, frames, timestamps, body=None, lead=""):
@@ -434,17 +465,18 @@ class Renderer:
         view, then `body` (None: the question alone, a bare turn without system prompt or instruction)."""
         first = lead + (f"{q}\n" if self.view.ask_first else "")
         return (self.mark("<|im_start|>user\n") + self.text(first) + self.visual(frames, timestamps)
-                + self.text(q if body is None else body) + self.mark("<|im_end|>\n<|im_start|>assistant\n"))
+                + self.text(q if body is None else body) + self.mark(f"<|im_end|>{self.sep}<|im_start|>assistant\n"))
 
     def observation(self, obs, last=False):
         """The chunk appended after a tool-call turn: closes the assistant turn, the tool response as a user
         turn, and opens the next assistant turn. obs: dict(frames, timestamps, text) (frames may be None)."""
-        out = self.mark("<|im_end|>\n<|im_start|>user\n<tool_response>")
+        out = self.mark("<|im_end|><|im_start|>user<tool_response>\n" if self.longvt
+                        else "<|im_end|>\n<|im_start|>user\n<tool_response>")
         if obs.get("frames") is not None and len(obs["frames"]):
             out = out + self.visual(obs["frames"], obs["timestamps"])
-        note = f"\n{LAST_TURN_NOTE}" if last else ""
+        note = f"\n{LAST_TURN_NOTE}" if last and not self.longvt else ""  # LongVT just ends at its 5th call
         tail = self.text(f"{obs['text']}</tool_response>{note}")
-        return out + tail + self.mark("<|im_end|>\n<|im_start|>assistant\n")
+        return out + tail + self.mark(f"<|im_end|>{self.sep}<|im_start|>assistant\n")
 
     def assistant(self, text, final):
         """An assistant turn as the policy would emit it (mask 1), incl. <|im_end|> on the final turn."""
@@ -484,7 +516,7 @@ def render_sft(renderer: Renderer, sample, max_turns=5):
             return dict(frames=np.stack(imgs) if imgs else None, timestamps=[0.0] * len(imgs),
                         text=o["text"].replace("<tool_response>", "").replace("</tool_response>", ""))
         return observe(text, s["video"], s["duration"], fps=view.crop_fps, max_frames=view.crop_max_frames,
-                       min_frames=view.crop_min_frames, max_pixels=view.crop_max_pixels, longvt_text=view.longvt_text)
+                       min_frames=view.crop_min_frames, max_pixels=view.crop_max_pixels, protocol=view.protocol)
     return renderer.trajectory(s, frames, ts, obs, max_turns)
 
 

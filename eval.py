@@ -60,7 +60,7 @@ class Config:
     tools: bool = True              # false: the no-tool baseline (no tool schema, answer from the global view)
     visual_format: str = ViewConfig.visual_format   # "video" | "images" (LongVT-compatible)
     timestamps: bool = ViewConfig.timestamps        # text timestamps in the global view (LongVT: off)
-    longvt_text: bool = ViewConfig.longvt_text      # LongVT's tool-response wording
+    protocol: str = ViewConfig.protocol            # ours | longvt | longvt_eval (LongVT's exact strings)
     ask_first: bool = ViewConfig.ask_first          # the question also before the global view (as in training)
     instruction_first: bool = ViewConfig.instruction_first  # the instruction before the global view (as in training)
     time_after: bool = ViewConfig.time_after        # each timestamp after its frames (as in training)

@@ -9,7 +9,7 @@ and a crop of the asked window (16 frames at most, one per <= 1.5 s) always show
 sits near the generation point: copy the window from the question into the call, read the colour
 off the crop. The SFT data is imperfect by construction, so that RL has something to fix: `loose_fraction` of the
 questions are phrased "A flash appears between A s and B s. What colour is it?", and `lazy_fraction` of their
-trajectories skim [0, B] instead (16 frames over up to 300 s: the flash is placed between their frames too), see no
+trajectories skim [0, B] instead (16 frames over up to 300 s: the 3-s flash is placed between their frames too), see no
 flash and guess. The greedy SFT policy copies that habit for the loose phrasing; GRPO, rewarded on accuracy and IoU,
 learns that the asked window pays, and RFT keeps its correct, grounded trajectories. `notool_fraction` more rows
 answer without tools (the no-tool baseline's prompt: it guesses, since the global view misses the flash).
@@ -40,9 +40,10 @@ NEEDLE_COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
 @dataclass
 class NeedleConfig:
     out: str = "data/needle"       # output folder (videos/, train.jsonl, sft.jsonl, rl.jsonl, eval*.jsonl)
-    num_train: int = 192           # training samples (one video each); sft.jsonl covers the same videos
+    num_train: int = 768           # training samples (one video each); sft.jsonl covers the same videos (768 rather
+                                   # than 192: SFT then learns the copy instead of memorising rows, docs/screen.md)
     num_rl: int = -1               # RL prompts (rl.jsonl: other videos of the training lengths, for GRPO and the
-                                   # RFT export, as LongVT's RL data is not its SFT data); -1: num_train
+                                   # RFT export, as LongVT's RL data is not its SFT data); -1: num_train // 4
     num_eval: int = 256            # held-out samples (eval.jsonl: the longer eval videos, the generalisation set)
     num_eval_short: int = 256      # held-out samples with the training videos' lengths (eval_short.jsonl): the
                                    # gate set of the README's results table
@@ -56,7 +57,7 @@ class NeedleConfig:
     size: int = 112                # width = height, pixels
     scene_min: float = 20.0        # scene length range, seconds
     scene_max: float = 40.0
-    needle_seconds: float = 2.0    # how long the needle is visible
+    needle_seconds: float = 3.0    # how long the needle is visible (3 rather than 2: read 0.94 vs 0.79, screen.md)
     square: float = 1.0            # side of the square as a fraction of the frame's: 1 = the whole frame flashes
                                    # the needle colour (the default); 0.25 = a small square (docs/studies.md,
                                    # reading: the tiny vision tower needs tens of thousands of examples to see it)
@@ -311,7 +312,7 @@ def generate(cfg: NeedleConfig):
     rng = random.Random(cfg.seed)
     rows = {"train": [], "eval": [], "sft": [], "eval_short": [], "rl": []}
     # eval_short, then rl, last: the splits before them do not depend on them
-    n_rl = cfg.num_train if cfg.num_rl < 0 else cfg.num_rl
+    n_rl = max(1, cfg.num_train // 4) if cfg.num_rl < 0 else cfg.num_rl
     jobs = [("train", i) for i in range(cfg.num_train)] + [("eval", i) for i in range(cfg.num_eval)] + \
         [("eval_short", i) for i in range(cfg.num_eval_short)] + [("rl", i) for i in range(n_rl)]
     pending = []  # the videos to write: drawn in order (every draw comes from one generator), written in parallel

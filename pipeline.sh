@@ -37,7 +37,7 @@ done_() { [ -f "$1/done" ]; }
 
 stage "stage 1: SFT cold start -> $RUNS/sft"
 if ! done_ "$RUNS/sft"; then  # (an if, not `||`: set -e does not stop on a failure inside an || list)
-  $PY train_sft.py --data="$DATA/sft.jsonl" --out="$RUNS/sft" --skill_warmup=1000 --threads=2 --seed="$SEED" $SFT_ARGS
+  $PY train_sft.py --data="$DATA/sft.jsonl" --out="$RUNS/sft" --skill_warmup=1000 --epochs=2 --threads=2 --seed="$SEED" $SFT_ARGS
   touch "$RUNS/sft/done"
 fi
 

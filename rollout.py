@@ -238,7 +238,8 @@ class Engine:
         def run(i):
             s = self.rows[i].traj.sample
             return observe(texts[i], s["video"], s["duration"], fps=view.crop_fps, max_frames=view.crop_max_frames,
-                           min_frames=view.crop_min_frames, max_pixels=view.crop_max_pixels, longvt_text=view.longvt_text)
+                           min_frames=view.crop_min_frames, max_pixels=view.crop_max_pixels,
+                           protocol=view.protocol)
         with ThreadPoolExecutor(cfg.workers) as pool:
             obs = list(pool.map(run, range(len(self.rows))))
         chunks, keep = [], []

@@ -210,6 +210,39 @@ def validate_crop_args(call: ToolCall, video_path: str, duration: float) -> tupl
     return _clamp_window(start, end, duration)
 
 
+LONGVT_OK = "The tool executed successfully. Here are the processed result"
+
+
+def longvt_crop_args(call: ToolCall, video_path: str, duration: float) -> tuple[float, float]:
+    """LongVT's tool checks, in its order and with its messages (../FORMATS.md): the path and both times are
+    required, the window must lie inside the video (an error, not a clamp). Returns the raw (start, end)."""
+    if call.error is not None:
+        raise ToolError(call.error)
+    if call.name != "crop_video":
+        raise ToolError(f"unknown tool {call.name!r}; the only tool is 'crop_video'")
+    args = call.arguments or {}
+    for k in ("video_path", "start_time", "end_time"):
+        if k not in args:
+            raise ToolError(f"{k} parameter is required")
+    named = args["video_path"]
+    if not isinstance(named, str) or not named.strip():
+        raise ToolError("video_path parameter is required")
+    # numbers as the call wrote them (LongVT's messages print 10 and 10.0 apart); else our message or a float
+    start, end = (args[k] if _as_seconds(args[k], k) == args[k] else _as_seconds(args[k], k)
+                  for k in ("start_time", "end_time"))
+    if start < 0:
+        raise ToolError(f"start_time must be non-negative, got {start}")
+    if end <= start:
+        raise ToolError(f"end_time ({end}) must be greater than start_time ({start})")
+    if _video_name(named) != _video_name(str(video_path)):  # LongVT opens any path; we read only the sample's
+        raise ToolError(f"Video file not found: {named[:200]}")
+    if start >= duration:
+        raise ToolError(f"start_time ({start}s) exceeds video duration ({duration:.2f}s)")
+    if end > duration:
+        raise ToolError(f"end_time ({end}s) exceeds video duration ({duration:.2f}s)")
+    return float(start), float(end)
+
+
 # ---------------------------------------------------------------------------- decoding
 
 def _open(path):
@@ -465,22 +498,22 @@ def crop_video(video_path, start_time, end_time, fps=1.0, max_frames=64, min_fra
 
 # --------------------------------------------------------------------------- the observation a call produces
 def observe(turn_text, video_path, duration, fps=1.0, max_frames=64, min_frames=4, max_pixels=56 * 56,
-            longvt_text=False) -> dict:
+            protocol="ours") -> dict:
     """Run the last tool call of an assistant turn. Returns the observation the model sees next:
     dict(frames (N, H, W, 3) or None, timestamps, text, window [s, e] or None, error str or None, raw).
     Never raises: every failure (unparseable call, unknown tool, bad window, unreadable video) becomes an
-    error observation, so the episode goes on."""
+    error observation, so the episode goes on. protocol "longvt"/"longvt_eval": LongVT's checks and texts."""
+    longvt = protocol.startswith("longvt")
     calls = parse_tool_calls(turn_text)
     raw = calls[-1].raw if calls else ""
     try:
         if not calls:
             raise ToolError("no <tool_call> block found")
-        start, end = validate_crop_args(calls[-1], video_path, duration)
+        start, end = (longvt_crop_args if longvt else validate_crop_args)(calls[-1], video_path, duration)
         clip = crop_video(video_path, start, end, fps=fps, max_frames=max_frames, min_frames=min_frames,
                           max_pixels=max_pixels)
     except ToolError as e:
         return dict(frames=None, timestamps=[], text=f"Tool execution failed: {e}", window=None, error=str(e), raw=raw)
-    ok = ("The tool executed successfully, here are the processed result" if longvt_text
-          else f"Frames from {fmt_time(clip.start)}s to {fmt_time(clip.end)}s.")
+    ok = LONGVT_OK if longvt else f"Frames from {fmt_time(clip.start)}s to {fmt_time(clip.end)}s."
     return dict(frames=clip.frames, timestamps=list(clip.timestamps), text=ok, window=[clip.start, clip.end],
                 error=None, raw=raw)

@@ -110,7 +110,7 @@ class Config:
     max_turns: int = RolloutConfig.max_turns        # tool calls per episode (the last observation says so)
     visual_format: str = ViewConfig.visual_format   # "video" | "images" (LongVT's released checkpoints)
     timestamps: bool = ViewConfig.timestamps        # text timestamps in the global view (LongVT: off)
-    longvt_text: bool = ViewConfig.longvt_text      # LongVT's tool-response wording
+    protocol: str = ViewConfig.protocol            # ours | longvt | longvt_eval (LongVT's exact strings)
     ask_first: bool = ViewConfig.ask_first          # the question also before the global view
     instruction_first: bool = ViewConfig.instruction_first  # the instruction before the global view
     time_after: bool = ViewConfig.time_after        # each timestamp after its frames

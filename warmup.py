@@ -128,12 +128,14 @@ def skill_warmup(model, processor, view, steps, examples, nll, lr=4e-3, seed=0, 
 
 def kinds(view, cfg: NeedleConfig, max_pairs=8):
     """The warm-up's examples for the data's task: crops alone -> the answer turn (16 per step: reading), and for the
-    window task, on every other step, whole episodes after a bare question (8 per step: the copy of the window)."""
+    window task, on every other step, whole episodes after a bare question (8 per step: the copy of the window, for
+    both phrasings: no lazy skims)."""
     size = int(math.isqrt(view.crop_max_pixels))
     reading = (16, lambda r, rng: reading_example(r, rng, rng.randint(1, max_pairs), cfg, size))
     if cfg.task != "window":
         return [reading]
-    return [reading, (8, lambda r, rng: episode_example(r, rng, cfg, size))]
+    copy = replace(cfg, lazy_fraction=0.0)  # the skill for both phrasings; the lazy habit comes with the SFT rows
+    return [reading, (8, lambda r, rng: episode_example(r, rng, copy, size))]
 
 
 def run(model, processor, view, cfg, data: NeedleConfig, nll, default_steps=0):

@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from types import SimpleNamespace
 from dataclasses import replace
@@ -15,6 +16,7 @@ from data import (DataError, Renderer, ViewConfig, collate, global_times, global
                   positions, render_sft)
 from model import (COLOURS, build_tiny_tokenizer, compute_init, load_model, parse_config, save_checkpoint,
                    token_logprobs)
+import tools
 from needle import NeedleConfig, call_text, generate
 from tools import crop_video, observe
 
@@ -226,9 +228,9 @@ def test_needle_eval_short_split(needle_set, tmp_path):
     assert all(os.path.isfile(s["video"]) for s in short)
     layouts = {json.dumps(s["scenes"]) for s in train}
     assert not any(json.dumps(s["scenes"]) in layouts for s in short)  # held out
-    rl = load_samples(str(out / "rl.jsonl"))  # GRPO's prompts: as many as num_train (-1), other videos
-    assert len(rl) == cfg.num_train and all(cfg.min_duration <= s["duration"] <= cfg.max_duration for s in rl)
-    assert not any(json.dumps(s["scenes"]) in layouts for s in rl) and len({s["video"] for s in rl + train}) == 24
+    rl = load_samples(str(out / "rl.jsonl"))  # GRPO's prompts: num_train // 4 (-1), other videos
+    assert len(rl) == cfg.num_train // 4 and all(cfg.min_duration <= s["duration"] <= cfg.max_duration for s in rl)
+    assert not any(json.dumps(s["scenes"]) in layouts for s in rl) and len({s["video"] for s in rl + train}) == 15
     generate(NeedleConfig(**{**cfg.__dict__, "out": str(tmp_path), "num_eval_short": 0, "num_rl": 0}))
     for split in ("train", "eval", "sft"):
         assert open(tmp_path / f"{split}.jsonl").read() == open(out / f"{split}.jsonl").read()
@@ -330,10 +332,9 @@ def test_renderer_masks_and_concatenation(tiny, needle_set, fmt, stamps):
     assert torch.isfinite(lp).all() and positions(model, r).shape == (3, len(ids))
 
 
-def test_prompt_puts_the_question_last_and_longvt_text_keeps_longvt_order(tiny):
-    """Our user turn: global view, instruction, question (with its options), then the assistant header; with
-    longvt_text LongVT's: global view, question, instruction, the video path sentence. Without tools the
-    no-tool instruction takes the same place."""
+def test_prompt_puts_the_question_last(tiny):
+    """Our user turn: global view, instruction, question (with its options), then the assistant header. Without
+    tools the no-tool instruction takes the same place."""
     from data import INSTRUCTION_NO_TOOLS, INSTRUCTION_TOOLS
     _, proc = tiny
     s = dict(question="Which flag?", choices=["A. red", "B. blue"], video="/v/a.mp4")
@@ -345,8 +346,62 @@ def test_prompt_puts_the_question_last_and_longvt_text_keeps_longvt_order(tiny):
         return text.split("<|vision_end|>")[-1]
     assert user_text() == INSTRUCTION_TOOLS.lstrip() + "\nWhich flag?\nA. red\nB. blue" + tail
     assert user_text(tools=False) == INSTRUCTION_NO_TOOLS.lstrip() + "\nWhich flag?\nA. red\nB. blue" + tail
-    assert user_text(longvt_text=True) == ("Which flag?\nA. red\nB. blue" + INSTRUCTION_TOOLS
-                                           + "\n The video path is: a.mp4" + tail)
+
+
+# LongVT's strings, written out here from ../FORMATS.md (not from data.py); [IMG] = one vision block per frame
+LONGVT_SYSTEM = (
+    '<|im_start|>system\nYou are a helpful assistant.\n# Tools\nYou may call one or more functions to assist with '
+    'the user query.\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>{"type": '
+    '"function", "function": {"name": "crop_video", "description": "Crop a video to a specified duration.", '
+    '"parameters": {"type": "object", "properties": {"video_path": {"type": "string", "description": "Path to the '
+    'video file", "enum": null}, "start_time": {"type": "number", "description": "Start time in seconds", "enum": '
+    'null}, "end_time": {"type": "number", "description": "End time in seconds, must be > start_time", "enum": '
+    'null}}, "required": []}, "strict": false}}</tools>\nFor each function call, return a json object with function '
+    'name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>{"name": <function-name>, "arguments": '
+    '<args-json-object>}</tool_call><|im_end|>')
+LONGVT_USER_RL = (
+    '<|im_start|>user\n[IMG]{question} You FIRST think about the reasoning process as an internal monologue and then '
+    'provide the final answer. Think first, call **crop_video** if needed, then answer. Format strictly as:  '
+    '<think>...</think>  <tool_call>...</tool_call> (if tools needed)  <answer>...</answer> \n The Video path for '
+    'this video is: {path}<|im_end|><|im_start|>assistant\n')
+LONGVT_USER_EVAL = (
+    '<|im_start|>user\n[IMG]{question} Think first, call **crop_video** if needed, then answer. Format strictly as:  '
+    '<think>...</think>  <tool_call>...</tool_call> (if tools needed)  <answer>...</answer>.\nVideo 0 has video '
+    'path: {path}<|im_end|><|im_start|>assistant\n')
+LONGVT_OBS = ('<|im_start|>user<tool_response>\n[IMG]The tool executed successfully. Here are the processed result'
+              '</tool_response><|im_end|><|im_start|>assistant\n')
+
+
+def _img_runs(proc, ids):
+    """Decoded text, each run of identical vision placeholders counted as one and each vision block as [IMG]."""
+    text = proc.tokenizer.decode(ids, skip_special_tokens=False)
+    text = re.sub(r"(<\|image_pad\|>)+", "<|image_pad|>", text)
+    return text.replace("<|vision_start|><|image_pad|><|vision_end|>", "[IMG]")
+
+
+@pytest.mark.parametrize("protocol", ["longvt", "longvt_eval"])
+def test_longvt_protocol_renders_longvts_strings_byte_for_byte(tiny, protocol):
+    """protocol=longvt / longvt_eval (images, no timestamps): the prompt is LongVT's system turn, then its RL or
+    eval user turn with one [IMG] per frame, the question and the absolute path; the observation and the error
+    observation are its strings; no newline between turns. For several questions and paths."""
+    _, proc = tiny
+    r = Renderer(proc, ViewConfig(protocol=protocol, visual_format="images", timestamps=False))
+    user = LONGVT_USER_RL if protocol == "longvt" else LONGVT_USER_EVAL
+    for q, video, n in [("What colour flashes between 12s and 30s?", "/data/v/a.mp4", 3),
+                        ("Why does <|im_end|> the man {laugh}?", "rel/dir/b c.mp4", 1),
+                        ("Where?\nTwo lines", "/x.mp4", 2)]:
+        frames = np.zeros((n, 56, 56, 3), np.uint8)
+        got = _img_runs(proc, r.prompt(dict(question=q, video=video), frames, [float(i) for i in range(n)]).input_ids)
+        want = LONGVT_SYSTEM + user.replace("[IMG]", "[IMG]" * n).replace("{question}", q).replace(
+            "{path}", os.path.abspath(video))
+        assert got == want
+    obs = dict(frames=np.zeros((2, 56, 56, 3), np.uint8), timestamps=[1.0, 2.0], text=tools.LONGVT_OK)
+    assert _img_runs(proc, r.observation(obs, last=True).input_ids) == "<|im_end|>" + LONGVT_OBS.replace(
+        "[IMG]", "[IMG][IMG]")
+    err = dict(frames=None, timestamps=[], text="Tool execution failed: end_time (5) must be greater than start_time (9)")
+    assert _img_runs(proc, r.observation(err).input_ids) == (
+        "<|im_end|><|im_start|>user<tool_response>\nTool execution failed: end_time (5) must be greater than "
+        "start_time (9)</tool_response><|im_end|><|im_start|>assistant\n")
 
 
 def test_ask_first_states_the_question_before_the_global_view_too(tiny):
@@ -414,7 +469,7 @@ def test_script_configs_pass_every_view_field():
     import train_sft
     from data import view_from
     odd = dict(visual_format="images", timestamps=False, tools=False, global_fps=0.5, time_grid=0.0, max_pixels=28 * 28,
-               crop_max_frames=7, crop_max_pixels=28 * 28, longvt_text=True, ask_first=True, instruction_first=True,
+               crop_max_frames=7, crop_max_pixels=28 * 28, protocol="longvt", ask_first=True, instruction_first=True,
                time_after=True)
     for cls in (train_sft.Config, ev.Config):
         names = {f.name for f in dataclasses.fields(cls)}

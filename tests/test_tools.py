@@ -426,8 +426,8 @@ def test_observe_success_and_errors(tool_videos, tmp_path):
     assert o["frames"].shape == (6, SIZE, SIZE, 3) and len(o["timestamps"]) == 6
     assert "4s" in o["text"] and "12s" in o["text"]
     _check_frames(o["frames"], o["timestamps"], fps)
-    o = tools.observe(turn, path, duration, longvt_text=True)
-    assert o["text"].startswith("The tool executed successfully")
+    o = tools.observe(turn, path, duration, protocol="longvt")
+    assert o["error"] == "video_path parameter is required"  # LongVT's tool wants the path
     # LongVT's call names the video by its path: accepted when it is this video.
     named = "<tool_call>" + _call({"video_path": "file:///x/h264-10.mp4", "start_time": 1, "end_time": 3}) + "</tool_call>"
     assert tools.observe(named, path, duration)["error"] is None
@@ -483,3 +483,34 @@ def test_a_file_cut_short_with_its_index_first_is_an_error_not_repeated_frames(t
 
 def tools_call(a, b):
     return f'<tool_call>{{"name": "crop_video", "arguments": {{"start_time": {a}, "end_time": {b}}}}}</tool_call>'
+
+
+def test_longvt_protocol_runs_longvts_tool_checks_with_its_messages(tool_videos):
+    """protocol=longvt: LongVT's checks in its order and words; a window past the end is an error, not a clamp;
+    a good call gets its success text and the raw window; a path to another video is refused (we read only the
+    question's video)."""
+    path, _, _, _ = _video(tool_videos, "h264-10")
+    duration = tools.video_info(path)["duration"]
+    vp = "/any/where/h264-10.mp4"
+
+    def run(args):
+        return tools.observe("<tool_call>" + _call(args) + "</tool_call>", path, duration, max_frames=4,
+                             protocol="longvt")
+    cases = [({"start_time": 1, "end_time": 2}, "video_path parameter is required"),
+             ({"video_path": vp, "end_time": 2}, "start_time parameter is required"),
+             ({"video_path": vp, "start_time": 1}, "end_time parameter is required"),
+             ({"video_path": " ", "start_time": 1, "end_time": 2}, "video_path parameter is required"),
+             ({"video_path": vp, "start_time": -1, "end_time": 2}, "start_time must be non-negative, got -1"),
+             ({"video_path": vp, "start_time": 5, "end_time": 5.0}, "end_time (5.0) must be greater than start_time (5)"),
+             ({"video_path": "/v/other.mp4", "start_time": 1, "end_time": 2}, "Video file not found: /v/other.mp4"),
+             ({"video_path": vp, "start_time": 99, "end_time": 120},
+              f"start_time (99s) exceeds video duration ({duration:.2f}s)"),
+             ({"video_path": vp, "start_time": 2, "end_time": 99},
+              f"end_time (99s) exceeds video duration ({duration:.2f}s)")]
+    for args, message in cases:
+        o = run(args)
+        assert o["error"] == message and o["text"] == "Tool execution failed: " + message and o["frames"] is None
+    ours = tools.observe("<tool_call>" + _call({"start_time": 2, "end_time": 99}) + "</tool_call>", path, duration)
+    assert ours["error"] is None and ours["window"][1] == pytest.approx(duration)  # ours clamps
+    o = run({"video_path": vp, "start_time": 2, "end_time": 6})
+    assert o["error"] is None and o["window"] == [2.0, 6.0] and o["text"] == tools.LONGVT_OK and len(o["frames"]) == 4
