@@ -3,8 +3,8 @@
     python eval.py                                   # the newest of runs/rft, runs/grpo, runs/sft, else tiny
     python eval.py --model=runs/grpo --data=data/needle/eval.jsonl --out=runs/grpo/eval
     python eval.py --model=Qwen/Qwen2.5-VL-7B-Instruct --data=videosiah_eval.jsonl --visual_format=images \\
-        --timestamps=false --longvt_text=true --time_grid=0 --max_frames=512 --global_fps=1 --max_pixels=50176 \\
-        --crop_max_frames=128 --crop_max_pixels=50176                   # LongVT-compatible mode
+        --timestamps=false --protocol=longvt_eval --time_grid=0 --max_frames=512 --global_fps=1 \\
+        --max_pixels=50176 --crop_max_frames=128 --crop_max_pixels=50176  # LongVT's own strings and checks
     python eval.py --tools=false                                     # the no-tool baseline (global view only)
     python eval.py --samples=4 --temperature=0.7                     # pass@4 (and mean@4 as `accuracy`)
     python eval.py --export_rft=data/rft.jsonl                       # correct, well-grounded traces -> SFT rows
