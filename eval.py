@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from data import Renderer, ViewConfig, follow_layout, load_samples, render_sft, view_from
 from model import check_writable, compute_init, load_model, parse_config, print0, resolve_checkpoint
-from reward import RewardConfig, _config_judge, iou_reward, reward_batch
+from reward import RewardConfig, config_judge, iou_reward, reward_batch
 from rollout import RolloutConfig, check_budget, rollout
 from tools import ToolError
 
@@ -327,7 +327,7 @@ def main(argv=None):
     if cfg.export_rft:
         check_writable(os.path.dirname(os.path.abspath(cfg.export_rft)), "--export_rft")
     # the judge answers now or the eval stops, as train_grpo.py does (not rule-scoring everything silently)
-    judge = _config_judge(RewardConfig(accuracy=cfg.accuracy)) if cfg.accuracy != "rule" else None
+    judge = config_judge(RewardConfig(accuracy=cfg.accuracy)) if cfg.accuracy != "rule" else None
     if judge is not None:
         judge.health_check()
     model, processor = load_model(name, d.device)

@@ -12,19 +12,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import reward  # noqa: E402
+import judge  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)
 def clean_judge_env(monkeypatch):
-    """A judge configured on the machine running the tests must not leak into them (reward.Judge.from_env)."""
+    """A judge configured on the machine running the tests must not leak into them (judge.Judge.from_env)."""
     for k in ("LLM_AS_A_JUDGE_BASE", "OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_MODEL_NAME"):
         monkeypatch.delenv(k, raising=False)
-    reward._ENV_JUDGES.clear()
+    judge._ENV_JUDGES.clear()
     yield
-    reward._ENV_JUDGES.clear()
+    judge._ENV_JUDGES.clear()
 
 
 def run_ranks(cmd, **kw):

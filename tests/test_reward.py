@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 import reward as R
+from judge import parse_judge_reply
 
 
 # ----------------------------------------------------------------------------- extract_answer
@@ -85,7 +86,7 @@ def test_answer_type(sample, kind):
     ("I am not sure.", None), ("", None), ("The weather is lovely today.", None),
 ])
 def test_parse_judge_reply(reply, want):
-    assert R.parse_judge_reply(reply) == want
+    assert parse_judge_reply(reply) == want
 
 
 # ----------------------------------------------------------------------------- format_reward
@@ -180,3 +181,57 @@ def test_reward_config_errors():
         R.reward(NEEDLE, traj(T + A), R.RewardConfig(iou_mode="mean"))
     with pytest.raises(RuntimeError, match="no LLM judge"):
         R.judge_score("q", "red", "red")
+
+
+# ----------------------------------------------------------------------------- rules="longvt", by hand
+def _traj(*turns, windows=()):
+    return SimpleNamespace(turns_text=list(turns), tool_calls=[dict(window=w, error=None if w else "bad")
+                                                              for w in windows])
+
+
+CALL = '<tool_call>{{"name": "crop_video", "arguments": {{"start_time": {}, "end_time": {}}}}}</tool_call>'
+
+
+@pytest.mark.parametrize("turns, windows, ours, longvt", [
+    # (format, iou) under each rule set; the sample's window is [10, 30]
+    (["<think>a</think><answer>red</answer><|im_end|>"], [], (1, 0), (1, 0)),
+    (["Hi <think>a</think><answer>red</answer>"], [], (1, 0), (0, 0)),             # text before the think
+    (["<think>a</think><answer>red</answer> bye"], [], (1, 0), (0, 0)),             # text after the answer
+    (["<think>a</think><think>b</think><answer>red</answer>"], [], (0, 0), (1, 0)),  # two thinks, no tools
+    (["<think>a</think>" + CALL.format(10, 25), "<think>b</think>" + CALL.format(30, 10),
+      "<think>c</think><answer>red</answer>"], [[10.0, 25.0], None], (1, 0.75), (1, 0)),  # raw last call: reversed
+    (["<think>a</think>" + CALL.format(10, 25), "<think>b</think><answer>red</answer>"], [[10.0, 25.0]],
+     (1, 0.75), (1, 0.75)),
+    (["<think>a</think>" + CALL.format(0, 40), "<think>b</think><answer>red</answer>"], [[0.0, 40.0]],
+     (1, 0.5), (1, 0.5)),                                                         # IoU = intersection / hull
+    (["<think>a</think>" + CALL.format(5, 50), "<answer>red</answer>"], [[5.0, 50.0]], (0, 20 / 45), (0, 20 / 45)),
+    (["<think>a</think><tool_call>{\"name\": \"crop_video\", \"arguments\": {\"start_time\": 10, \"end_time\": 20, "
+      "\"video_path\": null}}</tool_call>", "<think>b</think><answer>red</answer>"], [[10.0, 20.0]],
+     (1, 0.5), (1, 0)),                                                           # null: not a Python literal
+    (["<think>a</think><answer>red</answer><answer>red</answer>"], [], (0, 0), (0, 0)),
+])
+def test_longvt_rules_against_hand_computed_values(turns, windows, ours, longvt):
+    sample = dict(question="What colour?", answer="red", answer_type="text", window=[10.0, 30.0])
+    for rules, (fmt, iou) in (("ours", ours), ("longvt", longvt)):
+        total, c = R.reward(sample, _traj(*turns, windows=windows), R.RewardConfig(accuracy="rule", rules=rules))
+        assert (c["format"], c["iou"]) == (fmt, pytest.approx(iou)), (rules, turns)
+        assert c["accuracy"] == 1.0 and total == pytest.approx(1.0 + fmt + iou)
+
+
+def test_longvt_answer_rules_empty_and_long():
+    """LongVT: the answer between the last <answer> and the next </answer>; empty -> accuracy 0; 1,000 characters
+    or more -> accuracy 0 and format 0 (ours: more than 1,000)."""
+    cfg = R.RewardConfig(accuracy="rule", rules="longvt")
+    sample = dict(question="q", answer="red", answer_type="text")
+    _, c = R.reward(sample, _traj("<think>a</think><answer> </answer>"), cfg)
+    assert c["accuracy"] == 0.0 and c["format"] == 1.0
+    long = "x" * 1000
+    _, c = R.reward(sample, _traj(f"<think>a</think><answer>{long}</answer>"), cfg)
+    assert c["answer_too_long"] and c["accuracy"] == 0.0 and c["format"] == 0.0
+    _, c = R.reward(sample, _traj(f"<think>a</think><answer>{long}</answer>"), R.RewardConfig(accuracy="rule"))
+    assert not c["answer_too_long"] and c["format"] == 1.0
+    _, c = R.reward(sample, _traj("<think>a</think>" + "<tool_call>(" * 4000 + "</tool_call>" * 4000
+                                  + "<think>b</think><answer>red</answer>", windows=[None]), cfg)
+    assert c["iou"] == 0.0  # a call body Python cannot parse (too deep) is skipped, never a crash
+    with pytest.raises(ValueError, match="rules"):
+        R.reward(sample, "x", R.RewardConfig(rules="verl"))
