@@ -13,7 +13,7 @@ clipped surrogate + k3 KL to the frozen init weights, on policy_mask == 1 tokens
 
 Variants: --adv_norm=none (Dr. GRPO: r - mean); --clip_high > clip_low (DAPO clip-higher); --dynamic_sampling
 (DAPO: groups whose rewards are all equal are replaced by fresh prompts for up to resample_rounds rounds, those
-left dropped); --loss_agg=seq-mean (GRPO's) vs token-mean over the mini-batch on all ranks (DAPO, LongVT);
+left dropped); --loss_agg=seq-mean-token-mean (GRPO's, LongVT's) vs token-mean over the mini-batch (DAPO);
 --ratio_level=sequence (GSPO: exp of the mean token log-ratio; use GSPO's ~3e-4/4e-4 clips); DGRPO (VITAL):
     A_i <- A_i * (1 + dgrpo_task * (0.5 - acc_task)) * (1 + dgrpo_sample * (0.5 - acc_group))
 acc_group = mean accuracy of the sample's group, acc_task = that of this step's rollouts of the same answer type
@@ -84,7 +84,10 @@ class Config:
     clip_high: float = 0.2                  # ... and above at 1 + clip_high (DAPO clip-higher: 0.28)
     clip_ratio_c: float = 3.0               # dual clip (verl's, LongVT's): for A < 0 the loss is at most -A x this
                                             # (0 = off); inert at ratio 1 (one on-policy update per step)
-    loss_agg: str = "token-mean"            # "token-mean" over the mini-batch on all ranks | "seq-mean"
+    loss_agg: str = "token-mean"            # verl's names: "token-mean" (over the mini-batch on all ranks) |
+                                            # "seq-mean-token-mean" (LongVT's: 1-sequence micro-batches) |
+                                            # "seq-mean-token-sum-norm" (Dr. GRPO: token sums / the policy-token
+                                            # budget, max_new_tokens x (max_turns + 1))
     ratio_level: str = "token"              # "token" (PPO/GRPO) | "sequence" (GSPO)
     kl_coef: float = 1e-3                   # k3 KL to the init weights (LongVT: 1e-3); 0 loads no reference
     parallel: str = "ddp"                   # "ddp" | "fsdp" (FSDP2 per decoder layer / vision block + root)
@@ -97,6 +100,9 @@ class Config:
 
 
 # --------------------------------------------------------------------------- the GRPO math
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
 def group_advantages(rewards, adv_norm="std", eps=1e-6):
     """rewards (P, G) -> advantages (P, G): r - group mean, / (the group's unbiased std + eps) for "std"; Dr. GRPO
     ("none") drops the division, which up-weights prompts whose rollouts barely differ. Equal rewards -> 0, and so
@@ -109,7 +115,7 @@ def group_advantages(rewards, adv_norm="std", eps=1e-6):
 
 def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg, denom):
     """Clipped surrogate + k3 KL on the policy tokens of one micro-batch. logp, old_logp, ref_logp, mask: (B, T);
-    adv: (B,). denom = policy tokens (token-mean) or sequences (seq-mean) of the whole mini-batch on all ranks, so
+    adv: (B,). denom = policy tokens (token-mean) or sequences (seq-mean-*) of the whole mini-batch on all ranks, so
     the micro-batch losses sum to the mini-batch mean. Returns (loss, sums of kl, clipped tokens, tokens)."""
     mask = mask.float()
     log_ratio = (logp - old_logp) * mask                                      # (B, T), 0 off the policy tokens
@@ -130,8 +136,10 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg, denom):
     per_token = per_token * mask
     if cfg.loss_agg == "token-mean":
         loss = per_token.sum() / denom
-    else:  # seq-mean: each sequence's token mean, summed here, averaged over the mini-batch's sequences by denom
-        loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / denom
+    else:  # each sequence's token mean (or sum / budget), summed here, averaged over the mini-batch's sequences
+        norm = mask.sum(1).clamp(min=1) if cfg.loss_agg == "seq-mean-token-mean" else \
+            cfg.max_new_tokens * (cfg.max_turns + 1)
+        loss = (per_token.sum(1) / norm).sum() / denom
     clipped = ((surr < ratio * a).float() * mask).sum()  # tokens whose clipped branch is the active one
     return loss, dict(kl=(kl * mask).sum().item(), clipped=clipped.item(), tokens=mask.sum().item())
 
@@ -272,7 +280,12 @@ def dump_rollouts(path, rows, tokenizer):
 def train(cfg: Config):
     d = compute_init(cfg.seed)
     assert cfg.prompts_per_step % d.world == 0, f"prompts_per_step must be a multiple of {d.world} ranks"
-    assert cfg.adv_norm in ("std", "none") and cfg.loss_agg in ("token-mean", "seq-mean"), "bad adv_norm/loss_agg"
+    assert cfg.adv_norm in ("std", "none"), f"adv_norm must be std or none, got {cfg.adv_norm!r}"
+    if cfg.loss_agg not in LOSS_AGGS:
+        raise SystemExit(f"--loss_agg must be one of {', '.join(LOSS_AGGS)} (verl's names), got {cfg.loss_agg!r}")
+    if cfg.group_size < 2:
+        raise SystemExit(f"--group_size must be at least 2, got {cfg.group_size}: GRPO's advantage is a reward "
+                         "minus the mean of its group, and a group of one has none to learn from")
     assert cfg.ratio_level in ("token", "sequence") and cfg.parallel in ("ddp", "fsdp"), "bad ratio_level/parallel"
     fsdp, G, dev, cuda = d.world > 1 and cfg.parallel == "fsdp", cfg.group_size, d.device, d.device.type == "cuda"
     init = init_path(cfg.init) if not cfg.resume or cfg.kl_coef > 0 else None  # fail before any work

@@ -70,12 +70,13 @@ def loss_inputs():
     # A=+1: 1.1 in band -> 1.1; 1.5 -> clipped to 1.2; 0.5 -> 0.5 (low ratio, positive A: unclipped)
     # A=-2: 0.7 -> min(-1.4, -1.6) = -1.6 clipped; 1.3 -> min(-2.6, -2.4) = -2.6 unclipped
     (0.2, "token-mean", (-1.1 - 1.2 - 0.5 + 1.6 + 2.6) / 5, 2),
-    (0.2, "seq-mean", ((-1.1 - 1.2 - 0.5) / 3 + (1.6 + 2.6) / 2) / 2, 2),
+    (0.2, "seq-mean-token-mean", ((-1.1 - 1.2 - 0.5) / 3 + (1.6 + 2.6) / 2) / 2, 2),
+    (0.2, "seq-mean-token-sum-norm", ((-1.1 - 1.2 - 0.5) / 10 + (1.6 + 2.6) / 10) / 2, 2),  # budget 5 x (1 + 1)
     (0.28, "token-mean", (-1.1 - 1.28 - 0.5 + 1.6 + 2.6) / 5, 2),  # clip-higher: 1.5 -> 1.28
 ])
 def test_grpo_loss_clipping_and_aggregation(clip_high, agg, expected, clipped):
     logp, old, adv, mask = loss_inputs()
-    cfg = Config(clip_low=0.2, clip_high=clip_high, loss_agg=agg, kl_coef=0.0)
+    cfg = Config(clip_low=0.2, clip_high=clip_high, loss_agg=agg, kl_coef=0.0, max_new_tokens=5, max_turns=1)
     denom = mask.sum() if agg == "token-mean" else 2
     loss, st = grpo_loss(logp, old, None, adv, mask, cfg, denom)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
@@ -97,7 +98,7 @@ def test_grpo_loss_gspo_sequence_ratio():
     logp, old, adv, mask = loss_inputs()
     s0 = math.exp((math.log(1.1) + math.log(1.5) + math.log(0.5)) / 3)  # 0.938, inside the band
     s1 = math.exp((math.log(0.7) + math.log(1.3)) / 2)  # 0.954, inside the band
-    cfg = Config(ratio_level="sequence", loss_agg="seq-mean", kl_coef=0.0)
+    cfg = Config(ratio_level="sequence", loss_agg="seq-mean-token-mean", kl_coef=0.0)
     loss, st = grpo_loss(logp, old, None, adv, mask, cfg, 2)
     assert loss.item() == pytest.approx((-s0 * 1.0 + s1 * 2.0) / 2, abs=1e-6)
     assert st["clipped"] == 0
@@ -294,3 +295,13 @@ def test_dual_clip_and_k3_clamps_bound_far_off_policy_tokens():
     ref = torch.tensor([[0.0, 30.0, -30.0]])  # log-ratios clamped to +-20; k3(+20) ~ 4.9e8 -> 10, k3(-20) = 19 -> 10
     _, st = grpo_loss(torch.zeros(1, 3), old, ref, torch.tensor([1.0]), mask, Config(kl_coef=1.0), 2)
     assert st["kl"] == pytest.approx(20.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("kw, message", [(dict(group_size=1), "group_size must be at least 2"),
+                                         (dict(loss_agg="seq-mean"), "seq-mean-token-mean")])
+def test_bad_grpo_settings_stop_before_any_work(needle_data, tmp_path, kw, message):
+    """A group of one has no advantage to learn from (verl would silently train on zeros), and a loss_agg that is
+    not one of verl's names: a clear error naming the setting, before a model is loaded or --out written."""
+    with pytest.raises(SystemExit, match=message):
+        train_grpo.train(tiny_cfg(needle_data, tmp_path / "out", **kw))
+    assert not (tmp_path / "out").exists()
