@@ -35,7 +35,7 @@ from tqdm import tqdm
 from data import Renderer, ViewConfig, follow_layout, load_samples, render_sft, view_from
 from model import check_writable, compute_init, load_model, parse_config, print0, resolve_checkpoint
 from reward import RewardConfig, config_judge, iou_reward, reward_batch
-from rollout import RolloutConfig, check_budget, rollout
+from rollout import RolloutConfig, check_budget, dry_run, rollout
 from tools import ToolError
 
 DEFAULT_DATA = "data/needle/eval.jsonl"
@@ -76,6 +76,7 @@ class Config:
     rft_min_iou: float = 0.3        # RFT filter: IoU of the last crop with the ground-truth window (0 = off; needed
                                     # to export samples without a window, e.g. VideoSIAH-Eval)
     report_samples: int = 20        # trajectories shown in report.html (0 = no report)
+    dry_run: bool = False           # print the prompt / crop / episode tokens and the KV cache per row, then stop
     save_trajectories: bool = False  # also write trajectories.jsonl: token ids, policy mask, log-probs per turn
 
 
@@ -137,7 +138,8 @@ def summarize(predictions, wall_seconds):
                answer_rate=mean([float(p["answer"] is not None) for p in ok]),
                mean_tokens=mean([p["tokens"] for p in ok]), mean_total_tokens=mean([p["total_tokens"] for p in ok]),
                seconds_per_sample=wall_seconds / max(n, 1), skipped=len(skipped), skipped_names=skipped,
-               stop_reasons=stops,
+               stop_reasons=stops,  # first_turn_length: out of room before any call or answer (budget too small)
+               first_turn_length=sum(p["stop_reason"] == "length" and not p["tool_calls"] for p in ok),
                accuracy_by_length={name: dict(n=len(by_len[name]), accuracy=mean(by_len[name]))
                                    for _, name in LENGTH_BUCKETS if name in by_len})
     if k > 1:
@@ -322,6 +324,16 @@ def main(argv=None):
     samples = samples[:cfg.limit] if cfg.limit > 0 else samples
     name = resolve_checkpoint(cfg.model) if cfg.model else default_model()  # <dir>.old: a save killed mid-swap
     out = cfg.out or default_out(name)
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    for k, v in follow_layout(name, asdict(view_from(cfg)), given, print0).items():  # the layout it learnt
+        setattr(cfg, k, v)
+    if cfg.dry_run:  # sizes from the model's config alone: no weights, no judge, nothing written
+        if samples:
+            print0(dry_run(name, samples[0], view_from(cfg), cfg.max_new_tokens, cfg.max_turns, cfg.max_total_tokens,
+                           rows=cfg.batch_size * cfg.samples))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return
     print0(f"eval {name} on {cfg.data} ({len(samples)} samples x {cfg.samples}) -> {out}")
     check_writable(out)  # every rank, so that all stop alike before any rollout
     if cfg.export_rft:
@@ -331,9 +343,6 @@ def main(argv=None):
     if judge is not None:
         judge.health_check()
     model, processor = load_model(name, d.device)
-    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-    for k, v in follow_layout(name, asdict(view_from(cfg)), given, print0).items():  # the layout it learnt
-        setattr(cfg, k, v)
     if samples:
         check_budget(processor, samples[0], view_from(cfg), cfg.max_new_tokens, cfg.max_total_tokens)
     keep = bool(cfg.export_rft or cfg.save_trajectories)  # gather token ids only when something needs them

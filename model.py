@@ -252,6 +252,22 @@ def compute_init(seed=0) -> Dist:
     return Dist(rank, world, local, device, rank == 0)
 
 
+def all_sum(values, device, op="sum"):
+    """Element-wise sum (or max) of a list of numbers over ranks."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_gather_obj(obj):
+    """[obj of each rank] ([obj] in one process)."""
+    out = [obj] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(out, obj)
+    return out
+
+
 def print0(*a, **k):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*a, **k, flush=True)

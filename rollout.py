@@ -293,6 +293,62 @@ def check_budget(processor, sample, view: ViewConfig, max_new_tokens, max_total_
                          f"the view: --max_frames, --max_pixels)")
 
 
+def dry_run(name, sample, view: ViewConfig, max_new_tokens, max_turns, max_total_tokens, rows=1):
+    """--dry_run: what a run of `name` (tiny, a checkpoint dir or an HF id: its config only, never its weights)
+    needs per episode, as text: the first sample's prompt tokens (its frame count and the video's frame size from
+    the headers; blank frames), a full crop's, an episode's at most, and the bf16 KV cache they take per row."""
+    import numpy as np
+    from transformers import AutoConfig, AutoProcessor
+
+    from data import global_times
+    from model import build_tiny_processor, tiny_model_config
+    from tools import LONGVT_OK, fit_size, video_info
+    note = ""
+    if name == "tiny":
+        proc = build_tiny_processor()
+        config = tiny_model_config(proc.tokenizer)
+    else:
+        config = AutoConfig.from_pretrained(name)
+        try:
+            proc = AutoProcessor.from_pretrained(name)
+        except (OSError, ValueError):  # a bare config.json: Qwen-VL's patching, the tiny tokenizer for the text
+            proc, note = build_tiny_processor(), " (text counted with the tiny tokenizer: no tokenizer in --model)"
+    try:
+        info = video_info(sample["video"])
+        width, height, duration = info["width"], info["height"], sample.get("duration") or info["duration"]
+    except ToolError:  # the data may live elsewhere: a square frame of the pixel budget
+        width = height = int(view.max_pixels ** 0.5)
+        duration, note = float(sample.get("duration") or 600.0), note + " (video not found: square frames)"
+
+    def blank(n, pixels):
+        w, h = fit_size(width, height, pixels)
+        return np.zeros((n, h, w, 3), np.uint8), (w, h)
+    r = Renderer(proc, view)
+    times = global_times(duration, view)
+    frames, (w, h) = blank(len(times), view.max_pixels)
+    prompt = len(r.prompt(dict(sample, duration=duration), frames, times).input_ids)
+    crops, (cw, ch) = blank(view.crop_max_frames, view.crop_max_pixels)
+    crop = len(r.observation(dict(frames=crops, timestamps=[float(i) for i in range(len(crops))],
+                                  text=LONGVT_OK)).input_ids)
+    episode = prompt + max_turns * (max_new_tokens + crop) + max_new_tokens
+    text = getattr(config, "text_config", config)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2  # K and V, bf16
+    need = min(episode, max_total_tokens)
+    verdict = "fits" if episode <= max_total_tokens else f"longer than max_total_tokens={max_total_tokens}: " \
+        f"episodes that use every turn end on `length`"
+    gib = per_token * need / 2 ** 30
+    return "\n".join([
+        f"dry run of {name}{note}",
+        f"  prompt: {prompt} tokens ({len(times)} frames of {w}x{h}, a {duration:.0f}-s video)",
+        f"  one crop observation: {crop} tokens ({len(crops)} frames of {cw}x{ch})",
+        f"  an episode at most: {prompt} + {max_turns} x ({max_new_tokens} + {crop}) + {max_new_tokens} = {episode} "
+        f"tokens: {verdict}",
+        f"  KV cache: {per_token / 1024:.1f} KiB per token ({text.num_hidden_layers} layers x "
+        f"{text.num_key_value_heads} KV heads x {head_dim} x K,V x bf16) -> {gib:.2f} GiB per row at {need} "
+        f"tokens, {gib * rows:.2f} GiB for {rows} rows"])
+
+
 def rollout(model, processor, samples, group_size=1, cfg: RolloutConfig = RolloutConfig(),
             view: ViewConfig = ViewConfig()):
     """group_size trajectories per sample, grouped in sample order. A sample whose video cannot be read gives

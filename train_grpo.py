@@ -16,10 +16,8 @@ Variants: --adv_norm=none (Dr. GRPO: r - mean); --clip_high > clip_low (DAPO cli
 left dropped); --loss_agg=seq-mean-token-mean (GRPO's, LongVT's) vs token-mean over the mini-batch (DAPO);
 --ratio_level=sequence (GSPO: exp of the mean token log-ratio; use GSPO's ~3e-4/4e-4 clips); DGRPO (VITAL):
     A_i <- A_i * (1 + dgrpo_task * (0.5 - acc_task)) * (1 + dgrpo_sample * (0.5 - acc_group))
-acc_group = mean accuracy of the sample's group, acc_task = that of this step's rollouts of the same answer type
-on all ranks. Why: in a multi-task mix easy tasks and samples dominate the update while rare successes on hard
-ones carry the most information; centring at 0.5 keeps the step size of a medium batch. Our formula in the
-spirit of VITAL's DGRPO (task- and sample-difficulty scaling), not a transcription of the paper's.
+(acc_group: the group's mean accuracy, acc_task: this step's for the answer type, all ranks), so that easy tasks
+and samples do not dominate a mixed batch; our formula in the spirit of VITAL's, not the paper's transcription.
 
 Departures from LongVT (verl + vLLM): rollouts from our own batched HF loop with the training weights; contiguous
 mini-batches (no shuffle); an unreadable video is skipped and counted, not replaced; a failed judge falls back to
@@ -41,11 +39,11 @@ from tqdm import tqdm
 
 import needle
 from data import ViewConfig, collate, follow_layout, load_samples, model_vision, save_view
-from model import (atomic_dir, compute_init, load_model, parse_config, print0, resolve_checkpoint, rng_state,
-                   set_rng_state, token_logprobs)
+from model import (all_gather_obj, all_sum, atomic_dir, compute_init, load_model, parse_config, print0,
+                   resolve_checkpoint, rng_state, set_rng_state, token_logprobs)
 from reward import Judge, RewardConfig, answer_type, reward_batch
 from results import write_curve
-from rollout import RolloutConfig, check_budget, rollout
+from rollout import RolloutConfig, check_budget, dry_run, rollout
 
 
 @dataclass
@@ -84,14 +82,14 @@ class Config:
     clip_high: float = 0.2                  # ... and above at 1 + clip_high (DAPO clip-higher: 0.28)
     clip_ratio_c: float = 3.0               # dual clip (verl's, LongVT's): for A < 0 the loss is at most -A x this
                                             # (0 = off); inert at ratio 1 (one on-policy update per step)
-    loss_agg: str = "token-mean"            # verl's names: "token-mean" (over the mini-batch on all ranks) |
-                                            # "seq-mean-token-mean" (LongVT's: 1-sequence micro-batches) |
-                                            # "seq-mean-token-sum-norm" (Dr. GRPO: token sums / the policy-token
-                                            # budget, max_new_tokens x (max_turns + 1))
+    loss_agg: str = "token-mean"            # verl's names: "token-mean" (the mini-batch on all ranks) | "seq-mean-
+                                            # token-mean" (LongVT's) | "seq-mean-token-sum-norm" (Dr. GRPO: token
+                                            # sums / the policy-token budget, max_new_tokens x (max_turns + 1))
     ratio_level: str = "token"              # "token" (PPO/GRPO) | "sequence" (GSPO)
     kl_coef: float = 1e-3                   # k3 KL to the init weights (LongVT: 1e-3); 0 loads no reference
     parallel: str = "ddp"                   # "ddp" | "fsdp" (FSDP2 per decoder layer / vision block + root)
     grad_ckpt: bool = False                 # gradient checkpointing in the training forward
+    dry_run: bool = False                   # print the prompt / crop / episode tokens and KV cache per row, stop
     log_rollouts_every: int = 10            # rank 0's first group, whole, to <out>/rollouts/step_XXXX.jsonl
     eval_every: int = 25                    # eval on eval_data every N steps and at the end (0 = never)
     eval_samples: int = 16                  # held-out samples per eval
@@ -218,21 +216,6 @@ def rollout_mode(hf, net, fsdp, bf16):
         hf.train()
 
 
-def all_sum(values, device, op="sum"):
-    """Element-wise sum (or max) of a list of numbers over ranks."""
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def all_gather_obj(obj):
-    out = [obj] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(out, obj)
-    return out
-
-
 def sample_at(samples, seed, i):
     """The i-th prompt of the endless stream: epoch i // N is a fresh seeded shuffle."""
     epoch, k = divmod(i, len(samples))
@@ -244,14 +227,15 @@ LOG_LINE = ("step {step:4d} | reward {reward:.3f} acc {accuracy:.3f} fmt {format
             "{truncated:.2f} zvar {zero_var:.2f} | kl {kl:.4f} clip {clip_frac:.3f} ent {entropy:.2f} gnorm "
             "{grad_norm:.3f} | roll {rollout_s:.1f}s upd {update_s:.1f}s {tok_s:.0f} tok/s")
 EPISODE_KEYS = ("reward", "accuracy", "format", "iou", "judge_failures", "tool_calls", "tool_errors", "response_len",
-                "truncated")
+                "truncated", "first_turn_length")  # the last: out of max_total_tokens before any call or answer
 
 
 def episode_stats(t, r, c):
     """The numbers logged per episode (as means over the step; judge_failures as a count)."""
     return dict(reward=r, accuracy=c.get("accuracy", 0.0), format=c.get("format", 0.0), iou=c.get("iou", 0.0),
                 judge_failures=c.get("judge_failures", 0), tool_calls=t.num_tool_calls, response_len=sum(t.policy_mask),
-                tool_errors=sum(bool(tc.get("error")) for tc in t.tool_calls), truncated=t.stop_reason == "length")
+                tool_errors=sum(bool(tc.get("error")) for tc in t.tool_calls), truncated=t.stop_reason == "length",
+                first_turn_length=t.stop_reason == "length" and not t.tool_calls)
 
 
 def init_path(p):
@@ -300,6 +284,10 @@ def train(cfg: Config):
     samples = load_samples(cfg.data, cfg.skip_bad_rows)
     held_out = load_samples(cfg.eval_data, cfg.skip_bad_rows)[:cfg.eval_samples] if cfg.eval_every and cfg.eval_data \
         else []
+    if cfg.dry_run:  # sizes from the config alone (no weights, no judge, nothing written); rows: one rank's batch
+        print0(dry_run(init or cfg.out, samples[0], view, cfg.max_new_tokens, cfg.max_turns, cfg.max_total_tokens,
+                       rows=cfg.prompts_per_step // d.world * cfg.group_size) if samples else "dry run: no samples")
+        return dist.destroy_process_group() if dist.is_initialized() else None
     judge = Judge.from_env(timeout=rcfg.judge_timeout, retries=rcfg.judge_retries, backoff=rcfg.judge_backoff,
                            workers=rcfg.judge_workers) if rcfg.accuracy != "rule" else None
     if judge is not None:
@@ -391,9 +379,8 @@ def train(cfg: Config):
                 b = collate(hf, [t.rendered() for t, _ in chunk or [(spare, 0.0)]], processor.tokenizer.pad_token_id)
                 b.update(adv=torch.tensor([a for _, a in chunk] or [0.0]), rows=len(chunk), weight=float(bool(chunk)))
                 micro[-1].append(b)
-        # ---- old (and reference) log-probs in one no-grad pass with the update's micro-batches (the sampling
-        # log-probs come from the KV-cached path and drift under bf16). One epoch of one mini-batch is on-policy by
-        # construction: old = the training forward's own log-probs, detached (one forward fewer; ratio_err 0).
+        # ---- old (and ref) log-probs: a no-grad pass with the update's micro-batches (sampling's drift under bf16);
+        # one epoch of one mini-batch is on-policy: old = the training forward's, detached (one forward fewer)
         st = dict(kl=0.0, clipped=0.0, tokens=0.0, ent=0.0, gnorm=0.0, updates=0, nonfinite=0, err=0.0)
         on_policy = cfg.ppo_epochs == 1 and cfg.mini_batches == 1
         with torch.no_grad():

@@ -290,6 +290,20 @@ def test_pass_at_k(needle_dir, tiny):
         ev.main(["--samples=2"])
 
 
+def test_episodes_out_of_room_in_their_first_turn_are_counted(needle_dir, tiny):
+    """max_total_tokens a few tokens above the prompt: every episode stops on `length` before any call or answer
+    (the budget is too small for the task); the summary counts those apart from episodes cut after a call."""
+    model, processor = tiny
+    rows = load_samples(os.path.join(needle_dir, "eval.jsonl"))[:2]
+    _, preds = ev.evaluate(model, processor, rows, dict(max_new_tokens=4, **FAST_CFG))
+    tight = max(p["prompt_tokens"] for p in preds) + 3
+    s, preds = ev.evaluate(model, processor, rows, dict(max_new_tokens=16, max_total_tokens=tight, **FAST_CFG))
+    assert all(p["stop_reason"] == "length" and not p["tool_calls"] for p in preds) and s["first_turn_length"] == 2
+    later = [dict(preds[0], stop_reason="length", tool_calls=[dict(window=[1.0, 2.0], error=None, raw="")]),
+             dict(preds[1], stop_reason="answer")]
+    assert ev.summarize(preds[:1] + later, 1.0)["first_turn_length"] == 1
+
+
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -438,3 +452,52 @@ def test_a_budget_the_first_prompt_cannot_fit_stops_eval_and_grpo_before_any_rol
         train_grpo.train(train_grpo.Config(data=data, out=str(tmp_path / "g"), init="tiny", eval_every=0,
                                            kl_coef=0.0, max_total_tokens=200, max_new_tokens=64))
     assert not os.path.exists(tmp_path / "g" / "metrics.jsonl")
+
+
+# Qwen2.5-VL-7B-Instruct's published config.json sizes (no weights exist here): what --dry_run reads
+QWEN25_VL_7B = dict(
+    text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rope_theta=1e6),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31]))
+LONGVT_VIEW = ["--visual_format=images", "--timestamps=false", "--protocol=longvt", "--time_grid=0",
+               "--max_frames=512", "--global_fps=1", "--max_pixels=50176", "--crop_max_frames=128",
+               "--crop_max_pixels=50176", "--max_new_tokens=1024"]
+
+
+def test_dry_run_sizes_a_7b_run_from_its_config_alone(needle_dir, tmp_path, capsys):
+    """--dry_run on a directory holding only a 7B-shaped config.json (no weights, no tokenizer): the prompt, crop
+    and episode token counts of the view (vision tokens as Qwen-VL patches them: (w/14)(h/14)/4 per frame, plus
+    its two markers) and the KV cache per row (2 x 28 layers x 4 KV heads x 128 x 2 bytes = 56 KiB per token);
+    eval and train_grpo print the same numbers, load no weights and write nothing."""
+    import train_grpo
+    from transformers import Qwen2_5_VLConfig
+    from tools import fit_size, video_info
+    cfg_dir = str(tmp_path / "qwen7b")
+    Qwen2_5_VLConfig(**QWEN25_VL_7B).save_pretrained(cfg_dir)
+    data = os.path.join(needle_dir, "eval.jsonl")
+    sample = load_samples(data)[0]
+    info = video_info(sample["video"])
+    w, h = fit_size(info["width"], info["height"], 50176)
+    per_frame = (w // 14) * (h // 14) // 4 + 2
+    frames = min(512, int(sample["duration"]))
+    ev.main([f"--model={cfg_dir}", f"--data={data}", f"--out={tmp_path / 'e'}", "--dry_run=true",
+             "--max_total_tokens=81920", *LONGVT_VIEW])
+    out = capsys.readouterr().out
+    prompt = int(out.split("prompt: ")[1].split()[0])
+    crop = int(out.split("one crop observation: ")[1].split()[0])
+    assert frames * per_frame < prompt < frames * per_frame + 1500  # + the system turn, question, path (tiny tokens)
+    assert 128 * per_frame < crop < 128 * per_frame + 60
+    episode = prompt + 5 * (1024 + crop) + 1024
+    assert f"= {episode} tokens: fits" in out and "56.0 KiB per token" in out
+    assert f"{57344 * episode / 2 ** 30:.2f} GiB per row" in out and "tiny tokenizer" in out
+    assert not (tmp_path / "e").exists()
+    view = dict(visual_format="images", timestamps=False, protocol="longvt", time_grid=0.0, global_frames=512,
+                global_fps=1.0, max_pixels=50176, crop_max_frames=128, crop_max_pixels=50176)  # LONGVT_VIEW's
+    train_grpo.train(train_grpo.Config(init=cfg_dir, data=data, out=str(tmp_path / "g"), dry_run=True, view=view,
+                                       max_new_tokens=1024, max_total_tokens=8192, prompts_per_step=16,
+                                       group_size=16, eval_every=0))
+    out = capsys.readouterr().out
+    assert f"prompt: {prompt} tokens" in out and "longer than max_total_tokens=8192" in out
+    assert "for 256 rows" in out and not (tmp_path / "g").exists()
