@@ -32,8 +32,9 @@ from dataclasses import asdict, dataclass
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import Renderer, ViewConfig, follow_layout, load_samples, render_sft, view_from
+from data import Renderer, ViewConfig, follow_layout, render_sft, view_from
 from model import check_writable, compute_init, load_model, parse_config, print0, resolve_checkpoint
+from readers import load_samples
 from reward import RewardConfig, config_judge, iou_reward, reward_batch
 from rollout import RolloutConfig, check_budget, dry_run, rollout
 from tools import ToolError

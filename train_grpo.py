@@ -38,9 +38,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import needle
-from data import ViewConfig, collate, follow_layout, load_samples, model_vision, save_view
+from data import ViewConfig, collate, follow_layout, model_vision, save_view
 from model import (all_gather_obj, all_sum, atomic_dir, compute_init, load_model, parse_config, print0,
                    resolve_checkpoint, rng_state, set_rng_state, token_logprobs)
+from readers import load_samples
 from reward import Judge, RewardConfig, answer_type, reward_batch
 from results import write_curve
 from rollout import RolloutConfig, check_budget, dry_run, rollout
@@ -49,7 +50,7 @@ from rollout import RolloutConfig, check_budget, dry_run, rollout
 @dataclass
 class Config:
     init: str = "runs/sft"                  # starting policy: train_sft.py's output dir, an HF id/dir, or "tiny"
-    data: str = "data/needle/rl.jsonl"      # training prompts (any format data.load_samples reads)
+    data: str = "data/needle/rl.jsonl"      # training prompts (any format readers.load_samples reads)
     eval_data: str = "data/needle/eval.jsonl"  # held-out file for the periodic eval ("" = none)
     out: str = "runs/grpo"                  # checkpoint (HF layout + trainer_state.pt) and logs
     resume: bool = False                    # continue exactly from the checkpoint in <out>

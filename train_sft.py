@@ -57,11 +57,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (DataError, Renderer, ViewConfig, batch_to, collate, follow_layout, global_times, load_samples,
-                  model_vision, render_sft, save_view, view_from)
+from data import (Renderer, ViewConfig, batch_to, collate, follow_layout, global_times, model_vision, render_sft,
+                  save_view, view_from)
 from model import (atomic_dir, check_writable, compute_init, load_model, parse_config, print0, resolve_checkpoint,
                    rng_state, set_rng_state, unwrap)
 import needle
+from readers import DataError, load_samples
 import warmup
 from rollout import RolloutConfig
 from tools import ToolError, video_info
@@ -179,7 +180,7 @@ def needs_turns(s):
 
 
 def read_samples(paths, limit=0, skip_bad=False):
-    """SFT samples of all files (data.load_samples' rule for bad rows). Returns (samples, skipped count)."""
+    """SFT samples of all files (readers.load_samples' rule for bad rows). Returns (samples, skipped count)."""
     samples, skipped = [], []
     for path in paths:
         if not os.path.exists(path):

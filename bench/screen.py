@@ -34,9 +34,10 @@ import eval as evaluation  # noqa: E402
 import needle  # noqa: E402
 import train_sft  # noqa: E402
 import warmup  # noqa: E402
-from data import ViewConfig, load_samples, save_view, view_from  # noqa: E402
+from data import ViewConfig, save_view, view_from  # noqa: E402
 import model as model_lib  # noqa: E402
 from model import load_model, parse_config, save_checkpoint  # noqa: E402
+from readers import load_samples  # noqa: E402
 
 VIEW_FLAGS = {f.name for f in fields(ViewConfig)}
 

@@ -19,9 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import eval as ev  # noqa: E402
-from data import Renderer, load_samples, render_sft, view_from  # noqa: E402
+from data import Renderer, render_sft, view_from  # noqa: E402
 from model import load_model  # noqa: E402
 from needle import NeedleConfig, generate  # noqa: E402
+from readers import load_samples  # noqa: E402
 from conftest import ranks_output, run_ranks  # noqa: E402
 
 FAST = ["--max_frames=4", "--max_pixels=784", "--crop_max_frames=4", "--crop_max_pixels=784"]
@@ -420,7 +421,7 @@ def test_bad_rows_stop_eval_and_grpo_naming_file_and_line_unless_skipped(needle_
     DataError naming file:line before any work; --skip_bad_rows=true skips it with that warning and evaluates the
     rest."""
     import train_grpo
-    from data import DataError
+    from readers import DataError
     monkeypatch.setattr(ev, "load_model", load_model)  # not the scripted policy an earlier fixture put there
     good = [line for line in open(os.path.join(needle_dir, "eval.jsonl")) if line.strip()][:1]
     path = tmp_path / "mixed.jsonl"

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 import train_grpo
-from data import ViewConfig, collate, load_samples, model_vision
+from data import ViewConfig, collate, model_vision
 from model import load_model, save_checkpoint
+from readers import load_samples
 from conftest import ranks_output, run_ranks
 from needle import NeedleConfig, generate
 from rollout import RolloutConfig, rollout

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from data import (DataError, Renderer, ViewConfig, collate, global_times, global_view, load_samples, model_vision,
-                  positions, render_sft)
+from data import Renderer, ViewConfig, collate, global_times, global_view, model_vision, positions, render_sft
 from model import (COLOURS, build_tiny_tokenizer, compute_init, load_model, parse_config, save_checkpoint,
                    token_logprobs)
+from readers import DataError, load_samples
 import tools
 from needle import NeedleConfig, call_text, generate
 from tools import crop_video, observe

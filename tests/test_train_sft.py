@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import train_sft
-from data import DataError, Renderer, ViewConfig, collate, model_vision, render_sft, view_from
+from data import Renderer, ViewConfig, collate, model_vision, render_sft, view_from
 from model import load_model, resolve_checkpoint, token_logprobs
+from readers import DataError
 from conftest import ranks_output, run_ranks
 from needle import NeedleConfig, generate
 
@@ -223,7 +224,7 @@ def test_jittered_views_keep_crop_targets_copyable(tmp_path):
     """The scene task: with --view_jitter each sample's global view has its own frame times; the crop windows of the
     SFT turns must be timestamps that this prompt shows (or the video's ends), else there is nothing to copy."""
     import re
-    from data import load_samples
+    from readers import load_samples
     generate(NeedleConfig(out=str(tmp_path), num_train=8, num_eval=0, num_eval_short=0, min_duration=60,
                           max_duration=90, seed=1, task="scene"))
     sft_file = str(tmp_path / "sft.jsonl")
