@@ -1,16 +1,9 @@
-"""The `crop_video` tool: schema, parsing of <tool_call> blocks, argument checks, seek-and-decode.
-
-The policy sees a sparse global view of a long video and calls
-`crop_video(start_time, end_time)` (absolute seconds) to get dense frames of one window.
-This file owns everything about that call except the model: the JSON schema shown in the
-system prompt, pulling calls out of generated text (never raising: the text is whatever a
-policy sampled), validating arguments into a clamped window, and decoding the window's
-frames with PyAV by seeking, so that a crop near the end of a one-hour video costs about the
-same as one in a one-minute video. `decode_frames` is also data.py's global-view sampler.
-
-Bad calls raise `ToolError`; its message is the error observation shown to the model.
-Times are seconds from the start of the video stream (pts - stream.start_time); for the
-usual file that starts at 0 this is exactly `frame.time`.
+"""The `crop_video` tool: its JSON schema, pulling calls out of generated text (never raising: the text is whatever
+a policy sampled), argument checks (ours clamp the window; LongVT's refuse one outside the video), and decoding the
+window's frames with PyAV by seeking, so that a crop near the end of a one-hour video costs about what one in a
+one-minute video does (`decode_frames` is also the global view's sampler). Bad calls raise `ToolError`, whose
+message is the error observation the model sees. Times are seconds from the start of the video stream
+(pts - stream.start_time: `frame.time` for the usual file that starts at 0).
 """
 
 from __future__ import annotations
@@ -191,13 +184,18 @@ def _video_name(path: str) -> str:
     return os.path.basename(p.rstrip("/\\").replace("\\", "/"))
 
 
-def validate_crop_args(call: ToolCall, video_path: str, duration: float) -> tuple[float, float]:
-    """The clamped (start, end) window of a parsed call, or ToolError saying what is wrong."""
+def _crop_call(call: ToolCall) -> dict:
+    """The arguments of a parsed crop_video call, or ToolError (unparsed, another tool)."""
     if call.error is not None:
         raise ToolError(call.error)
     if call.name != "crop_video":
         raise ToolError(f"unknown tool {call.name!r}; the only tool is 'crop_video'")
-    args = call.arguments or {}
+    return call.arguments or {}
+
+
+def validate_crop_args(call: ToolCall, video_path: str, duration: float) -> tuple[float, float]:
+    """The clamped (start, end) window of a parsed call, or ToolError saying what is wrong."""
+    args = _crop_call(call)
     named = args.get("video_path")
     if named not in (None, ""):
         # LongVT's traces pass the video's path; it must be this sample's video, whatever folder.
@@ -216,11 +214,7 @@ LONGVT_OK = "The tool executed successfully. Here are the processed result"
 def longvt_crop_args(call: ToolCall, video_path: str, duration: float) -> tuple[float, float]:
     """LongVT's tool checks, in its order and with its messages (../FORMATS.md): the path and both times are
     required, the window must lie inside the video (an error, not a clamp). Returns the raw (start, end)."""
-    if call.error is not None:
-        raise ToolError(call.error)
-    if call.name != "crop_video":
-        raise ToolError(f"unknown tool {call.name!r}; the only tool is 'crop_video'")
-    args = call.arguments or {}
+    args = _crop_call(call)
     for k in ("video_path", "start_time", "end_time"):
         if k not in args:
             raise ToolError(f"{k} parameter is required")
