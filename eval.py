@@ -139,7 +139,7 @@ def summarize(predictions, wall_seconds):
                answer_rate=mean([float(p["answer"] is not None) for p in ok]),
                mean_tokens=mean([p["tokens"] for p in ok]), mean_total_tokens=mean([p["total_tokens"] for p in ok]),
                seconds_per_sample=wall_seconds / max(n, 1), skipped=len(skipped), skipped_names=skipped,
-               stop_reasons=stops,  # first_turn_length: out of room before any call or answer (budget too small)
+               stop_reasons=stops,  # first_turn_length: stopped on `length` in the first turn (turn or episode budget)
                first_turn_length=sum(p["stop_reason"] == "length" and not p["tool_calls"] for p in ok),
                accuracy_by_length={name: dict(n=len(by_len[name]), accuracy=mean(by_len[name]))
                                    for _, name in LENGTH_BUCKETS if name in by_len})

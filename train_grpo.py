@@ -228,7 +228,7 @@ LOG_LINE = ("step {step:4d} | reward {reward:.3f} acc {accuracy:.3f} fmt {format
             "{truncated:.2f} zvar {zero_var:.2f} | kl {kl:.4f} clip {clip_frac:.3f} ent {entropy:.2f} gnorm "
             "{grad_norm:.3f} | roll {rollout_s:.1f}s upd {update_s:.1f}s {tok_s:.0f} tok/s")
 EPISODE_KEYS = ("reward", "accuracy", "format", "iou", "judge_failures", "tool_calls", "tool_errors", "response_len",
-                "truncated", "first_turn_length")  # the last: out of max_total_tokens before any call or answer
+                "truncated", "first_turn_length")  # the last: stopped on `length` in its first turn
 
 
 def episode_stats(t, r, c):
