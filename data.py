@@ -34,7 +34,7 @@ class ViewConfig:
     max_pixels: int = 56 * 56     # pixel budget per global-view frame
     crop_fps: float = 1.0         # fps cap of a crop (LongVT: 1)
     crop_max_frames: int = 16     # frame budget of a crop (LongVT: 128); 16 makes a wide crop too sparse to catch
-                                  # the needle benchmark's 2-s flash (needle.py), a narrow one always catches it
+                                  # the needle benchmark's 3-s flash (needle.py), a narrow one always catches it
     crop_min_frames: int = 4      # at least this many frames per crop
     crop_max_pixels: int = 56 * 56  # pixel budget per cropped frame
     protocol: str = "ours"        # "ours" | "longvt" (LongVT's RL strings, separators and tool checks, for its
