@@ -81,8 +81,7 @@ class Config:
     micro_batch: int = 4                    # rows per forward/backward on one rank (gradient accumulation)
     clip_low: float = 0.2                   # ratio clipped below at 1 - clip_low
     clip_high: float = 0.2                  # ... and above at 1 + clip_high (DAPO clip-higher: 0.28)
-    clip_ratio_c: float = 3.0               # dual clip (verl's, LongVT's): for A < 0 the loss is at most -A x this
-                                            # (0 = off); inert at ratio 1 (one on-policy update per step)
+    clip_ratio_c: float = 3.0               # dual clip (verl's, LongVT's): for A < 0 a loss <= -A x this (0: off)
     loss_agg: str = "token-mean"            # verl's names: "token-mean" (the mini-batch on all ranks) | "seq-mean-
                                             # token-mean" (LongVT's) | "seq-mean-token-sum-norm" (Dr. GRPO: token
                                             # sums / the policy-token budget, max_new_tokens x (max_turns + 1))
