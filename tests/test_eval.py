@@ -502,3 +502,24 @@ def test_dry_run_sizes_a_7b_run_from_its_config_alone(needle_dir, tmp_path, caps
     out = capsys.readouterr().out
     assert f"prompt: {prompt} tokens" in out and "longer than max_total_tokens=8192" in out
     assert "for 256 rows" in out and not (tmp_path / "g").exists()
+
+
+def test_the_readmes_longvt_budgets_pass_the_check_and_the_old_ones_stop(tmp_path):
+    """The README's LongVT settings (512 frames at 1 fps, 224x224, 1,024-token turns) on a 224-px, 10-minute video:
+    the budget check stops 16384 (the old RL budget) naming both numbers, and passes the corrected 86016, which
+    --dry_run shows holds a whole 5-crop episode."""
+    from data import ViewConfig
+    from model import build_tiny_processor
+    from rollout import check_budget, dry_run
+    generate(NeedleConfig(out=str(tmp_path), num_train=1, num_rl=0, num_eval=1, num_eval_short=0, size=224,
+                          eval_min_duration=600, eval_max_duration=610, workers=1))
+    sample = load_samples(str(tmp_path / "eval.jsonl"))[0]
+    view = ViewConfig(visual_format="images", timestamps=False, protocol="longvt", time_grid=0.0, global_frames=512,
+                      global_fps=1.0, max_pixels=50176, crop_max_frames=128, crop_min_frames=1,
+                      crop_max_pixels=50176)
+    proc = build_tiny_processor()
+    with pytest.raises(SystemExit, match=r"prompt is \d{5} tokens: with one turn of max_new_tokens=1024 it does not "
+                                         r"fit max_total_tokens=16384"):
+        check_budget(proc, sample, view, 1024, 16384)
+    assert check_budget(proc, sample, view, 1024, 86016) is None
+    assert ": fits" in dry_run("tiny", sample, view, 1024, 5, 86016)
