@@ -8,7 +8,7 @@ task="window" (the default): the question gives the flash's window, "What colour
 and a crop of the asked window (16 frames at most, one per <= 1.5 s) always shows it. Every skill the policy needs
 sits near the generation point: copy the window from the question into the call, read the colour
 off the crop. The SFT data is imperfect by construction, so that RL has something to fix: `loose_fraction` of the
-questions are phrased "A flash appears between A s and B s. What colour is it?", and `lazy_fraction` of their
+questions are phrased "A flash appears. What colour is it between A s and B s?", and `lazy_fraction` of their
 trajectories skim [0, B] instead (16 frames over up to 300 s: the 3-s flash is placed between their frames too), see no
 flash and guess. The greedy SFT policy copies that habit for the loose phrasing; GRPO, rewarded on accuracy and IoU,
 learns that the asked window pays, and RFT keeps its correct, grounded trajectories. `notool_fraction` more rows
@@ -219,7 +219,7 @@ def retarget(sample, view):
 # --------------------------------------------------------------------------- the window task (the default)
 def window_question(a, b, loose):
     if loose:
-        return f"A flash appears between {a}s and {b}s. What colour is it?"
+        return f"A flash appears. What colour is it between {a}s and {b}s?"  # the window last, as in the strict one
     return f"What colour flashes between {a}s and {b}s?"
 
 

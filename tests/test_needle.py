@@ -60,7 +60,7 @@ def test_reading_example_and_warmup():
         q = tok.decode(ex.input_ids[:ex.policy_mask.index(1)])
         assert col in needle.NEEDLE_COLOURS
         if task == "window":
-            assert "flashes between" in q or "A flash appears between" in q
+            assert "flashes between" in q or "A flash appears. What colour is it between" in q
             assert turn == f"<think>The cropped frames show a {col} flash.</think><answer>{col}</answer><|im_end|>"
             continue
         t = turn.split("at about ")[1].split("s.")[0]
