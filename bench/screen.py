@@ -7,7 +7,7 @@ One row per (candidate, stage):
     format  the format reward's mean
     copy    the first call's window is exactly the asked one, on the strict questions ("What colour flashes
             between A s and B s?")
-    copy_l  the same on the loose questions ("A flash appears between A s and B s. ..."), whose SFT rows skim
+    copy_l  the same on the loose questions ("A flash appears. What colour is it between A s and B s?"), whose SFT rows skim
             [0, B] 70% of the time (needle.py)
     skim_l  loose questions whose first call is the skim [0, B]
     read    accuracy among episodes whose first call is the asked window (the crop shows the flash)
