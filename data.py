@@ -49,21 +49,26 @@ class ViewConfig:
                                   # shorten the binding's plateau); LongVT: no timestamps
 
 
+    def __post_init__(self):  # every view is built here (flat flags, train_grpo's --view JSON, tests): one check
+        if self.visual_format not in ("video", "images"):
+            raise ValueError(f"visual_format must be 'video' or 'images', got {self.visual_format!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+
+
+PROTOCOLS = ("ours", "longvt", "longvt_eval")
+
+
 def view_from(cfg) -> ViewConfig:
     """The ViewConfig of a script's flat Config (train_sft, eval): each ViewConfig field it has by the same name, and
     its max_frames as global_frames."""
     kw = {f.name: getattr(cfg, f.name) for f in fields(ViewConfig) if hasattr(cfg, f.name)}
     if hasattr(cfg, "max_frames"):
         kw["global_frames"] = cfg.max_frames
-    if kw.get("visual_format", "video") not in ("video", "images"):
-        raise ValueError(f"visual_format must be 'video' or 'images', got {kw['visual_format']!r}")
-    if kw.get("protocol", "ours") not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {kw['protocol']!r}")
     return ViewConfig(**kw)
 
 
 VIEW_FIELDS = {f.name for f in fields(ViewConfig)}
-PROTOCOLS = ("ours", "longvt", "longvt_eval")
 VIEW_FILE = "view.json"  # in a checkpoint dir: the ViewConfig it was trained with
 LAYOUT_FIELDS = ("visual_format", "timestamps", "time_grid", "protocol", "ask_first", "instruction_first",
                  "time_after")

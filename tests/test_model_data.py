@@ -480,6 +480,9 @@ def test_script_configs_pass_every_view_field():
         assert len(names & {f.name for f in dataclasses.fields(ViewConfig)}) >= 10
     with pytest.raises(ValueError, match="visual_format"):
         view_from(ev.Config(visual_format="frames"))
+    for bad in (dict(protocol="verl"), dict(visual_format="frames")):  # train_grpo's --view JSON builds it directly
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ViewConfig(**bad)
 
 
 def test_global_times_on_a_round_grid():
