@@ -35,7 +35,6 @@ import needle  # noqa: E402
 import train_sft  # noqa: E402
 import warmup  # noqa: E402
 from data import ViewConfig, save_view, view_from  # noqa: E402
-import model as model_lib  # noqa: E402
 from model import load_model, parse_config, save_checkpoint  # noqa: E402
 from readers import load_samples  # noqa: E402
 
@@ -70,7 +69,6 @@ CANDIDATES = {
     "alt-1000-copy": (1000, [(16, reading), (8, BARE_COPY)], []),  # the episodes copy for both phrasings
     "alt-1000-copy-nots": (1000, [(16, reading), (8, BARE_COPY)], ["--timestamps=false"]),  # ... no timestamps
     # SFT on 768 rows for 2 epochs (data: needle.py --num_train=768; --needle_seconds=3 for -n3), from alt-1000-copy
-    "alt-1000-copy-num3": (1000, [(16, reading), (8, BARE_COPY)], []),  # with --number_digits=3
     "copy-sft768": (1000, [(16, reading), (8, BARE_COPY)], ["--epochs=2"]),
     "copy-sft768-n3": (1000, [(16, reading), (8, BARE_COPY)], ["--epochs=2"]),
 }
@@ -81,7 +79,6 @@ class Config:
     data: str = "data/needle"   # needle data dir: sft.jsonl for SFT, eval_short.jsonl for the measures
     out: str = "runs/screen"
     only: str = ""              # the candidate to run (see CANDIDATES)
-    number_digits: int = 0      # the tiny tokenizer's longest one-token number for the warm-up's fresh model (0: model's)
     measure: str = ""           # only measure this checkpoint (e.g. a pipeline's SFT) as a row named --only
     n: int = 64                 # eval_short samples measured
     sft: bool = True            # also run the pipeline's SFT after the warm-up and measure it
@@ -146,8 +143,6 @@ def main(argv=None):
     if cfg.measure:
         return log("measured", t0, cfg.measure)
     if not cfg.warm:
-        if cfg.number_digits:
-            model_lib.NUMBER_DIGITS = cfg.number_digits
         model, processor = load_model("tiny")
         data = needle.load_config(cfg.data)
         kinds = [(n, lambda r, rng, f=f: f(r, rng, data)) for n, f in kinds_of]
