@@ -22,12 +22,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-from transformers import DynamicCache
+from transformers import AutoConfig, AutoProcessor, DynamicCache
 
-from data import Rendered, Renderer, ViewConfig, cat_vision, global_view, model_vision, positions, sample_duration
-from model import unwrap
-from tools import ToolError, observe
+from data import (Rendered, Renderer, ViewConfig, cat_vision, global_times, global_view, model_vision, positions,
+                  sample_duration)
+from model import build_tiny_processor, tiny_model_config, unwrap
+from tools import LONGVT_OK, ToolError, fit_size, observe, video_info
 
 
 @dataclass
@@ -297,12 +299,6 @@ def dry_run(name, sample, view: ViewConfig, max_new_tokens, max_turns, max_total
     """--dry_run: what a run of `name` (tiny, a checkpoint dir or an HF id: its config only, never its weights)
     needs per episode, as text: the first sample's prompt tokens (its frame count and the video's frame size from
     the headers; blank frames), a full crop's, an episode's at most, and the bf16 KV cache they take per row."""
-    import numpy as np
-    from transformers import AutoConfig, AutoProcessor
-
-    from data import global_times
-    from model import build_tiny_processor, tiny_model_config
-    from tools import LONGVT_OK, fit_size, video_info
     note = ""
     if name == "tiny":
         proc = build_tiny_processor()
