@@ -19,10 +19,8 @@ left dropped); --loss_agg=seq-mean-token-mean (GRPO's, LongVT's) vs token-mean o
 (acc_group: the group's mean accuracy, acc_task: this step's for the answer type, all ranks), so that easy tasks
 and samples do not dominate a mixed batch; our formula in the spirit of VITAL's, not the paper's transcription.
 
-Departures from LongVT (verl + vLLM): rollouts from our own batched HF loop with the training weights; contiguous
-mini-batches (no shuffle); an unreadable video is skipped and counted, not replaced; a failed judge falls back to
-rules, counted. On CUDA weights and AdamW stay fp32 with bf16 compute, so that lr 1e-6 survives rounding.
-"""
+Departures from LongVT (verl + vLLM): our batched HF rollout loop; contiguous mini-batches; an unreadable video is
+skipped and counted; a failed judge falls back to rules, counted; fp32 weights and AdamW with bf16 compute on CUDA."""
 import json
 import math
 import os
@@ -66,6 +64,7 @@ class Config:
     top_p: float = 1.0                      # rollout nucleus sampling (1 = off, LongVT); ratios and KL use the whole
     top_k: int = 0                          # rollout top-k (0 = off)                   policy's log-probs either way
     view: dict = field(default_factory=dict)    # data.ViewConfig overrides, JSON: --view={"global_frames":16}
+    protocol: str = ""                      # --protocol=longvt: the same as --view={"protocol":"longvt"}
     reward: dict = field(default_factory=dict)  # reward.RewardConfig overrides, JSON: --reward={"w_iou":0.5}
     adv_norm: str = "std"                   # "std": (r - mean) / (std + eps) (GRPO) | "none": r - mean (Dr. GRPO)
     dynamic_sampling: bool = False          # DAPO: replace, then drop, groups whose rewards are all equal
@@ -273,6 +272,7 @@ def train(cfg: Config):
     assert cfg.ratio_level in ("token", "sequence") and cfg.parallel in ("ddp", "fsdp"), "bad ratio_level/parallel"
     fsdp, G, dev, cuda = d.world > 1 and cfg.parallel == "fsdp", cfg.group_size, d.device, d.device.type == "cuda"
     init = init_path(cfg.init) if not cfg.resume or cfg.kl_coef > 0 else None  # fail before any work
+    cfg.view = {**cfg.view, **({"protocol": cfg.protocol} if cfg.protocol else {})}
     cfg.view = {**cfg.view, **follow_layout(cfg.out if cfg.resume else init, cfg.view, set(cfg.view), print0)}
     view, rcfg = ViewConfig(**cfg.view), RewardConfig(**cfg.reward)
     if d.is_main and cfg.data == Config.data:

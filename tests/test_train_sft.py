@@ -328,6 +328,9 @@ def test_runs_from_a_checkpoint_keep_its_prompt_layout(sft_file, tmp_path, capsy
                                        save_every=0, log_rollouts_every=0, view=dict(global_frames=4)))
     assert "timestamps=False: as" in capsys.readouterr().out
     assert view(grpo)["timestamps"] is False and view(grpo)["global_frames"] == 4
+    with pytest.raises(ValueError, match="protocol"):  # --protocol= is --view={"protocol": ...}: checked before work
+        train_grpo.train(train_grpo.Config(init=sft, data=rl, out=str(tmp_path / "x"), protocol="verl"))
+    assert not (tmp_path / "x").exists()
     train_sft.main(args(sft_file, rft, steps=1, init=grpo))
     assert "timestamps=False: as" in capsys.readouterr().out and view(rft)["timestamps"] is False
     train_sft.main(args(sft_file, other, steps=1, init=grpo, timestamps="true"))
