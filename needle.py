@@ -119,9 +119,13 @@ def write_video(path, duration, scenes, needle, cfg: NeedleConfig):
         st.width = st.height = cfg.size
         st.pix_fmt = "yuv420p"
         st.codec_context.gop_size = 2 * cfg.fps
+        made = {}  # a frame per (scene, flash on): the video holds a few distinct pictures, converted once each
         for i in range(int(round(duration * cfg.fps))):
-            frame = av.VideoFrame.from_ndarray(frame_at(i / cfg.fps, scenes, needle, cfg.size), format="rgb24")
-            for packet in st.encode(frame):
+            t = i / cfg.fps
+            key = (next((j for j, (s, e, _) in enumerate(scenes) if s <= t < e), -1), needle["start"] <= t < needle["end"])
+            if key not in made:
+                made[key] = av.VideoFrame.from_ndarray(frame_at(t, scenes, needle, cfg.size), format="rgb24")
+            for packet in st.encode(made[key]):
                 out.mux(packet)
         for packet in st.encode():
             out.mux(packet)

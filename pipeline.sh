@@ -32,19 +32,19 @@ stage() { echo; echo "=== $1 ($(( $(date +%s) - start )) s)"; }
 stage "data: $DATA"
 [ -f "$DATA/eval.jsonl" ] || $PY needle.py --out="$DATA" --seed="$SEED" $DATA_ARGS
 
-EVAL_ARGS="--max_new_tokens=128 --seed=$SEED $EVAL_ARGS"  # the tiny policy's turns are < 100 tokens; cap runaway samples
+EVAL_ARGS="--max_new_tokens=128 --batch_size=32 --seed=$SEED $EVAL_ARGS"  # the tiny policy's turns are < 100 tokens; cap runaway samples
 done_() { [ -f "$1/done" ]; }
 
 stage "stage 1: SFT cold start -> $RUNS/sft"
 if ! done_ "$RUNS/sft"; then  # (an if, not `||`: set -e does not stop on a failure inside an || list)
-  $PY train_sft.py --data="$DATA/sft.jsonl" --out="$RUNS/sft" --skill_warmup=1000 --epochs=2 --threads=2 --seed="$SEED" $SFT_ARGS
+  $PY train_sft.py --data="$DATA/sft.jsonl" --out="$RUNS/sft" --skill_warmup=600 --epochs=2 --threads=2 --seed="$SEED" $SFT_ARGS
   touch "$RUNS/sft/done"
 fi
 
 stage "stage 2: GRPO with $NPROC processes -> $RUNS/grpo"
 if ! done_ "$RUNS/grpo"; then
   $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train_grpo.py \
-    --init="$RUNS/sft" --data="$DATA/rl.jsonl" --eval_data="$DATA/eval.jsonl" --out="$RUNS/grpo" --curve=true \
+    --init="$RUNS/sft" --data="$DATA/rl.jsonl" --eval_data="$DATA/eval.jsonl" --out="$RUNS/grpo" --curve=true --steps=35 \
     --top_p=0.9 --lr=2e-4 --seed="$SEED" $GRPO_ARGS  # nucleus rollouts: fewer malformed samples, so the advantage ranks more than format
   touch "$RUNS/grpo/done"
 fi
@@ -57,7 +57,7 @@ if [ "$n" -ge "$RFT_MIN" ] && [ "$n" -gt 0 ]; then
   stage "stage 3: RFT on $n trajectories from the GRPO checkpoint -> $RUNS/rft"
   b=$(( n < 4 ? n : 4 ))
   $PY train_sft.py --init="$RUNS/grpo" --data="$RUNS/rft.jsonl" --out="$RUNS/rft" --batch_size=$b --micro_batch_size=$b \
-    --view_jitter=false --lr=1e-3 --epochs=2 --threads=2 --seed="$SEED" $RFT_ARGS
+    --view_jitter=false --lr=5e-4 --epochs=1 --threads=2 --seed="$SEED" $RFT_ARGS
 else
   stage "stage 3: WARNING: the GRPO policy produced $n correct, grounded trajectories (< RFT_MIN=$RFT_MIN); RFT keeps the GRPO weights"
   rm -rf "$RUNS/rft" && mkdir -p "$RUNS/rft" && cp "$RUNS"/grpo/*.* "$RUNS/rft/"
