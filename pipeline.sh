@@ -44,7 +44,7 @@ fi
 stage "stage 2: GRPO with $NPROC processes -> $RUNS/grpo"
 if ! done_ "$RUNS/grpo"; then
   $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train_grpo.py \
-    --init="$RUNS/sft" --data="$DATA/rl.jsonl" --eval_data="$DATA/eval.jsonl" --out="$RUNS/grpo" --curve=true --steps=45 \
+    --init="$RUNS/sft" --data="$DATA/rl.jsonl" --eval_data="$DATA/eval.jsonl" --out="$RUNS/grpo" --curve=true --steps=35 \
     --top_p=0.9 --lr=2e-4 --seed="$SEED" $GRPO_ARGS  # nucleus rollouts: fewer malformed samples, so the advantage ranks more than format
   touch "$RUNS/grpo/done"
 fi

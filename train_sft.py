@@ -104,7 +104,7 @@ class Config:
     workers: int = 2                # threads rendering samples at start-up (video decoding, processor)
     threads: int = 1                # CPU only: torch intra-op threads (0 = torch's default; see above)
     skill_warmup: int = -1          # steps of warmup.py's in-memory warm-up before SFT (crops -> answer, and whole
-                                    # episodes after a bare question); -1: 1000 when the tiny model starts from
+                                    # episodes after a bare question); -1: 600 when the tiny model starts from
                                     # scratch on the default needle data, else 0
     view_jitter: bool = True        # render each sample's global view with a random frame count (fixed per sample)
                                     # between its default and max_frames, so short videos also train long prompts
@@ -358,7 +358,7 @@ def main(argv=None):
     data_cfg = needle.load_config(os.path.dirname(cfg.data.split(",")[0]))  # as the data was made (wording, square)
     if not cfg.resume:
         tiny_default = init == "tiny" and cfg.data == DEFAULT_DATA
-        warmup.run(model, processor, view, cfg, data_cfg, policy_nll, default_steps=1000 if tiny_default else 0)
+        warmup.run(model, processor, view, cfg, data_cfg, policy_nll, default_steps=600 if tiny_default else 0)
 
     # ---- optimisation
     engine = wrap(model, cfg, d)
