@@ -1,22 +1,26 @@
 """The hand-written batched multi-turn generation loop, with tool observations appended to the live KV cache.
 
     from rollout import rollout, RolloutConfig
-    trajs = rollout(model, processor, samples, group_size=8, cfg=RolloutConfig(), view=ViewConfig())
+    trajs = rollout(model, processor, samples, group_size=8, cfg=RolloutConfig(max_rows=16), view=ViewConfig())
 
-How it works (one call = a batch of P samples x G rows):
-1. Each sample's prompt (system + long global view + question) is prefilled ONCE, left-padded in one batch,
-   and its KV cache is copied to the sample's G rows (repeat_interleave): the global view is the expensive part.
-2. Decode: one token per live row per step, sampled with a seeded generator (temperature, top-k, top-p).
-   A row stops its turn at `</tool_call>`, `<|im_end|>`/EOS or the per-turn budget. Rows that are done with
-   the episode leave the batch and the cache at once; rows waiting on a tool call feed attention-mask holes.
+How it works (one call = P samples x G rows, in row order: sample 0's G members, then sample 1's, ...):
+1. Rows run in chunks of at most `max_rows` (0: all at once), so at most max_rows rows hold KV. In a chunk, each
+   sample's prompt (system + long global view + question) is prefilled ONCE, alone, in pieces of at most
+   `prefill_chunk` tokens cut at frame boundaries (the vision tower runs per piece), then its KV is copied to its
+   rows of the chunk. A chunk's rows share one time axis; a row's unused columns are holes (attention mask 0).
+2. Decode: one token per live row per step. Each row samples with its own generator, seeded from (seed, sample,
+   member): a trajectory does not depend on which rows share its batch or chunk. A row stops its turn at
+   `</tool_call>`, `<|im_end|>`/EOS or the per-turn budget. Rows done with the episode leave the cache at once.
 3. When every live row has stopped its turn, their calls run in a thread pool (tools.observe) and each row's
-   observation chunk (data.Renderer.observation: frames + text) is appended to the SAME cache in one
-   left-padded prefill, with explicit M-RoPE position ids from the model's get_rope_index shifted to the row's
-   current position. Then decoding resumes.
+   observation chunk (data.Renderer.observation: frames + text) is appended to the SAME cache, all rows at once in
+   pieces of about prefill_chunk tokens in all, with explicit M-RoPE position ids from the model's get_rope_index
+   shifted to the row's current position. Then decoding resumes.
+The KV cache is written in place (KVCache: buffers grown in blocks, never a torch.cat of the whole cache per token).
 Sampled ids are never re-tokenized. The log-prob recorded for each sampled token is under the model's own
 distribution (temperature 1, no top-k/top-p), i.e. exactly what a full forward pass over the final sequence
-gives, which the tests check. Departure from LongVT: after the last allowed tool call the model still gets
-an answer turn (the observation says no more calls are available); LongVT ends the episode there.
+gives, which the tests check. The rows of a group share their prompt's vision tensors (no copy per row).
+Departure from LongVT: after the last allowed tool call the model still gets an answer turn (the observation says
+no more calls are available); LongVT ends the episode there.
 """
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,12 +28,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoProcessor, DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
-from data import (Rendered, Renderer, ViewConfig, cat_vision, global_times, global_view, model_vision, positions,
-                  sample_duration)
-from model import build_tiny_processor, tiny_model_config, unwrap
-from tools import LONGVT_OK, ToolError, fit_size, observe, video_info
+from data import Rendered, Renderer, ViewConfig, cat_vision, global_view, model_vision, positions, sample_duration
+from model import unwrap
+from tools import ToolError, observe
 
 
 @dataclass
@@ -40,8 +43,11 @@ class RolloutConfig:
     temperature: float = 1.0       # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0                 # 0 = off
-    seed: int = 0                  # seeds the sampling generator
+    seed: int = 0                  # with (sample, member), seeds each row's sampling generator
     workers: int = 4               # threads decoding videos (global views, crops)
+    max_rows: int = 0              # rows holding KV at once (0 = all rows of the call); the dry run names one that fits
+    prefill_chunk: int = 2048      # query tokens per forward when a prompt or observations enter the cache
+    keep_vision: bool = True       # trajectories keep their vision tensors (GRPO's update needs them; eval does not)
 
 
 @dataclass
@@ -51,7 +57,7 @@ class Trajectory:
     policy_mask: list = field(default_factory=list)   # 1 on sampled tokens only
     logprobs: list = field(default_factory=list)      # sampling log-prob of each token (0 where mask is 0)
     mm_token_type_ids: list = field(default_factory=list)
-    vision: dict = field(default_factory=dict)        # all vision inputs of the sequence, in order
+    vision_parts: list = field(default_factory=list)  # vision inputs of the sequence in order (the prompt's is shared)
     prompt_len: int = 0
     turns_text: list = field(default_factory=list)    # decoded text of each assistant turn
     turn_ids: list = field(default_factory=list)      # sampled ids of each assistant turn
@@ -59,11 +65,15 @@ class Trajectory:
     stop_reason: str = ""                             # answer | eos | length | turn_limit | skipped
     error: str | None = None                          # why a sample was skipped (missing/corrupt video)
     seconds: float = 0.0
-    index: int = 0                                    # row index in the batch (group members are contiguous)
+    index: int = 0                                    # row index in the call (group members are contiguous)
 
     @property
     def num_tool_calls(self):
         return len(self.tool_calls)
+
+    @property
+    def vision(self):
+        return cat_vision(self.vision_parts)
 
     def rendered(self):
         return Rendered(self.input_ids, self.policy_mask, self.mm_token_type_ids, self.vision)
@@ -74,20 +84,93 @@ class Trajectory:
         self.mm_token_type_ids += r.mm_token_type_ids
         self.logprobs += logprobs or [0.0] * len(r.input_ids)
         if r.vision:
-            self.vision = cat_vision([self.vision, r.vision])
+            self.vision_parts.append(r.vision)
 
 
 @dataclass
 class Row:
     traj: Trajectory
     next_pos: int          # M-RoPE position of the next token (text positions are equal in all 3 axes)
+    gen: torch.Generator   # this row's sampling generator
     pending: int = -1      # last sampled token, not yet fed to the cache
     turn: list = field(default_factory=list)
     done: str = ""         # why this row's turn stopped: "tool" or a final stop reason
 
 
-def sample_tokens(logits, cfg: RolloutConfig, gen, banned):
-    """logits (B, V) -> tokens (B,), log-probs under the unmodified model distribution (B,)."""
+# --------------------------------------------------------------------------- the KV cache, written in place
+def capacity(tokens):
+    """Columns a cache layer allocates to hold `tokens`: 1/8 headroom, at least 256, rounded up to 256, so a
+    growing cache is copied O(log) times, not once per token (memory.py sizes the cache with this)."""
+    return -(-(tokens + max(256, tokens // 8)) // 256) * 256
+
+
+class InPlaceLayer(DynamicLayer):
+    """One layer's K and V in buffers (B, H, capacity, D); keys/values are views of the filled columns."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+            self.kbuf = self.vbuf = None
+            self.n = 0
+        self.write(key_states, value_states, slice(None), self.n)
+        return self.keys, self.values
+
+    def write(self, k, v, rows, at):
+        """Write k, v (b, H, n, D) into `rows` of the buffers at columns [at, at + n); grow when needed."""
+        need = at + k.shape[-2]
+        if self.kbuf is None or need > self.kbuf.shape[-2]:
+            B = k.shape[0] if self.kbuf is None else self.kbuf.shape[0]
+            cap = capacity(need)
+            kb = k.new_zeros(B, k.shape[1], cap, k.shape[3])  # zeros: a hole never holds NaN
+            vb = v.new_zeros(B, v.shape[1], cap, v.shape[3])
+            if self.kbuf is not None:
+                kb[:, :, :self.n], vb[:, :, :self.n] = self.kbuf[:, :, :self.n], self.vbuf[:, :, :self.n]
+            self.kbuf, self.vbuf = kb, vb
+        self.kbuf[rows, :, at:need] = k
+        self.vbuf[rows, :, at:need] = v
+        self.n = max(self.n, need)
+        self.keys, self.values = self.kbuf[:, :, :self.n], self.vbuf[:, :, :self.n]
+
+    def get_seq_length(self):
+        return self.n if self.is_initialized else 0
+
+    def batch_select_indices(self, indices):
+        if self.is_initialized and self.kbuf is not None:
+            self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+            self.keys, self.values = self.kbuf[:, :, :self.n], self.vbuf[:, :, :self.n]
+
+
+class KVCache(Cache):
+    """An HF Cache of InPlaceLayer layers (what the model's attention calls update() on)."""
+
+    def __init__(self):
+        super().__init__(layer_class_to_replicate=InPlaceLayer)
+
+    def put(self, rows, src, batch):
+        """Copy a one-row cache `src` into `rows` (a list) of this cache of `batch` rows, at columns [0, its length)."""
+        while len(self.layers) < len(src.layers):
+            self.layers.append(InPlaceLayer())
+        for dst, s in zip(self.layers, src.layers):
+            if not dst.is_initialized:
+                dst.dtype, dst.device, dst.is_initialized, dst.n = s.keys.dtype, s.keys.device, True, 0
+                H, D = s.keys.shape[1], s.keys.shape[3]
+                dst.kbuf = s.keys.new_zeros(batch, H, capacity(s.n), D)
+                dst.vbuf = s.values.new_zeros(batch, H, capacity(s.n), D)
+            dst.write(s.keys, s.values, rows, 0)
+
+    def nbytes(self):
+        return sum(x.kbuf.nbytes + x.vbuf.nbytes for x in self.layers if x.is_initialized and x.kbuf is not None)
+
+
+# --------------------------------------------------------------------------- sampling
+def row_generator(seed, sample, member):
+    """The sampling generator of one row: seeded from (seed, sample, member) alone."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, sample, member]).generate_state(1)[0]))
+
+
+def sample_tokens(logits, cfg: RolloutConfig, gens, banned):
+    """logits (B, V), one generator per row -> tokens (B,), log-probs under the unmodified model distribution (B,).
+    A row draws one uniform from its own generator per token (inverse CDF), whatever the batch holds."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     scores = logits.float().clone()
     scores[:, banned] = float("-inf")  # vision placeholders would break the vision/token alignment
@@ -103,12 +186,77 @@ def sample_tokens(logits, cfg: RolloutConfig, gen, banned):
             cum = srt.softmax(-1).cumsum(-1)
             drop = cum - srt.softmax(-1) > cfg.top_p  # keep the smallest prefix whose mass reaches top_p
             scores = scores.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
-        tok = torch.multinomial(scores.softmax(-1), 1, generator=gen).squeeze(-1)
+        cdf = scores.softmax(-1).cumsum(-1)                                          # (B, V)
+        u = torch.tensor([torch.rand((), generator=g).item() for g in gens], dtype=cdf.dtype, device=cdf.device)
+        tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # never a 0-prob token
+        tok = tok.clamp(max=cdf.shape[-1] - 1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
+# --------------------------------------------------------------------------- pieces of a long chunk
+def split_points(r: Rendered, merge, limit):
+    """Token offsets [0, ..., len] cutting r into pieces of at most `limit` tokens, never inside an image or a video's
+    temporal patch (one vision-tower item; a larger one is a piece of its own)."""
+    T = len(r.input_ids)
+    ok = np.ones(T + 1, bool)
+    for s, e, unit in vision_runs(r, merge):
+        for a in range(s, e, unit):
+            ok[a + 1:a + unit] = False
+    allowed = np.flatnonzero(ok)
+    cuts, cur = [0], 0
+    while cur < T:
+        i = np.searchsorted(allowed, cur + limit, side="right") - 1
+        nxt = allowed[i] if allowed[i] > cur else allowed[np.searchsorted(allowed, cur, side="right")]
+        cuts.append(int(nxt))
+        cur = int(nxt)
+    return cuts
+
+
+def vision_runs(r: Rendered, merge):
+    """(start, end, tokens per unit) of each image (one unit) and video (one unit per temporal patch) in r, in order,
+    with the grid row of each: yields (s, e, unit)."""
+    for s, e, grid in vision_items(r, merge):
+        t, h, w = grid.tolist()
+        yield s, e, h * w // merge
+
+
+def vision_items(r: Rendered, merge):
+    """(start, end, grid_thw) of each vision item's pad run, in order."""
+    mm = r.mm_token_type_ids
+    grids = {1: iter(r.vision.get("image_grid_thw", [])), 2: iter(r.vision.get("video_grid_thw", []))}
+    i, T = 0, len(mm)
+    while i < T:
+        if mm[i]:
+            kind, s = mm[i], i
+            grid = next(grids[kind])
+            i += int(grid.prod()) // merge
+            yield s, i, grid
+        else:
+            i += 1
+
+
+def piece_vision(r: Rendered, merge, a, b):
+    """The vision inputs of tokens [a, b) of r (cut by split_points): whole images, and each video's temporal patches
+    in the piece as a video of its own (the vision tower attends within a temporal patch, so this is exact)."""
+    out = {"pixel_values": [], "image_grid_thw": [], "pixel_values_videos": [], "video_grid_thw": []}
+    rows = {1: 0, 2: 0}  # pixel rows consumed so far per kind
+    for s, e, grid in vision_items(r, merge):
+        kind = r.mm_token_type_ids[s]
+        t, h, w = grid.tolist()
+        per = h * w // merge  # tokens per temporal patch
+        lo, hi = max(a, s), min(b, e)
+        if lo < hi:
+            t0, t1 = (lo - s) // per, (hi - s) // per
+            px, g = ("pixel_values", "image_grid_thw") if kind == 1 else ("pixel_values_videos", "video_grid_thw")
+            out[px].append(r.vision[px][rows[kind] + t0 * h * w: rows[kind] + t1 * h * w])
+            out[g].append(torch.tensor([[t1 - t0, h, w]], dtype=grid.dtype))
+        rows[kind] += t * h * w
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+# --------------------------------------------------------------------------- the engine
 class Engine:
-    """The state of one rollout batch: live rows, their shared KV cache and 2-D attention mask (holes = 0)."""
+    """The state of one chunk of rows: live rows, their shared KV cache and 2-D attention mask (holes = 0)."""
 
     def __init__(self, model, processor, cfg: RolloutConfig, view: ViewConfig):
         self.model, self.cfg, self.view = model, cfg, view
@@ -121,30 +269,45 @@ class Engine:
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.stops = set(eos) | {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} - {None}
         self.banned = tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
-        self.gen = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.merge = processor.image_processor.merge_size ** 2
         self.tok = tok
+        self.cache = None
+        self.peak_kv = 0  # the most bytes the KV cache held (memory.py's estimate is tested against it)
 
     @torch.no_grad()
-    def forward(self, chunks, offsets):
-        """Append left-padded chunks (one Rendered per live row) to the cache. Returns the last-position logits
-        (B, V) and each row's next position: its last token's + 1 (chunks end with text, whose three M-RoPE axes
-        are equal; not the maximum + 1, since a video's time axis can run past the text positions)."""
-        L = max(len(c.input_ids) for c in chunks)
+    def feed(self, cache, att, chunks, offsets):
+        """Append one chunk (a Rendered) per row of `cache` to it, in forwards of about prefill_chunk query tokens in
+        all (each row's pieces cut at frame boundaries, right-aligned so every row's last piece is in the last
+        forward; a row with fewer pieces gets holes). Returns (last-position logits (B, V), each row's next position:
+        its last token's + 1 (chunks end with text, whose three M-RoPE axes are equal), the attention mask)."""
         B = len(chunks)
-        ids = torch.full((B, L), self.pad, dtype=torch.long)
-        att = torch.zeros(B, L, dtype=torch.long)
-        pos = torch.zeros(3, B, L, dtype=torch.long)
-        for b, (c, off) in enumerate(zip(chunks, offsets)):
-            n = len(c.input_ids)
-            ids[b, L - n:] = torch.tensor(c.input_ids)
-            att[b, L - n:] = 1
-            pos[:, b, L - n:] = positions(self.model, c) + off
-        self.att = att if self.att is None else torch.cat([self.att, att], 1)
-        vision = model_vision(cat_vision([c.vision for c in chunks]), self.device)
-        out = self.model(input_ids=ids.to(self.device), attention_mask=self.att.to(self.device),
-                         position_ids=pos.to(self.device), past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=1, **vision)
-        return out.logits[:, -1], (pos[0, :, -1] + 1).tolist()
+        limit = max(1, self.cfg.prefill_chunk // B) if self.cfg.prefill_chunk > 0 else 1 << 60
+        pos = [positions(self.model, c) + off for c, off in zip(chunks, offsets)]
+        cuts = [split_points(c, self.merge, limit) for c in chunks]
+        K = max(len(c) - 1 for c in cuts)
+        for k in range(K):
+            parts = []
+            for c, cut in zip(chunks, cuts):
+                j = k - (K - (len(cut) - 1))  # this row's piece index at step k (negative: none yet)
+                parts.append((cut[j], cut[j + 1]) if j >= 0 else (0, 0))
+            L = max(b - a for a, b in parts)
+            ids = torch.full((B, L), self.pad, dtype=torch.long)
+            new = torch.zeros(B, L, dtype=torch.long)
+            p = torch.zeros(3, B, L, dtype=torch.long)
+            vision = []
+            for i, (c, (a, b)) in enumerate(zip(chunks, parts)):
+                if b > a:
+                    ids[i, L - (b - a):] = torch.tensor(c.input_ids[a:b])
+                    new[i, L - (b - a):] = 1
+                    p[:, i, L - (b - a):] = pos[i][:, a:b]
+                    if c.vision:
+                        vision.append(piece_vision(c, self.merge, a, b))
+            att = new.to(self.device) if att is None else torch.cat([att, new.to(self.device)], 1)
+            out = self.model(input_ids=ids.to(self.device), attention_mask=att, position_ids=p.to(self.device),
+                             past_key_values=cache, use_cache=True, logits_to_keep=1,
+                             **model_vision(cat_vision(vision), self.device))
+            self.note(cache)
+        return out.logits[:, -1], [int(x[0, -1]) + 1 for x in pos], att
 
     def keep(self, idx, logits):
         """Drop rows that are finished from the batch and the cache."""
@@ -152,29 +315,69 @@ class Engine:
             return logits
         t = torch.tensor(idx, dtype=torch.long, device=self.device)
         self.cache.batch_select_indices(t)
-        self.att = self.att[idx]
+        self.att = self.att[t]
         self.rows = [self.rows[i] for i in idx]
         return logits[t]
 
-    def run(self, samples, prompts, group_size):
-        self.cache, self.att = DynamicCache(), None
-        logits, starts = self.forward(prompts, [0] * len(prompts))  # one prefill per sample
-        G = group_size
-        self.cache.batch_repeat_interleave(G)
-        self.att = self.att.repeat_interleave(G, 0)
-        logits = logits.repeat_interleave(G, 0)
-        self.rows = []
-        for s, p, start in zip(samples, prompts, starts):
-            for _ in range(G):
-                t = Trajectory(sample=s, prompt_len=len(p.input_ids), index=len(self.rows))
-                t.extend(p)
-                self.rows.append(Row(t, start))
-        finished = []
-        while self.rows:
-            logits = self.decode_turn(logits, finished)
-            if not self.rows:
-                break
-            logits = self.tool_turn(finished)
+    def prompt(self, s):
+        """Sample s's rendered prompt (rendered once, when its first row starts), or None when it leaves no room for a
+        turn (the sample is then skipped and named, never prefilled)."""
+        if s not in self.prompts:
+            p = self.renderer.prompt(*self.loaded[s])
+            if len(p.input_ids) + 1 > self.cfg.max_total_tokens:
+                x = self.loaded[s][0]
+                self.errors[s] = (f"{x.get('id') or x['video']}: its prompt is {len(p.input_ids)} tokens, no room "
+                                  f"for a turn in max_total_tokens={self.cfg.max_total_tokens} (raise it or shrink "
+                                  f"the view)")
+                p = None
+            self.prompts[s] = p
+        return self.prompts[s]
+
+    def start(self, members):
+        """Prefill a chunk: members [(sample, member, row index)]; each distinct sample's prompt once, alone, then
+        copied to its rows. Returns the rows' next-token logits (R, V)."""
+        members = [m for m in members if self.prompt(m[0]) is not None]
+        self.cache, R = KVCache(), len(members)
+        self.rows, logits, lens = [None] * R, [None] * R, [0] * R
+        for s in dict.fromkeys(m[0] for m in members):
+            p, mine = self.prompts[s], [k for k, m in enumerate(members) if m[0] == s]
+            one = KVCache()
+            lg, nxt, _ = self.feed(one, None, [p], [0])  # one sample, alone: no padding
+            self.cache.put(mine, one, R)
+            self.note(one)
+            del one
+            for k in mine:
+                t = Trajectory(sample=self.loaded[s][0], prompt_len=len(p.input_ids), index=members[k][2])
+                t.extend(p)  # the prompt's vision dict is shared by the group's rows, not copied
+                self.rows[k] = Row(t, nxt[0], row_generator(self.cfg.seed, s, members[k][1]))
+                logits[k], lens[k] = lg[0], len(p.input_ids)
+        if not R:
+            return None
+        n = self.cache.get_seq_length()
+        self.att = (torch.arange(n)[None] < torch.tensor(lens)[:, None]).long().to(self.device)  # holes after a prompt
+        return torch.stack(logits)
+
+    def note(self, extra=None):
+        """Record the KV bytes held now: the chunk's cache, and a prompt's one-row cache while it is prefilled."""
+        now = (self.cache.nbytes() if self.cache is not None else 0)
+        now += extra.nbytes() if extra is not None and extra is not self.cache else 0
+        self.peak_kv = max(self.peak_kv, now)
+
+    def run(self, members, loaded):
+        """Roll out members [(sample index, member, row index)] of loaded samples (prepare()'s items) in chunks of
+        max_rows rows. Returns the finished trajectories; self.errors names the samples skipped for their length."""
+        self.loaded, self.prompts, self.errors = loaded, {}, {}
+        finished, step = [], self.cfg.max_rows if self.cfg.max_rows > 0 else len(members)
+        for c in range(0, len(members), step):
+            logits = self.start(members[c:c + step])
+            while self.rows:
+                logits = self.decode_turn(logits, finished)
+                if not self.rows:
+                    break
+                logits = self.tool_turn(finished)
+            self.cache = self.att = None
+            later = {m[0] for m in members[c + step:]}
+            self.prompts = {s: p for s, p in self.prompts.items() if s in later or p is None}  # free the done ones
         return finished
 
     def decode_turn(self, logits, finished):
@@ -184,7 +387,7 @@ class Engine:
             r.turn, r.done = [], ""
         for step in range(cfg.max_new_tokens):
             active = [i for i, r in enumerate(self.rows) if not r.done]
-            tok, lp = sample_tokens(logits[active], cfg, self.gen, self.banned)
+            tok, lp = sample_tokens(logits[active], cfg, [self.rows[i].gen for i in active], self.banned)
             for i, t, l in zip(active, tok.tolist(), lp.tolist()):
                 r = self.rows[i]
                 r.traj.extend(Rendered([t], [1], [0], {}), [l])
@@ -212,9 +415,10 @@ class Engine:
         live = [not r.done for r in self.rows]
         ids = torch.tensor([[r.pending if ok else self.pad] for r, ok in zip(self.rows, live)])
         pos = torch.tensor([r.next_pos for r in self.rows]).view(1, -1, 1).expand(3, -1, 1)
-        self.att = torch.cat([self.att, torch.tensor(live, dtype=torch.long)[:, None]], 1)
-        out = self.model(input_ids=ids.to(self.device), attention_mask=self.att.to(self.device),
-                         position_ids=pos.to(self.device), past_key_values=self.cache, use_cache=True)
+        self.att = torch.cat([self.att, torch.tensor(live, dtype=torch.long, device=self.device)[:, None]], 1)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=self.att, position_ids=pos.to(self.device),
+                         past_key_values=self.cache, use_cache=True)
+        self.note()
         for r, ok in zip(self.rows, live):
             r.next_pos += ok
         return out.logits[:, -1]
@@ -226,7 +430,12 @@ class Engine:
         if reason == "answer" and "<answer>" not in r.traj.turns_text[-1]:
             reason = "eos"
         r.traj.stop_reason = reason
-        finished.append(r.traj)
+        self.done(r.traj, finished)
+
+    def done(self, traj, finished):
+        if not self.cfg.keep_vision:
+            traj.vision_parts = []
+        finished.append(traj)
 
     def tool_turn(self, finished):
         """Run every live row's call and append [pending token] + observation chunk to the cache."""
@@ -250,18 +459,16 @@ class Engine:
             obs_chunk = self.renderer.observation(o, last=r.traj.num_tool_calls >= cfg.max_turns)
             if len(r.traj.input_ids) + len(obs_chunk.input_ids) + 1 > cfg.max_total_tokens:
                 r.traj.stop_reason = "length"
-                finished.append(r.traj)
+                self.done(r.traj, finished)
                 continue
             r.traj.extend(obs_chunk)
             chunks.append(Rendered([r.pending], [1], [0], {}) + obs_chunk)
             keep.append(i)
         # finished rows leave before the append, so the chunk batch holds only live rows
-        dummy = torch.zeros(len(self.rows), 1)
-        self.keep(keep, dummy)
+        self.keep(keep, torch.zeros(len(self.rows), 1, device=self.device))
         if not self.rows:
             return None
-        offs = [r.next_pos for r in self.rows]
-        logits, nexts = self.forward(chunks, offs)
+        logits, nexts, self.att = self.feed(self.cache, self.att, chunks, [r.next_pos for r in self.rows])
         for r, n in zip(self.rows, nexts):
             r.next_pos = n
         return logits
@@ -281,11 +488,11 @@ def prepare(samples, view: ViewConfig, workers=4):
         return list(pool.map(load, samples))
 
 
-def check_budget(processor, sample, view: ViewConfig, max_new_tokens, max_total_tokens):
+def check_budget(processor, loaded, view: ViewConfig, max_new_tokens, max_total_tokens):
     """Stop before any rollout when the first sample's prompt and one turn of max_new_tokens cannot fit
-    max_total_tokens (every episode would end on `length` after its first tokens). A sample that cannot be read is
-    left to the rollout, which skips and names it."""
-    loaded = prepare([sample], view, 1)[0]
+    max_total_tokens (every episode would end on `length` after its first tokens). `loaded`: prepare()'s item for
+    the first sample (the caller passes its global view on to the rollout: it is decoded once); an error string (a
+    sample that cannot be read) is left to the rollout, which skips and names it."""
     if isinstance(loaded, str):
         return
     n = len(Renderer(processor, view).prompt(*loaded).input_ids)
@@ -295,86 +502,25 @@ def check_budget(processor, sample, view: ViewConfig, max_new_tokens, max_total_
                          f"the view: --max_frames, --max_pixels)")
 
 
-def dry_run(name, sample, view: ViewConfig, max_new_tokens, max_turns, max_total_tokens, rows=1):
-    """--dry_run: what a run of `name` (tiny, a checkpoint dir or an HF id: its config only, never its weights)
-    needs per episode, as text: the first sample's prompt tokens (its frame count and the video's frame size from
-    the headers; blank frames), a full crop's, an episode's at most, and the bf16 KV cache they take per row."""
-    note = ""
-    if name == "tiny":
-        proc = build_tiny_processor()
-        config = tiny_model_config(proc.tokenizer)
-    else:
-        config = AutoConfig.from_pretrained(name)
-        try:
-            proc = AutoProcessor.from_pretrained(name)
-        except (OSError, ValueError):  # a bare config.json: Qwen-VL's patching, the tiny tokenizer for the text
-            proc, note = build_tiny_processor(), " (text counted with the tiny tokenizer: no tokenizer in --model)"
-    try:
-        info = video_info(sample["video"])
-        width, height, duration = info["width"], info["height"], sample.get("duration") or info["duration"]
-    except ToolError:  # the data may live elsewhere: a square frame of the pixel budget
-        width = height = int(view.max_pixels ** 0.5)
-        duration, note = float(sample.get("duration") or 600.0), note + " (video not found: square frames)"
-
-    def blank(n, pixels):
-        w, h = fit_size(width, height, pixels)
-        return np.zeros((n, h, w, 3), np.uint8), (w, h)
-    r = Renderer(proc, view)
-    times = global_times(duration, view)
-    frames, (w, h) = blank(len(times), view.max_pixels)
-    prompt = len(r.prompt(dict(sample, duration=duration), frames, times).input_ids)
-    crops, (cw, ch) = blank(view.crop_max_frames, view.crop_max_pixels)
-    crop = len(r.observation(dict(frames=crops, timestamps=[float(i) for i in range(len(crops))],
-                                  text=LONGVT_OK)).input_ids)
-    episode = prompt + max_turns * (max_new_tokens + crop) + max_new_tokens
-    text = getattr(config, "text_config", config)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2  # K and V, bf16
-    need = min(episode, max_total_tokens)
-    verdict = "fits" if episode <= max_total_tokens else f"longer than max_total_tokens={max_total_tokens}: " \
-        f"episodes that use every turn end on `length`"
-    gib = per_token * need / 2 ** 30
-    return "\n".join([
-        f"dry run of {name}{note}",
-        f"  prompt: {prompt} tokens ({len(times)} frames of {w}x{h}, a {duration:.0f}-s video)",
-        f"  one crop observation: {crop} tokens ({len(crops)} frames of {cw}x{ch})",
-        f"  an episode at most: {prompt} + {max_turns} x ({max_new_tokens} + {crop}) + {max_new_tokens} = {episode} "
-        f"tokens: {verdict}",
-        f"  KV cache: {per_token / 1024:.1f} KiB per token ({text.num_hidden_layers} layers x "
-        f"{text.num_key_value_heads} KV heads x {head_dim} x K,V x bf16) -> {gib:.2f} GiB per row at {need} "
-        f"tokens, {gib * rows:.2f} GiB for {rows} rows"])
-
-
 def rollout(model, processor, samples, group_size=1, cfg: RolloutConfig = RolloutConfig(),
-            view: ViewConfig = ViewConfig()):
+            view: ViewConfig = ViewConfig(), loaded=None, stats=None):
     """group_size trajectories per sample, grouped in sample order. A sample whose video cannot be read gives
-    group_size trajectories with stop_reason 'skipped' and the error, so callers can count and name it."""
+    group_size trajectories with stop_reason 'skipped' and the error, so callers can count and name it.
+    loaded: prepare()'s items for `samples` when the caller has them already. stats: a dict that gets peak_kv."""
     t0 = time.time()
     engine = Engine(model, processor, cfg, view)
-    loaded = prepare(samples, view, cfg.workers)
-    prompts = []
-    for i, x in enumerate(loaded):  # a prompt that leaves no room for a turn is skipped and named, never prefilled
-        if not isinstance(x, str):
-            p = engine.renderer.prompt(*x)
-            if len(p.input_ids) + 1 > cfg.max_total_tokens:
-                loaded[i] = (f"{x[0].get('id') or x[0]['video']}: its prompt is {len(p.input_ids)} tokens, no room "
-                             f"for a turn in max_total_tokens={cfg.max_total_tokens} (raise it or shrink the view)")
-            else:
-                prompts.append(p)
-    ok = [x for x in loaded if not isinstance(x, str)]
-    finished = []
-    if ok:
-        finished = engine.run([x[0] for x in ok], prompts, group_size)
-    by_sample = {}
-    for t in sorted(finished, key=lambda t: t.index):
-        by_sample.setdefault(id(t.sample), []).append(t)
-    out, k = [], 0
-    for s, x in zip(samples, loaded):
-        if isinstance(x, str):
-            out += [Trajectory(sample=s, stop_reason="skipped", error=x) for _ in range(group_size)]
-        else:
-            out += by_sample[id(ok[k][0])]
-            k += 1
+    loaded = list(loaded) if loaded is not None else prepare(samples, view, cfg.workers)
+    members = [(i, j, i * group_size + j) for i, x in enumerate(loaded) if not isinstance(x, str)
+               for j in range(group_size)]
+    finished = engine.run(members, loaded) if members else []
+    if stats is not None:
+        stats["peak_kv"] = engine.peak_kv
+    by_index = {t.index: t for t in finished}
+    out = []
+    for i, (s, x) in enumerate(zip(samples, loaded)):
+        error = x if isinstance(x, str) else getattr(engine, "errors", {}).get(i)
+        out += [Trajectory(sample=s, stop_reason="skipped", error=error, index=i * group_size + j) if error else
+                by_index[i * group_size + j] for j in range(group_size)]
     for t in out:
         t.seconds = (time.time() - t0) / max(len(out), 1)
     return out

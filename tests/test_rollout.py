@@ -200,11 +200,95 @@ def test_a_prompt_longer_than_the_budget_is_skipped_and_named_not_prefilled(need
     model, proc = load_model("tiny")
     long = dict(needle_set["train"][0], question="what " * 100_000)
     calls = []
-    real = ro.Engine.forward
-    monkeypatch.setattr(ro.Engine, "forward", lambda self, chunks, offsets: calls.append(
-        max(len(c.input_ids) for c in chunks)) or real(self, chunks, offsets))
+    real = ro.Engine.feed
+    monkeypatch.setattr(ro.Engine, "feed", lambda self, cache, att, chunks, offsets: calls.append(
+        max(len(c.input_ids) for c in chunks)) or real(self, cache, att, chunks, offsets))
     trajs = rollout(model, proc, [long, needle_set["train"][1]], 2, RolloutConfig(max_new_tokens=4), VIEW)
     assert [t.stop_reason for t in trajs[:2]] == ["skipped"] * 2
     assert re.search(r"train_00000: its prompt is 100\d{3} tokens, no room for a turn in max_total_tokens=8192",
                      trajs[0].error), trajs[0].error
     assert all(t.stop_reason != "skipped" and t.input_ids for t in trajs[2:]) and max(calls) < 8192
+
+
+def _same(a, b):
+    """Trajectories equal token for token (ids, mask, stop, calls); sampling log-probs to float rounding."""
+    assert [t.input_ids for t in a] == [t.input_ids for t in b]
+    assert [t.policy_mask for t in a] == [t.policy_mask for t in b]
+    assert [t.stop_reason for t in a] == [t.stop_reason for t in b]
+    assert [[c["window"] for c in t.tool_calls] for t in a] == [[c["window"] for c in t.tool_calls] for t in b]
+    for x, y in zip(a, b):
+        assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < 1e-4
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rows_do_not_depend_on_max_rows(scripted, temperature):
+    """max_rows 1, 3 and 0 (all): the same trajectories, greedy and sampled. With 3 samples x 2 members, chunks of 3
+    split the second sample's group over two chunks (its prompt is prefilled in each)."""
+    model, proc, rows, _ = scripted
+    runs = {}
+    for m in (0, 1, 3):
+        cfg = RolloutConfig(temperature=temperature, max_new_tokens=80, max_turns=2, seed=5, max_rows=m)
+        stats = {}
+        runs[m] = rollout(model, proc, rows, 2, cfg, VIEW, stats=stats)
+        runs[m, "kv"] = stats["peak_kv"]
+    assert sum(t.num_tool_calls for t in runs[0]) >= 4  # the episodes append observations
+    if temperature:
+        assert len({tuple(t.input_ids) for t in runs[0]}) > 3  # rows of a group sampled differently
+    _same(runs[0], runs[1])
+    _same(runs[0], runs[3])
+    assert runs[1, "kv"] < runs[3, "kv"] < runs[0, "kv"]  # fewer live rows, less KV
+
+
+@pytest.mark.parametrize("fmt,stamps", [("video", False), ("video", True), ("images", False)])
+def test_chunked_prefill_equals_one_shot(scripted, fmt, stamps):
+    """Prompts and observations entered in pieces of 24 query tokens in all (cut between images or temporal patches of
+    one video, whose vision-tower features are then computed piece by piece): the same trajectories as in one
+    forward, with log-probs equal to the one-shot prefill's within 1e-5 (fp64; in fp32 they differ by float noise, ~2e-5). In the view the
+    scripted model learnt (video + timestamps) its episodes call the tool, so observations are cut too."""
+    model, proc, rows, _ = scripted
+    model = copy.deepcopy(model).double()  # fp64: float noise far below the 1e-5 asked (fp32's is ~2e-5 here)
+    view = ViewConfig(visual_format=fmt, timestamps=stamps, global_frames=16, crop_max_frames=8)
+    widest = {}
+    real = model.forward
+
+    def spy(*a, **kw):
+        ids = kw["input_ids"]
+        widest[key] = max(widest.get(key, 0), ids.shape[1])
+        grid = kw.get("video_grid_thw", kw.get("image_grid_thw"))
+        if grid is not None:
+            widest["unit"] = max(widest.get("unit", 0), int(grid[:, 1:].prod(1).max()) // 4)
+        return real(*a, **kw)
+    model.forward = spy
+    try:
+        cfg = dict(max_new_tokens=80, max_turns=2, seed=3, temperature=1.0)
+        key = 0
+        one = rollout(model, proc, rows, 2, RolloutConfig(**cfg, prefill_chunk=0), view)
+        key = 24
+        cut = rollout(model, proc, rows, 2, RolloutConfig(**cfg, prefill_chunk=24), view)
+    finally:
+        del model.forward
+    if (fmt, stamps) == ("video", True):
+        assert sum(t.num_tool_calls for t in cut) >= 4
+    assert widest[24] <= max(24, widest["unit"]) < widest[0]
+    _same(one, cut)
+    assert max(abs(p - q) for x, y in zip(one, cut) for p, q in zip(x.logprobs, y.logprobs)) < 1e-5
+    for t, ref in zip(cut, full_logprobs(model, proc, cut)):  # and both equal a full forward's (to 1e-4, as above)
+        mask = torch.tensor(t.policy_mask, dtype=torch.bool)
+        assert (torch.tensor(t.logprobs)[mask] - ref[mask]).abs().max() < 1e-4
+
+
+def test_split_points_keep_images_and_temporal_patches_whole(needle_set):
+    from data import global_view
+    from rollout import piece_vision, split_points, vision_items
+    _, proc = load_model("tiny")
+    view = ViewConfig(visual_format="video", timestamps=False, global_frames=16)
+    s = dict(needle_set["train"][0])
+    r = Renderer(proc, view).prompt(s, *global_view(s["video"], view, s["duration"]))
+    (start, end, grid), = list(vision_items(r, 4))
+    per = int(grid[1] * grid[2]) // 4
+    cuts = split_points(r, 4, 3 * per // 2)  # a limit of 1.5 temporal patches
+    assert cuts[0] == 0 and cuts[-1] == len(r.input_ids) and all(b > a for a, b in zip(cuts, cuts[1:]))
+    assert all(not (start < c < end) or (c - start) % per == 0 for c in cuts)
+    pieces = [piece_vision(r, 4, a, b) for a, b in zip(cuts, cuts[1:])]
+    assert torch.equal(torch.cat([p["pixel_values_videos"] for p in pieces if p]), r.vision["pixel_values_videos"])
+    assert sum(int(p["video_grid_thw"][:, 0].sum()) for p in pieces if p) == int(grid[0])
