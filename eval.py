@@ -36,7 +36,7 @@ from data import Renderer, ViewConfig, follow_layout, render_sft, view_from
 from model import check_writable, compute_init, load_model, parse_config, print0, resolve_checkpoint
 from readers import load_samples
 from reward import RewardConfig, config_judge, iou_reward, reward_batch
-from rollout import RolloutConfig, check_budget, dry_run, rollout
+from rollout import RolloutConfig, check_budget, prepare, rollout
 from tools import ToolError
 
 DEFAULT_DATA = "data/needle/eval.jsonl"
@@ -57,7 +57,9 @@ class Config:
     max_turns: int = RolloutConfig.max_turns        # tool calls per episode, then one answer turn
     max_new_tokens: int = RolloutConfig.max_new_tokens      # tokens per assistant turn
     max_total_tokens: int = RolloutConfig.max_total_tokens  # tokens per trajectory, prompt included
-    seed: int = 0                   # sampling seed
+    seed: int = 0                   # sampling seed (with the sample's index and draw, seeds each row's generator)
+    max_rows: int = 0               # rows (batch_size x samples) holding KV at once (0 = all); --dry_run names one
+    prefill_chunk: int = RolloutConfig.prefill_chunk  # query tokens per forward when prompts/observations enter the cache
     tools: bool = True              # false: the no-tool baseline (no tool schema, answer from the global view)
     visual_format: str = ViewConfig.visual_format   # "video" | "images" (LongVT-compatible)
     timestamps: bool = ViewConfig.timestamps        # text timestamps in the global view (LongVT: off)
@@ -77,14 +79,16 @@ class Config:
     rft_min_iou: float = 0.3        # RFT filter: IoU of the last crop with the ground-truth window (0 = off; needed
                                     # to export samples without a window, e.g. VideoSIAH-Eval)
     report_samples: int = 20        # trajectories shown in report.html (0 = no report)
-    dry_run: bool = False           # print the prompt / crop / episode tokens and the KV cache per row, then stop
+    dry_run: bool = False           # print what the run needs per GPU (memory.py) from the model's config, then stop
+    gpus: int = 0                   # --dry_run: GPUs the run is for (0 = this launch's world size)
+    gpu_memory_gib: float = 80.0    # --dry_run: memory of one GPU
     save_trajectories: bool = False  # also write trajectories.jsonl: token ids, policy mask, log-probs per turn
 
 
-def rollout_config(cfg: Config, seed: int) -> RolloutConfig:
+def rollout_config(cfg: Config) -> RolloutConfig:
     return RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
                          max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                         seed=seed)
+                         seed=cfg.seed, max_rows=cfg.max_rows, prefill_chunk=cfg.prefill_chunk, keep_vision=False)
 
 
 # --------------------------------------------------------------------------- predictions and metrics
@@ -150,7 +154,7 @@ def summarize(predictions, wall_seconds):
 
 # --------------------------------------------------------------------------- the evaluation loop
 def evaluate(model, processor, samples, cfg=None, view=None, reward_cfg=None, judge=None, distributed=False,
-             return_trajectories=False):
+             return_trajectories=False, first=None):
     """Roll out and score `samples`; writes nothing. Returns (summary, predictions), predictions in sample order.
 
     cfg: a Config or a dict of its fields (rollout, view and reward settings); `view` (ViewConfig) and
@@ -158,7 +162,8 @@ def evaluate(model, processor, samples, cfg=None, view=None, reward_cfg=None, ju
     environment when cfg.accuracy allows). distributed=True: every rank of the initialized process group calls
     this, samples are rank-strided and gathered on rank 0 (other ranks get the summary and no predictions);
     False (default): this process evaluates all samples alone, e.g. rank 0 of a training run.
-    return_trajectories: a third item, the Trajectory of each prediction (vision tensors dropped)."""
+    return_trajectories: a third item, the Trajectory of each prediction (vision tensors dropped).
+    first: rollout.prepare()'s item for samples[0] when the caller decoded it already (check_budget)."""
     cfg = cfg if isinstance(cfg, Config) else Config(**(cfg or {}))
     ddp = distributed and dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
@@ -172,8 +177,10 @@ def evaluate(model, processor, samples, cfg=None, view=None, reward_cfg=None, ju
     bar = tqdm(total=len(mine), desc="eval", unit="sample", disable=rank != 0, dynamic_ncols=True)
     for b in range(0, len(mine), cfg.batch_size):
         idx = mine[b:b + cfg.batch_size]
-        trajs = rollout(model, processor, [samples[i] for i in idx], cfg.samples,
-                        rollout_config(cfg, cfg.seed + idx[0]), view)
+        loaded = prepare([samples[i] for i in idx], view) if first is None or idx[0] != 0 else \
+            [first] + prepare([samples[i] for i in idx[1:]], view)
+        trajs = rollout(model, processor, [samples[i] for i in idx], cfg.samples, rollout_config(cfg), view,
+                        loaded=loaded, keys=idx)  # each row seeded by (seed, sample index, draw): any batching
         live = [t for t in trajs if t.stop_reason != "skipped"]
         comps = iter([c for _, c in reward_batch([t.sample for t in live], live, rew, judge)] if live else [])
         for j, t in enumerate(trajs):
@@ -181,7 +188,7 @@ def evaluate(model, processor, samples, cfg=None, view=None, reward_cfg=None, ju
                 tqdm.write(f"warning: skipped {t.error}", file=sys.stderr)
             comp = None if t.stop_reason == "skipped" else next(comps)
             p = prediction(idx[j // cfg.samples], j % cfg.samples, t, comp)
-            results.append((p, dataclasses.replace(t, vision={}) if return_trajectories else None))
+            results.append((p, dataclasses.replace(t, vision_parts=[]) if return_trajectories else None))
         bar.update(len(idx))
         scored = [p["score"] for p, _ in results if "score" in p]
         bar.set_postfix(acc=f"{sum(scored) / max(len(scored), 1):.3f}")
@@ -330,8 +337,9 @@ def main(argv=None):
         setattr(cfg, k, v)
     if cfg.dry_run:  # sizes from the model's config alone: no weights, no judge, nothing written
         if samples:
-            print0(dry_run(name, samples[0], view_from(cfg), cfg.max_new_tokens, cfg.max_turns, cfg.max_total_tokens,
-                           rows=cfg.batch_size * cfg.samples))
+            from memory import dry_run
+            print0(dry_run(name, samples[0], view_from(cfg), rollout_config(cfg), rows=cfg.batch_size * cfg.samples,
+                           gpus=cfg.gpus or d.world, gpu_memory_gib=cfg.gpu_memory_gib, train=None))
         if dist.is_initialized():
             dist.destroy_process_group()
         return
@@ -344,11 +352,12 @@ def main(argv=None):
     if judge is not None:
         judge.health_check()
     model, processor = load_model(name, d.device)
-    if samples:
-        check_budget(processor, samples[0], view_from(cfg), cfg.max_new_tokens, cfg.max_total_tokens)
+    first = prepare(samples[:1], view_from(cfg))[0] if samples else None  # decoded once: the check, then rank 0's
+    if samples:                                                                # first rollout
+        check_budget(processor, first, view_from(cfg), cfg.max_new_tokens, cfg.max_total_tokens)
     keep = bool(cfg.export_rft or cfg.save_trajectories)  # gather token ids only when something needs them
     summary, predictions, *rest = evaluate(model, processor, samples, cfg, judge=judge, distributed=True,
-                                           return_trajectories=keep)
+                                           return_trajectories=keep, first=first if d.is_main else None)
     trajectories = rest[0] if keep else None
     if d.is_main:
         summary.update(model=name, data=cfg.data, judge_last_error=judge.last_error if judge else None)

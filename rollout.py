@@ -349,7 +349,7 @@ class Engine:
             for k in mine:
                 t = Trajectory(sample=self.loaded[s][0], prompt_len=len(p.input_ids), index=members[k][2])
                 t.extend(p)  # the prompt's vision dict is shared by the group's rows, not copied
-                self.rows[k] = Row(t, nxt[0], row_generator(self.cfg.seed, s, members[k][1]))
+                self.rows[k] = Row(t, nxt[0], row_generator(self.cfg.seed, self.keys[s], members[k][1]))
                 logits[k], lens[k] = lg[0], len(p.input_ids)
         if not R:
             return None
@@ -363,10 +363,10 @@ class Engine:
         now += extra.nbytes() if extra is not None and extra is not self.cache else 0
         self.peak_kv = max(self.peak_kv, now)
 
-    def run(self, members, loaded):
+    def run(self, members, loaded, keys):
         """Roll out members [(sample index, member, row index)] of loaded samples (prepare()'s items) in chunks of
         max_rows rows. Returns the finished trajectories; self.errors names the samples skipped for their length."""
-        self.loaded, self.prompts, self.errors = loaded, {}, {}
+        self.loaded, self.keys, self.prompts, self.errors = loaded, keys, {}, {}
         finished, step = [], self.cfg.max_rows if self.cfg.max_rows > 0 else len(members)
         for c in range(0, len(members), step):
             logits = self.start(members[c:c + step])
@@ -503,16 +503,18 @@ def check_budget(processor, loaded, view: ViewConfig, max_new_tokens, max_total_
 
 
 def rollout(model, processor, samples, group_size=1, cfg: RolloutConfig = RolloutConfig(),
-            view: ViewConfig = ViewConfig(), loaded=None, stats=None):
+            view: ViewConfig = ViewConfig(), loaded=None, keys=None, stats=None):
     """group_size trajectories per sample, grouped in sample order. A sample whose video cannot be read gives
     group_size trajectories with stop_reason 'skipped' and the error, so callers can count and name it.
-    loaded: prepare()'s items for `samples` when the caller has them already. stats: a dict that gets peak_kv."""
+    loaded: prepare()'s items for `samples` when the caller has them already. keys: an int per sample that seeds its
+    rows with cfg.seed and the member (default: its position in `samples`). stats: a dict that gets peak_kv."""
     t0 = time.time()
     engine = Engine(model, processor, cfg, view)
     loaded = list(loaded) if loaded is not None else prepare(samples, view, cfg.workers)
     members = [(i, j, i * group_size + j) for i, x in enumerate(loaded) if not isinstance(x, str)
                for j in range(group_size)]
-    finished = engine.run(members, loaded) if members else []
+    keys = list(keys) if keys is not None else list(range(len(samples)))
+    finished = engine.run(members, loaded, keys) if members else []
     if stats is not None:
         stats["peak_kv"] = engine.peak_kv
     by_index = {t.index: t for t in finished}

@@ -42,7 +42,7 @@ from model import (all_gather_obj, all_sum, atomic_dir, compute_init, load_model
 from readers import load_samples
 from reward import Judge, RewardConfig, answer_type, reward_batch
 from results import write_curve
-from rollout import RolloutConfig, check_budget, dry_run, rollout
+from rollout import RolloutConfig, check_budget, prepare, rollout
 
 
 @dataclass
@@ -63,6 +63,8 @@ class Config:
     temperature: float = 1.0                # rollout sampling temperature (LongVT: 1.0)
     top_p: float = 1.0                      # rollout nucleus sampling (1 = off, LongVT); ratios and KL use the whole
     top_k: int = 0                          # rollout top-k (0 = off)                   policy's log-probs either way
+    max_rows: int = 0                       # rollout rows holding KV at once on a rank (0 = all); --dry_run names one
+    prefill_chunk: int = RolloutConfig.prefill_chunk  # query tokens per forward when prompts/observations enter the cache
     view: dict = field(default_factory=dict)    # data.ViewConfig overrides, JSON: --view={"global_frames":16}
     protocol: str = ""                      # --protocol=longvt: the same as --view={"protocol":"longvt"}
     reward: dict = field(default_factory=dict)  # reward.RewardConfig overrides, JSON: --reward={"w_iou":0.5}
@@ -88,7 +90,10 @@ class Config:
     kl_coef: float = 1e-3                   # k3 KL to the init weights (LongVT: 1e-3); 0 loads no reference
     parallel: str = "ddp"                   # "ddp" | "fsdp" (FSDP2 per decoder layer / vision block + root)
     grad_ckpt: bool = False                 # gradient checkpointing in the training forward
-    dry_run: bool = False                   # print the prompt / crop / episode tokens and KV cache per row, stop
+    freeze_vision: bool = False             # the vision tower is not trained (no grads, no saved activations)
+    dry_run: bool = False                   # print what the run needs per GPU (memory.py) from the config, then stop
+    gpus: int = 0                           # --dry_run: GPUs the run is for (0 = this launch's world size)
+    gpu_memory_gib: float = 80.0            # --dry_run: memory of one GPU
     log_rollouts_every: int = 10            # rank 0's first group, whole, to <out>/rollouts/step_XXXX.jsonl
     eval_every: int = 25                    # eval on eval_data every N steps and at the end (0 = never)
     eval_samples: int = 16                  # held-out samples per eval
@@ -171,6 +176,8 @@ def build(name, d, cfg, trainable):
     hf, processor = load_model(name, d.device, dtype=torch.float32 if trainable else None,
                                grad_ckpt=cfg.grad_ckpt and trainable)
     hf.requires_grad_(trainable)
+    if trainable and cfg.freeze_vision:  # the tower then runs without a graph: no saved activations, no grads
+        hf.model.visual.requires_grad_(False)
     fsdp = d.world > 1 and cfg.parallel == "fsdp"
     net = LogProbs(hf, autocast=d.device.type == "cuda" and not fsdp, temperature=cfg.temperature or 1.0)
     if fsdp:
@@ -219,6 +226,12 @@ def sample_at(samples, seed, i):
     """The i-th prompt of the endless stream: epoch i // N is a fresh seeded shuffle."""
     epoch, k = divmod(i, len(samples))
     return samples[int(np.random.default_rng([seed, epoch]).permutation(len(samples))[k])]
+
+
+def rollout_config(cfg: Config, seed) -> RolloutConfig:
+    return RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, seed=seed, top_k=cfg.top_k,
+                         max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                         max_rows=cfg.max_rows, prefill_chunk=cfg.prefill_chunk)
 
 
 LOG_LINE = ("step {step:4d} | reward {reward:.3f} acc {accuracy:.3f} fmt {format:.3f} iou {iou:.3f} | tools "
@@ -284,9 +297,12 @@ def train(cfg: Config):
     samples = load_samples(cfg.data, cfg.skip_bad_rows)
     held_out = load_samples(cfg.eval_data, cfg.skip_bad_rows)[:cfg.eval_samples] if cfg.eval_every and cfg.eval_data \
         else []
-    if cfg.dry_run:  # sizes from the config alone (no weights, no judge, nothing written); rows: one rank's batch
-        print0(dry_run(init or cfg.out, samples[0], view, cfg.max_new_tokens, cfg.max_turns, cfg.max_total_tokens,
-                       rows=cfg.prompts_per_step // d.world * cfg.group_size) if samples else "dry run: no samples")
+    if cfg.dry_run:  # sizes from the config alone (no weights, no judge, nothing written), per GPU
+        from memory import dry_run
+        gpus = cfg.gpus or d.world
+        print0(dry_run(init or cfg.out, samples[0], view, rollout_config(cfg, cfg.seed), gpus=gpus,
+                       rows=cfg.prompts_per_step // gpus * cfg.group_size, gpu_memory_gib=cfg.gpu_memory_gib,
+                       train=cfg) if samples else "dry run: no samples")
         return dist.destroy_process_group() if dist.is_initialized() else None
     judge = Judge.from_env(timeout=rcfg.judge_timeout, retries=rcfg.judge_retries, backoff=rcfg.judge_backoff,
                            workers=rcfg.judge_workers) if rcfg.accuracy != "rule" else None
@@ -296,7 +312,7 @@ def train(cfg: Config):
     state = torch.load(os.path.join(cfg.out, "trainer_state.pt"), weights_only=False) if cfg.resume else None
     hf, net, processor = build(cfg.out if state else init, d, cfg, trainable=True)
     if samples:  # before the reference is loaded or anything is written
-        check_budget(processor, samples[0], view, cfg.max_new_tokens, cfg.max_total_tokens)
+        check_budget(processor, prepare(samples[:1], view)[0], view, cfg.max_new_tokens, cfg.max_total_tokens)
     ref = build(init, d, cfg, trainable=False)[1].eval() if cfg.kl_coef > 0 else None
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, pos = 0, 0
@@ -315,10 +331,7 @@ def train(cfg: Config):
 
     def play(prompts, seed):
         """group_size rollouts of each prompt + rewards: ([(trajs, [(total, components)])], skipped prompts)."""
-        rc = RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, seed=seed,
-                           max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                           top_k=cfg.top_k)
-        trajs = rollout(hf, processor, prompts, G, rc, view)
+        trajs = rollout(hf, processor, prompts, G, rollout_config(cfg, seed), view)
         groups = [trajs[i:i + G] for i in range(0, len(trajs), G)]
         for g in (g for g in groups if g[0].stop_reason == "skipped"):
             print(f"warning [rank {d.rank}]: skipped sample {g[0].error}", flush=True)
@@ -371,41 +384,45 @@ def train(cfg: Config):
         n_micro = all_sum([math.ceil(len(p) / mb) for p in minis], dev, "max")
         spare = groups[0][0][0] if groups else None
         can_update = all_sum([spare is not None], dev)[0] == d.world  # else: every episode of a rank was skipped
-        micro = []
+        micro = []  # each micro-batch's rows and numbers; its tensors are collated when it runs, one at a time
         for part, n in zip(minis, n_micro):
             micro.append([])
             for i in range(int(n) if can_update else 0):
                 chunk = part[i * mb:(i + 1) * mb]
-                b = collate(hf, [t.rendered() for t, _ in chunk or [(spare, 0.0)]], processor.tokenizer.pad_token_id)
-                b.update(adv=torch.tensor([a for _, a in chunk] or [0.0]), rows=len(chunk), weight=float(bool(chunk)))
-                micro[-1].append(b)
+                micro[-1].append(dict(trajs=[t for t, _ in chunk or [(spare, 0.0)]], rows=len(chunk),
+                                      adv=torch.tensor([a for _, a in chunk] or [0.0]), weight=float(bool(chunk)),
+                                      tokens=sum(sum(t.policy_mask) for t, _ in chunk)))
+
+        def batch(m):  # a micro-batch's tensors (vision included), with its old/ref log-probs once computed
+            b = collate(hf, [t.rendered() for t in m["trajs"]], processor.tokenizer.pad_token_id)
+            return dict(b, **{k: m[k] for k in ("adv", "weight", "old", "ref") if k in m})
         # ---- old (and ref) log-probs: a no-grad pass with the update's micro-batches (sampling's drift under bf16);
         # one epoch of one mini-batch is on-policy: old = the training forward's, detached (one forward fewer)
         st = dict(kl=0.0, clipped=0.0, tokens=0.0, ent=0.0, gnorm=0.0, updates=0, nonfinite=0, err=0.0)
         on_policy = cfg.ppo_epochs == 1 and cfg.mini_batches == 1
         with torch.no_grad():
-            for b in (b for items in micro for b in items):
+            for m in (m for items in micro for m in items):
+                b = batch(m)
                 if not on_policy:
-                    b["old"], ent = net(b, with_entropy=True)
+                    m["old"], ent = net(b, with_entropy=True)
                     st["ent"] += (ent * b["policy_mask"].to(dev)).sum().item() * b["weight"]  # as 1 epoch's
-                b["ref"] = ref(b)[0] if ref is not None else None
+                m["ref"] = ref(b)[0] if ref is not None else None
         # ---- update: ppo_epochs x mini-batches, gradients accumulated over micro-batches, synced on the last
         for epoch in range(cfg.ppo_epochs):
             for k, items in enumerate(micro):
-                tokens, seqs = all_sum([sum(b["policy_mask"].sum().item() * b["weight"] for b in items),
-                                        sum(b["rows"] for b in items)], dev)
+                tokens, seqs = all_sum([sum(m["tokens"] for m in items), sum(m["rows"] for m in items)], dev)
                 if not tokens:
                     continue
                 denom = (tokens if cfg.loss_agg == "token-mean" else seqs) / d.world  # DDP/FSDP average over ranks
-                for j, b in enumerate(items):
-                    last = j == len(items) - 1
+                for j, m in enumerate(items):
+                    last, b = j == len(items) - 1, batch(m)
                     if fsdp:
                         net.set_requires_gradient_sync(last)
                     with nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
                         logp, ent = net(b, with_entropy=on_policy)
                         mask = b["policy_mask"].to(dev) * b["weight"]
                         if on_policy:
-                            b["old"] = logp.detach()
+                            b["old"] = m["old"] = logp.detach()
                             st["ent"] += (ent * mask).sum().item()
                         loss, s = grpo_loss(logp, b["old"], b["ref"], b["adv"].to(dev), mask, cfg, denom)
                         loss.backward()
@@ -484,7 +501,7 @@ def run_eval(cfg, d, hf, net, processor, samples, view, rcfg, judge, fsdp, step)
     except ImportError as e:
         return print0(f"warning: eval skipped, eval.evaluate is not available ({e})") or {}
     with rollout_mode(hf, net, fsdp, d.device.type == "cuda"):
-        keys = ("max_turns", "max_new_tokens", "max_total_tokens", "seed")  # greedy: eval.Config's default
+        keys = ("max_turns", "max_new_tokens", "max_total_tokens", "seed", "max_rows", "prefill_chunk")  # greedy
         summary, predictions = evaluate(hf, processor, samples, cfg={k: getattr(cfg, k) for k in keys}, view=view,
                                         reward_cfg=rcfg, judge=judge, distributed=True)
     if d.is_main:
