@@ -190,7 +190,7 @@ def cat_vision(parts):
     for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
         ts = [p[k] for p in parts if p.get(k) is not None]
         if ts:
-            out[k] = torch.cat(ts)
+            out[k] = ts[0] if len(ts) == 1 else torch.cat(ts)  # one part: shared, not copied
     return out
 
 

@@ -251,7 +251,7 @@ def piece_vision(r: Rendered, merge, a, b):
             out[px].append(r.vision[px][rows[kind] + t0 * h * w: rows[kind] + t1 * h * w])
             out[g].append(torch.tensor([[t1 - t0, h, w]], dtype=grid.dtype))
         rows[kind] += t * h * w
-    return {k: torch.cat(v) for k, v in out.items() if v}
+    return {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in out.items() if v}  # a slice is a view: no copy
 
 
 # --------------------------------------------------------------------------- the engine
