@@ -8,7 +8,10 @@
    loop that re-renders the whole history and re-runs model.generate on it every turn.
    Both sides follow the same scripted turns (a logits bias towards a fixed text), so they do the same
    number of forward passes of the same model and differ only in how they use the cache.
-Last two lines: rollout_vs_hf_generate_speedup: X (target >= 1.5), multiturn_vs_reprefill_speedup: Y (>= 3).
+3. Long context: 4 rows decode 64 tokens after an 8,192-token prompt, with rollout.KVCache (written in place) vs
+   transformers' DynamicCache (a torch.cat of each layer's whole cache per token), the same forwards otherwise.
+Last lines: rollout_vs_hf_generate_speedup: X (target >= 4), multiturn_vs_reprefill_speedup: Y (>= 5),
+inplace_vs_dynamic_cache_decode_speedup: Z.
 """
 import os
 import sys
@@ -21,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import Rendered, Renderer, ViewConfig, cat_vision, global_view  # noqa: E402
 from model import TinyConfig, load_model  # noqa: E402
 from needle import NeedleConfig, generate  # noqa: E402
-from rollout import RolloutConfig, rollout  # noqa: E402
+from rollout import KVCache, RolloutConfig, rollout  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 from tools import observe  # noqa: E402
 
 P, G, NEW = 2, 8, 32
@@ -138,8 +142,27 @@ def main():
     print(f"3 tool calls: rollout {t_ours:.2f}s ({n_ours / t_ours:.1f} tok/s)  re-prefill loop {t_naive:.2f}s "
           f"({n_naive / t_naive:.1f} tok/s)")
     speed2 = (n_ours / t_ours) / (n_naive / t_naive)
+    # ---- 3. long context: the cache's update cost per decoded token
+    def decode(cache, rows=4, prompt=8192, steps=64):
+        ids = torch.randint(200, 600, (rows, prompt))
+        pos = torch.arange(prompt).expand(3, rows, -1)
+        att = torch.ones(rows, prompt, dtype=torch.long)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=att, position_ids=pos, past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)
+            t0 = time.perf_counter()
+            for k in range(steps):
+                att = torch.cat([att, torch.ones(rows, 1, dtype=torch.long)], 1)
+                p = torch.full((3, rows, 1), prompt + k)
+                model(input_ids=ids[:, :1], attention_mask=att, position_ids=p, past_key_values=cache, use_cache=True)
+        return rows * steps / (time.perf_counter() - t0)
+    decode(KVCache(), prompt=512, steps=4)  # warm-up
+    inplace, dynamic = decode(KVCache()), decode(DynamicCache())
+    print(f"long context (8,192-token prompt, 4 rows, 64 tokens): in-place {inplace:.1f} tok/s  DynamicCache "
+          f"{dynamic:.1f} tok/s")
     print(f"rollout_vs_hf_generate_speedup: {speed1:.2f}")
     print(f"multiturn_vs_reprefill_speedup: {speed2:.2f}")
+    print(f"inplace_vs_dynamic_cache_decode_speedup: {inplace / dynamic:.2f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ reward, export with the token-exact re-render check, report. test_overfit_export
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -491,26 +492,27 @@ def test_dry_run_sizes_a_7b_run_from_its_config_alone(needle_dir, tmp_path, caps
     assert frames * per_frame < prompt < frames * per_frame + 1500  # + the system turn, question, path (tiny tokens)
     assert 128 * per_frame < crop < 128 * per_frame + 60
     episode = prompt + 5 * (1024 + crop) + 1024
-    assert f"= {episode} tokens: fits" in out and "56.0 KiB per token" in out
-    assert f"{57344 * episode / 2 ** 30:.2f} GiB per row" in out and "tiny tokenizer" in out
+    assert f"= {episode} tokens" in out and "56.0 KiB per token" in out
+    from rollout import capacity  # the in-place cache's buffers: the episode's columns plus their headroom
+    assert f"{57344 * capacity(episode) / 2 ** 30:.1f} GiB per row" in out and "tiny tokenizer" in out
+    assert re.search(r"^per GPU \(1 GPUs, 80 GiB\): rollout peak [\d.]+ GiB, update peak 0.0 GiB: fits$", out, re.M)
     assert not (tmp_path / "e").exists()
     view = dict(visual_format="images", timestamps=False, protocol="longvt", time_grid=0.0, global_frames=512,
-                global_fps=1.0, max_pixels=50176, crop_max_frames=128, crop_max_pixels=50176)  # LONGVT_VIEW's
+                global_fps=1.0, max_pixels=50176, crop_max_frames=128, crop_min_frames=1, crop_max_pixels=50176)
     train_grpo.train(train_grpo.Config(init=cfg_dir, data=data, out=str(tmp_path / "g"), dry_run=True, view=view,
                                        max_new_tokens=1024, max_total_tokens=8192, prompts_per_step=16,
                                        group_size=16, eval_every=0))
     out = capsys.readouterr().out
-    assert f"prompt: {prompt} tokens" in out and "longer than max_total_tokens=8192" in out
-    assert "for 256 rows" in out and not (tmp_path / "g").exists()
+    assert f"prompt: {prompt} tokens" in out and "32 of 256 rows" not in out and "256 of 256 rows" in out
+    assert not (tmp_path / "g").exists()
 
 
 def test_the_readmes_longvt_budgets_pass_the_check_and_the_old_ones_stop(tmp_path):
     """The README's LongVT settings (512 frames at 1 fps, 224x224, 1,024-token turns) on a 224-px, 10-minute video:
-    the budget check stops 16384 (the old RL budget) naming both numbers, and passes the corrected 86016, which
-    --dry_run shows holds a whole 5-crop episode."""
+    the budget check stops 16384 (the old RL budget) naming both numbers, and passes the corrected 86016 (the check eval.py and train_grpo.py run before any rollout)."""
     from data import ViewConfig
     from model import build_tiny_processor
-    from rollout import check_budget, dry_run
+    from rollout import check_budget, prepare
     generate(NeedleConfig(out=str(tmp_path), num_train=1, num_rl=0, num_eval=1, num_eval_short=0, size=224,
                           eval_min_duration=600, eval_max_duration=610, workers=1))
     sample = load_samples(str(tmp_path / "eval.jsonl"))[0]
@@ -520,6 +522,5 @@ def test_the_readmes_longvt_budgets_pass_the_check_and_the_old_ones_stop(tmp_pat
     proc = build_tiny_processor()
     with pytest.raises(SystemExit, match=r"prompt is \d{5} tokens: with one turn of max_new_tokens=1024 it does not "
                                          r"fit max_total_tokens=16384"):
-        check_budget(proc, sample, view, 1024, 16384)
-    assert check_budget(proc, sample, view, 1024, 86016) is None
-    assert ": fits" in dry_run("tiny", sample, view, 1024, 5, 86016)
+        check_budget(proc, prepare([sample], view)[0], view, 1024, 16384)
+    assert check_budget(proc, prepare([sample], view)[0], view, 1024, 86016) is None
