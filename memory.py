@@ -10,8 +10,9 @@ The GPU-side choices (bf16, flash_attention_2 when installed, else sdpa) are tho
 Terms, per GPU:
 - weights: the bf16 policy the rollout runs (FSDP2: every unit gathered), the fp32 shards, their gradients and
   AdamW's two moments, the bf16 reference (kl_coef > 0), the units FSDP2 gathers during the update;
-- the rollout's KV cache: max_rows rows x the chunk's time axis at most (its longest prompt + every turn's longest
-  reply and observation: holes included) x 2 (K, V) x layers x KV heads x head dim x 2 bytes;
+- the rollout's KV cache: max_rows rows x the chunk's time axis at most (holes included: the episode, and never past
+  max_total_tokens + one observation + one turn, where the rollout compacts them) x 2 (K, V) x layers x KV heads x
+  head dim x 2 bytes;
 - the prefill/append transient: one forward of prefill_chunk query tokens against that axis (the attention mask,
   sdpa's repeat of K/V for grouped-query heads, the MLP), or the vision tower on the frames of one piece;
 - the update's peak: one micro-batch of micro_batch episodes at max_total_tokens with gradient checkpointing (each
@@ -147,7 +148,11 @@ def episode(proc, config, sample, view, rc):
                            text=LONGVT_OK))
     patches = lambda x: sum(len(x.vision[k]) for k in ("pixel_values", "pixel_values_videos") if k in x.vision)  # noqa
     prompt, crop = len(p.input_ids), len(c.input_ids)
-    return dict(prompt=prompt, crop=crop, axis=prompt + rc.max_turns * (rc.max_new_tokens + crop) + rc.max_new_tokens,
+    episode = prompt + rc.max_turns * (rc.max_new_tokens + crop) + rc.max_new_tokens
+    # a chunk's shared time axis: the episode at most, and never past max_total_tokens + one observation and one turn
+    # (the rollout compacts the holes before an append that would cross the budget)
+    axis = min(episode, rc.max_total_tokens + crop + rc.max_new_tokens + 1)
+    return dict(prompt=prompt, crop=crop, episode=episode, axis=axis,
                 prompt_patches=patches(p), crop_patches=patches(c), frames=len(times), size=(w, h), crop_size=(cw, ch),
                 duration=duration, note=note, frame_bytes=w * h * 3)
 
@@ -178,7 +183,7 @@ def estimate(config, counts, ep, rc, rows, gpus, train=None, attn="flash_attenti
     out["rollout"] = out["policy"] + out["shards"] + out["adam"] + out["ref"] + out["kv"] + out["transient"] + RESERVE
     out["update"] = 0
     if train is not None:
-        T = min(rc.max_total_tokens, ep["axis"])
+        T = min(rc.max_total_tokens, ep["episode"])
         crops = min(rc.max_turns, max(0, T - ep["prompt"]) // max(ep["crop"], 1))
         B = train.micro_batch
         vis = B * (ep["prompt_patches"] + crops * ep["crop_patches"])
@@ -213,9 +218,9 @@ def dry_run(name, sample, view, rc, rows, gpus=1, gpu_memory_gib=80.0, train=Non
              f"  prompt: {ep['prompt']} tokens ({ep['frames']} frames of {ep['size'][0]}x{ep['size'][1]}, a "
              f"{ep['duration']:.0f}-s video); one crop observation: {ep['crop']} tokens ({view.crop_max_frames} frames "
              f"of {ep['crop_size'][0]}x{ep['crop_size'][1]})",
-             f"  a chunk's time axis at most: {ep['prompt']} + {rc.max_turns} x ({rc.max_new_tokens} + {ep['crop']}) + "
-             f"{rc.max_new_tokens} = {ep['axis']} tokens (holes included; a row stops at max_total_tokens="
-             f"{rc.max_total_tokens})",
+             f"  an episode at most: {ep['prompt']} + {rc.max_turns} x ({rc.max_new_tokens} + {ep['crop']}) + "
+             f"{rc.max_new_tokens} = {ep['episode']} tokens; a chunk's time axis at most {ep['axis']} (a row stops at "
+             f"max_total_tokens={rc.max_total_tokens}; holes are compacted past it)",
              f"  KV cache: {kv_per_token(config) / 1024:.1f} KiB per token ({t.num_hidden_layers} layers x "
              f"{t.num_key_value_heads} KV heads x K,V x bf16) -> {g(kv_bytes(config, 1, ep['axis']))} GiB per row",
              f"  weights: bf16 policy {g(est['policy'])} GiB (rollout), fp32 shards {g(est['shards'])}, grads "

@@ -7,7 +7,8 @@ How it works (one call = P samples x G rows, in row order: sample 0's G members,
 1. Rows run in chunks of at most `max_rows` (0: all at once), so at most max_rows rows hold KV. In a chunk, each
    sample's prompt (system + long global view + question) is prefilled ONCE, alone, in pieces of at most
    `prefill_chunk` tokens cut at frame boundaries (the vision tower runs per piece), then its KV is copied to its
-   rows of the chunk. A chunk's rows share one time axis; a row's unused columns are holes (attention mask 0).
+   rows of the chunk. A chunk's rows share one time axis; a row's unused columns are holes (attention mask 0), and
+   when they would take the axis past max_total_tokens the cache is compacted (each row's columns moved up).
 2. Decode: one token per live row per step. Each row samples with its own generator, seeded from (seed, sample,
    member): a trajectory does not depend on which rows share its batch or chunk. A row stops its turn at
    `</tool_call>`, `<|im_end|>`/EOS or the per-turn budget. Rows done with the episode leave the cache at once.
@@ -157,6 +158,22 @@ class KVCache(Cache):
                 dst.kbuf = s.keys.new_zeros(batch, H, capacity(s.n), D)
                 dst.vbuf = s.values.new_zeros(batch, H, capacity(s.n), D)
             dst.write(s.keys, s.values, rows, 0)
+
+    def compact(self, att):
+        """Move each row's cached columns (att == 1, in order) to the front of its buffers and drop the holes; returns
+        the new attention mask (B, n). Positions were applied to K before caching, so nothing else changes."""
+        keep = [torch.nonzero(a).squeeze(-1) for a in att]
+        n = max(len(k) for k in keep)
+        for x in self.layers:
+            for b, k in enumerate(keep):  # per row: a temporary of one row's layer, never of the whole cache
+                x.kbuf[b, :, :len(k)] = x.kbuf[b, :, k]
+                x.vbuf[b, :, :len(k)] = x.vbuf[b, :, k]
+                x.kbuf[b, :, len(k):n] = 0
+                x.vbuf[b, :, len(k):n] = 0
+            x.n = n
+            x.keys, x.values = x.kbuf[:, :, :n], x.vbuf[:, :, :n]
+        return (torch.arange(n, device=att.device)[None] < torch.tensor([len(k) for k in keep],
+                                                                          device=att.device)[:, None]).long()
 
     def nbytes(self):
         return sum(x.kbuf.nbytes + x.vbuf.nbytes for x in self.layers if x.is_initialized and x.kbuf is not None)
@@ -468,6 +485,8 @@ class Engine:
         self.keep(keep, torch.zeros(len(self.rows), 1, device=self.device))
         if not self.rows:
             return None
+        if self.cache.get_seq_length() + max(len(c.input_ids) for c in chunks) > cfg.max_total_tokens:
+            self.att = self.cache.compact(self.att)  # holes would take the time axis past any row's own budget
         logits, nexts, self.att = self.feed(self.cache, self.att, chunks, [r.next_pos for r in self.rows])
         for r, n in zip(self.rows, nexts):
             r.next_pos = n

@@ -292,3 +292,23 @@ def test_split_points_keep_images_and_temporal_patches_whole(needle_set):
     pieces = [piece_vision(r, 4, a, b) for a, b in zip(cuts, cuts[1:])]
     assert torch.equal(torch.cat([p["pixel_values_videos"] for p in pieces if p]), r.vision["pixel_values_videos"])
     assert sum(int(p["video_grid_thw"][:, 0].sum()) for p in pieces if p) == int(grid[0])
+
+
+def test_compacting_the_holes_changes_no_trajectory(scripted, monkeypatch):
+    """With a budget below the longest episode, the holes of a chunk's shared time axis (rows of unequal prompts and
+    turns) would take it past the budget: the cache is compacted before an append, and every trajectory is the one
+    the uncompacted cache gives (the budget cuts the same rows at the same token)."""
+    import rollout as ro
+    model, proc, rows, _ = scripted
+    cfg = dict(temperature=1.0, max_new_tokens=80, max_turns=2, seed=4)
+    rows = rows + [dict(rows[0], question="what " * 150 + rows[0]["question"])]  # a longer prompt: holes after others
+    free = rollout(model, proc, rows, 2, RolloutConfig(**cfg), VIEW)
+    budget = int(0.9 * max(len(t.input_ids) for t in free))
+    calls, real = [], ro.KVCache.compact
+    monkeypatch.setattr(ro.KVCache, "compact", lambda self, att: calls.append(att.shape) or real(self, att))
+    tight = rollout(model, proc, rows, 2, RolloutConfig(**cfg, max_total_tokens=budget), VIEW)
+    assert calls
+    monkeypatch.setattr(ro.KVCache, "compact", lambda self, att: att)  # the same run with its holes kept
+    holes = rollout(model, proc, rows, 2, RolloutConfig(**cfg, max_total_tokens=budget), VIEW)
+    _same(holes, tight)
+    assert any(t.stop_reason == "length" for t in tight) and any(t.num_tool_calls == 2 for t in tight)
