@@ -113,7 +113,7 @@ def read_rows(path, tolerant=False):
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield i + 1, row
         return
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:  # a BOM (as Windows tools write it) is read as absent
         if path.endswith(".json"):
             for i, row in enumerate(json.load(f)):
                 yield i + 1, row

@@ -259,10 +259,12 @@ def longvt_format(resp: str) -> float:
 
 
 def longvt_answer(resp: str) -> str | None:
-    """The text between the last <answer> and the next </answer>, stripped (None without one)."""
-    i = resp.rfind("<answer>")
-    j = resp.find("</answer>", i) if i >= 0 else -1
-    return resp[i + len("<answer>"):j].strip() if j >= 0 else None
+    """LongVT's split: when the response holds an <answer> and a </answer> anywhere, the text after the last <answer>
+    up to the first </answer> after it, or to the end (so `<answer>blue</answer> <answer>red` answers "red"),
+    stripped; else None."""
+    if "<answer>" not in resp or "</answer>" not in resp:
+        return None
+    return resp.split("<answer>")[-1].split("</answer>")[0].strip()
 
 
 def longvt_iou(resp: str, gt_window) -> float:

@@ -45,11 +45,15 @@ class Forced(torch.nn.Module):
 
     def forward(self, input_ids, **kw):
         out = self.module(input_ids=input_ids, **kw)
-        if input_ids.shape[1] > 1:  # a prefill: the prompt (turn 0) or an observation (next turn)
-            self.turn = 0 if kw.get("past_key_values") is None or kw["past_key_values"].get_seq_length() == input_ids.shape[1] else self.turn + 1
-            self.pos = 0
+        if input_ids.shape[1] > 1:  # a prefill: the prompt (turn 0) or an observation (next turn), maybe in pieces
+            cache = kw.get("past_key_values")
+            if cache is None or cache.get_seq_length() == input_ids.shape[1]:
+                self.turn = 0
+            elif not getattr(self, "appending", False):
+                self.turn += 1
+            self.pos, self.appending = 0, True
         else:
-            self.pos += 1
+            self.pos, self.appending = self.pos + 1, False
         script = self.turns[min(self.turn, len(self.turns) - 1)]
         tok = script[min(self.pos, len(script) - 1)]
         out.logits[:, -1, tok] += 1e4

@@ -163,3 +163,60 @@ def test_train_grpo_on_gpu_and_eval(needle_data, tmp_path, monkeypatch):
                     "--max_new_tokens=16", "--max_turns=2"], cwd=ROOT, check=True, timeout=600)
     s = json.loads((ev / "summary.json").read_text())
     assert s["n"] == 6 and 0 <= s["accuracy"] <= 1
+
+
+def test_a_random_7b_on_one_gpu_stays_within_the_dry_runs_peaks(tmp_path):
+    """A random-weights Qwen2.5-VL-7B (built from its config, bf16, flash-attn when installed): one rollout of 4 rows
+    with the LongVT view (128 frames at 224x224 here, to fit one GPU beside the update) at --max_rows=2, then one
+    update micro-batch of one episode with gradient checkpointing and the vision tower frozen (no optimizer: one GPU
+    cannot hold the fp32 shards and AdamW of 8B parameters). torch.cuda.max_memory_allocated of each, above the
+    weights, against memory.py's terms for the same settings: within them, and not below 60% of them."""
+    import memory
+    from test_eval import QWEN25_VL_7B
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from model import build_tiny_processor, pick_attention
+    from needle import generate
+    generate(NeedleConfig(out=str(tmp_path), num_train=1, num_rl=0, num_eval=1, num_eval_short=0, size=224,
+                          eval_min_duration=300, eval_max_duration=310, workers=1))
+    sample = dict(__import__("readers").load_samples(str(tmp_path / "eval.jsonl"))[0])
+    proc = build_tiny_processor()
+    ids = proc.tokenizer.convert_tokens_to_ids
+    cfg = Qwen2_5_VLConfig(**QWEN25_VL_7B, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                           vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    cfg.text_config.eos_token_id = ids("<|im_end|>")
+    cfg._attn_implementation = pick_attention(GPU)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(GPU):
+            model = Qwen2_5_VLForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.eval()
+    view = ViewConfig(visual_format="images", timestamps=False, protocol="longvt", time_grid=0.0, global_frames=128,
+                      global_fps=1.0, max_pixels=50176, crop_max_frames=32, crop_min_frames=1, crop_max_pixels=50176)
+    rc = RolloutConfig(max_turns=2, max_new_tokens=64, max_total_tokens=16384, max_rows=2, temperature=1.0)
+    weights = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    trajs = rollout(model, proc, [sample, sample], 2, rc, view)
+    rollout_peak = torch.cuda.max_memory_allocated() - weights
+    counts, ep = memory.param_counts(cfg), memory.episode(proc, cfg, sample, view, rc)
+    est = memory.estimate(cfg, counts, ep, rc, rows=4, gpus=1, attn=cfg._attn_implementation)
+    want = est["kv"] + est["transient"]
+    assert 0.6 * want <= rollout_peak <= want, (rollout_peak, want)
+    # the update: one episode, gradient checkpointing, the tower frozen
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    model.model.visual.requires_grad_(False)
+    t = max(trajs, key=lambda t: len(t.input_ids))
+    b = collate(model, [t.rendered()], proc.tokenizer.pad_token_id)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    lp, _ = token_logprobs(model, b["input_ids"].to(GPU), b["attention_mask"].to(GPU), b["position_ids"].to(GPU),
+                           mask=b["policy_mask"].to(GPU), **model_vision(b["vision"], GPU))
+    lp.sum().backward()
+    update_peak = torch.cuda.max_memory_allocated() - base
+    T, patches = len(t.input_ids), len(b["vision"].get("pixel_values", []))
+    want = memory.update_saved(cfg, T, sum(t.policy_mask), patches, True) + memory.update_recompute(cfg, T, patches,
+                                                                                                  True) \
+        + 2 * (counts["total"] - counts["vision"])  # the bf16 gradients (no FSDP shards here)
+    assert 0.6 * want <= update_peak <= want, (update_peak, want)

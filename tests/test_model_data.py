@@ -649,3 +649,14 @@ def test_a_null_answer_in_another_format_is_refused_not_rendered_as_none(tmp_pat
     with pytest.raises(DataError, match=r"siah.jsonl:2: answer must not be null"):
         load_samples(str(p))
     assert load_samples(str(p), skip_bad=True)[0]["answer"] == "None"
+
+
+def test_a_jsonl_written_with_a_bom_is_read(tmp_path):
+    """A UTF-8 BOM (as Windows tools write it) before the first row: read as if absent, CRLF line ends too."""
+    from readers import read_rows
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + b'{"a": 1}\r\n{"a": 2}\r\n')
+    assert [r for _, r in read_rows(str(p))] == [{"a": 1}, {"a": 2}]
+    q = tmp_path / "bom.json"
+    q.write_bytes(b"\xef\xbb\xbf" + b'[{"a": 3}]')
+    assert [r for _, r in read_rows(str(q))] == [{"a": 3}]

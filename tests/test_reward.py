@@ -235,3 +235,16 @@ def test_longvt_answer_rules_empty_and_long():
     assert c["iou"] == 0.0  # a call body Python cannot parse (too deep) is skipped, never a crash
     with pytest.raises(ValueError, match="rules"):
         R.reward(sample, "x", R.RewardConfig(rules="verl"))
+
+
+def test_longvt_answer_is_split_as_longvt_splits_it():
+    """LongVT takes response.split("<answer>")[-1].split("</answer>")[0] whenever both tags occur anywhere: an unclosed
+    last answer after a closed one answers (and is judged), the format is 0; no closing tag anywhere: no answer."""
+    assert R.longvt_answer("<think>r</think><answer>blue</answer> <answer>red") == "red"
+    assert R.longvt_answer("<answer>a</answer><answer>b</answer>") == "b"
+    assert R.longvt_answer("<answer>red") is None and R.longvt_answer("red</answer>") is None
+    assert R.longvt_answer("</answer> x <answer>red") == "red"  # both tags present, in any order
+    cfg = R.RewardConfig(accuracy="rule", rules="longvt")
+    _, c = R.reward(dict(question="q", answer="red", answer_type="text"),
+                    _traj("<think>r</think><answer>blue</answer> <answer>red"), cfg)
+    assert c["accuracy"] == 1.0 and c["format"] == 0.0
