@@ -45,6 +45,49 @@ _VERDICT_SCORE = {"": 1.0, "fully": 1.0, "completely": 1.0, "entirely": 1.0, "pa
                   "not": 0.0, "in": 0.0}
 
 
+# LongVT's judge request (rules="longvt"; its RL reward's, byte for byte: ../FORMATS.md): this system message, the
+# prompt filled with the question, the reference and the extracted answer, temperature 0.3, a random seed
+LONGVT_JUDGE_SYSTEM = "You are a helpful assistant."
+LONGVT_JUDGE_PROMPT = ('\n'
+                       'Below are two answers to a question. Question is [Question], [Standard Answer] is the standard '
+                       'answer to the question, \n'
+                       "and [Model_answer] is the answer extracted from a model's output to this question. \n\n"
+                       'Judge how consistent the two answers are.\n\nScoring rules  \n'
+                       '• 1    — Fully consistent: they convey the same meaning (e.g., “pink” vs. “it is pink”).  \n'
+                       '• 0.5 — Partially consistent: they overlap on some key points but not all.  \n'
+                       '• 0    — Inconsistent: they conflict or share no essential overlap.\n\n'
+                       'Output **only** one of the following numbers: 1, 0.5, or 0.\n\n'
+                       '[Question]: Is the countertop tan or blue?\n[Standard Answer]: The countertop is tan.\n'
+                       '[Model_answer] : tan\nJudgement: 1\n\n\n\n'
+                       '[Question]: On which side of the picture is the barrier?\n'
+                       '[Standard Answer]: The barrier is on the left side of the picture.\n[Model_answer] : left\n'
+                       'Judgement: 1\n\n\n\n[Question]: What happens immediately after the fireworks illuminate the sky?\n'
+                       '[Standard Answer]: The crowd cheers loudly and waves flags.\n[Model_answer] : The crowd cheers.\n'
+                       'Judgement: 0.5\n\n\n\n[Question]: What items does the waitress hand to the customer?\n'
+                       '[Standard Answer]: She hands over a sandwich and a cup of coffee.\n'
+                       '[Model_answer] : She hands over a sandwich and a cup of tea.\nJudgement: 0.5\n\n\n\n'
+                       '[Question]: Where is the cat sitting when the dog first walks into the kitchen?\n'
+                       '[Standard Answer]: On top of the kitchen counter.\n'
+                       '[Model_answer] : In the kitchen, sitting on the floor near the counter.\nJudgement: 0.5\n\n\n\n'
+                       '[Question]: Is the man phone both blue and closed?\n'
+                       '[Standard Answer]: Yes, the man phone is both blue and closed.\n[Model_answer] : No.\n'
+                       'Judgement: 0\n\n\n\n[Question]: What color is the towel in the center of the picture?\n'
+                       '[Standard Answer]: The towel in the center of the picture is blue.\n'
+                       '[Model_answer] : The towel in the center of the picture is pink.\nJudgement: 0\n\n\n\n'
+                       '[Question]: {question}\n[Standard Answer]: {ground_truth}\n[Model_answer] : {answer}\nJudgement:')
+
+
+def parse_longvt_reply(text: str | None) -> float:
+    """LongVT's verdict of a reply (stripped): after the last "Judgement:", 1 if it holds a "1" anywhere ("0.1" and
+    "10" too), else 0.5 if it holds "0.5", else 0; without one the reply must be exactly "1", "0.5" or "0", else 0
+    (never a failure: LongVT retries nothing)."""
+    text = (text or "").strip()
+    if "Judgement:" in text:
+        tail = text.split("Judgement:")[-1].strip()
+        return 1.0 if "1" in tail else 0.5 if "0.5" in tail else 0.0
+    return {"1": 1.0, "0.5": 0.5, "0": 0.0}.get(text, 0.0)
+
+
 def _as_score(num: str, den: str | None = None) -> float | None:
     if den is not None and float(den) == 0:
         return None
@@ -133,10 +176,16 @@ class Judge:
         if self.model not in served:
             raise RuntimeError(f"LLM judge at {url} does not serve model {self.model!r}; it serves {served}")
 
-    def _attempt(self, prompt: str) -> float:
+    def _attempt(self, prompt: str, style: str = "ours") -> float:
         try:
-            payload = {"model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens,
-                       "messages": [{"role": "user", "content": prompt}]}
+            if style == "longvt":
+                payload = {"model": self.model, "temperature": 0.3, "seed": random.randrange(2 ** 31),
+                           "max_tokens": self.max_tokens,
+                           "messages": [{"role": "system", "content": LONGVT_JUDGE_SYSTEM},
+                                        {"role": "user", "content": prompt}]}
+            else:
+                payload = {"model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens,
+                           "messages": [{"role": "user", "content": prompt}]}
             r = self.session.post(f"{self.base_url}/chat/completions", json=payload, headers=self._headers(),
                                   timeout=self.timeout)
         except requests.RequestException as e:  # refused, reset, timed out: maybe transient
@@ -147,17 +196,21 @@ class Judge:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]!r}")
         try:
             content = r.json()["choices"][0]["message"]["content"]
-            value = parse_judge_reply(content if isinstance(content, str) else None)
+            content = content if isinstance(content, str) else None
+            if style == "longvt":
+                return parse_longvt_reply(content)
+            value = parse_judge_reply(content)
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise _Retryable(f"malformed response {r.text[:100]!r}") from e
         if value is None:  # sampling noise or a confused judge; another attempt may be clear
             raise _Retryable(f"unparseable judge reply {str(content)[:100]!r}")
         return value
 
-    def score(self, question: str, reference: str, prediction: str) -> tuple[float | None, bool]:
+    def score(self, question: str, reference: str, prediction: str, style: str = "ours") -> tuple[float | None, bool]:
         """(score in {0, 0.5, 1}, from_cache). None after the final failure (counted in
-        self.failures); failures are not cached, so a later call tries again."""
-        key = (question, reference, prediction)
+        self.failures); failures are not cached, so a later call tries again. style "longvt": LongVT's request
+        and verdict rule (the reward's rules="longvt")."""
+        key = (question, reference, prediction, style)
         with self._lock:
             if key in self._cache:
                 return self._cache[key], True
@@ -166,10 +219,14 @@ class Judge:
             with self._model_lock:  # normally done once by health_check() at startup
                 if self.model is None:
                     self.health_check()
-            prompt = JUDGE_PROMPT.format(question=question, reference=reference, prediction=prediction)
+            if style == "longvt":  # one pass: a question or answer holding "{answer}" is left as it is
+                fill = dict(question=question, ground_truth=reference, answer=prediction)
+                prompt = re.sub(r"\{(question|ground_truth|answer)\}", lambda m: fill[m.group(1)], LONGVT_JUDGE_PROMPT)
+            else:
+                prompt = JUDGE_PROMPT.format(question=question, reference=reference, prediction=prediction)
             for attempt in range(self.retries + 1):
                 try:
-                    value = self._attempt(prompt)
+                    value = self._attempt(prompt, style)
                 except _Retryable as e:
                     error = str(e)
                     if attempt < self.retries:  # delay_k = backoff * 2^k * (1 + jitter in [0, 0.5))
@@ -187,14 +244,14 @@ class Judge:
             self.last_error = error
         return None, False
 
-    def score_many(self, items: list[tuple[str, str, str]]) -> list[float | None]:
+    def score_many(self, items: list[tuple[str, str, str]], style: str = "ours") -> list[float | None]:
         """Scores for many (question, reference, prediction) items, at most `workers` requests in
         flight; duplicates are asked once."""
         unique = list(dict.fromkeys(items))
         if not unique:
             return []
         with ThreadPoolExecutor(max_workers=min(self.workers, len(unique))) as pool:
-            scores = dict(zip(unique, pool.map(lambda it: self.score(*it)[0], unique)))
+            scores = dict(zip(unique, pool.map(lambda it: self.score(*it, style=style)[0], unique)))
         return [scores[it] for it in items]
 
 

@@ -336,7 +336,8 @@ def reward_batch(samples: list[dict], trajectories: list, config: RewardConfig |
         # nothing to judge without an answer; in "both" mode full rule marks are final
         if judge is not None and answer and not too_long and not (cfg.accuracy == "both" and rule == 1.0):
             to_judge.append(i)
-    scores = judge.score_many([_judge_inputs(samples[i], comps[i]["answer"]) for i in to_judge]) if to_judge else []
+    scores = judge.score_many([_judge_inputs(samples[i], comps[i]["answer"]) for i in to_judge],
+                              style=cfg.rules) if to_judge else []  # rules="longvt": LongVT's request and verdict
     for i, value in zip(to_judge, scores):
         if value is None:  # final failure: the rule score stands, and the failure is counted
             comps[i]["judge_failures"] = 1

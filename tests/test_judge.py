@@ -23,7 +23,7 @@ class FakeJudge:
     def __init__(self, mode="ok", delay=0.0, fail_first=0, die_after=None, reply="Score: {v}"):
         self.mode, self.delay, self.fail_first, self.die_after, self.reply = mode, delay, fail_first, die_after, reply
         self.chat_calls, self.in_flight, self.max_in_flight = 0, 0, 0
-        self.prompts, self.auth, self.stopped = [], [], False
+        self.prompts, self.auth, self.stopped, self.bodies = [], [], False, []
         self.lock = threading.Lock()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads, self.server.block_on_close = True, False
@@ -39,7 +39,8 @@ class FakeJudge:
         self.server.server_close()  # the port now refuses connections
 
     def verdict(self, prompt):
-        ref, pred = re.search(r"Reference: (.*)\nPrediction: (.*)\nScore:$", prompt).groups()
+        m = re.search(r"\[Standard Answer\]: (.*)\n\[Model_answer\] : (.*)\nJudgement:$", prompt)  # LongVT's
+        ref, pred = m.groups() if m else re.search(r"Reference: (.*)\nPrediction: (.*)\nScore:$", prompt).groups()
         ref, pred = ref.lower().strip(" ."), pred.lower().strip(" .")
         return "1" if ref == pred else "0.5" if ref in pred or pred in ref else "0"
 
@@ -77,6 +78,7 @@ class FakeJudge:
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                     fake.auth.append(self.headers.get("Authorization"))
                     fake.prompts.append(body["messages"][-1]["content"])
+                    fake.bodies.append(body)
                 try:
                     response = self.respond(n, body)
                 finally:
@@ -318,3 +320,36 @@ def test_judge_score_falls_back_to_rules(server):
     assert R.judge_score("How many?", "3", "three", judge) == 1.0
     assert R.judge_score("Colour?", "red", "blue", judge) == 0.0
     assert judge.failures == 2
+
+
+def test_longvt_rules_ask_and_parse_as_longvt(server):
+    """rules=longvt: the request is LongVT's (its system message, the FORMATS.md prompt filled in, temperature 0.3, a
+    seed), and its reply is read by LongVT's rule; the default rules keep our rubric and parser."""
+    import hashlib
+    from judge import LONGVT_JUDGE_PROMPT
+    assert hashlib.sha256(LONGVT_JUDGE_PROMPT.encode()).hexdigest() == \
+        "a74ef07071aa26d0d0e7d6424aa13cf4786efed28ed94376e9a1e8f8b9662ba2"  # FORMATS.md's bytes
+    srv = server(reply="Judgement: {v}")
+    judge = make_judge(srv.url)
+    sample = dict(question="What colour {answer} flashes?", answer="Red.", answer_type="text")
+    cfg = R.RewardConfig(accuracy="judge", rules="longvt")
+    _, comps = zip(*R.reward_batch([sample], [traj("<think>a</think><answer>red</answer>")], cfg, judge))
+    body = srv.bodies[-1]
+    want = LONGVT_JUDGE_PROMPT.split("[Question]: {question}")[0] + \
+        "[Question]: What colour {answer} flashes?\n[Standard Answer]: Red.\n[Model_answer] : red\nJudgement:"
+    assert body["messages"] == [{"role": "system", "content": "You are a helpful assistant."},
+                                {"role": "user", "content": want}]
+    assert body["temperature"] == 0.3 and isinstance(body["seed"], int) and comps[0]["judge"] == 1.0
+    R.reward_batch([sample], [traj("<think>a</think><answer>red</answer>")], R.RewardConfig(accuracy="judge"), judge)
+    assert srv.bodies[-1]["temperature"] == 0.0 and len(srv.bodies[-1]["messages"]) == 1  # ours, unchanged
+
+
+@pytest.mark.parametrize("reply,score", [("Judgement: 1", 1.0), ("Judgement: 0.5", 0.5), ("Judgement: 0", 0.0),
+                                         ("Judgement: 0.1", 1.0), ("Judgement: 10", 1.0), ("Judgement: none", 0.0),
+                                         ("Judgement: 1\nJudgement: 0", 0.0), ("  1  ", 1.0), ("0.5", 0.5),
+                                         ("0", 0.0), ("1.0", 0.0), ("It is 1", 0.0), ("", 0.0), (None, 0.0)])
+def test_longvt_verdict_rule(reply, score):
+    """LongVT's reply rule, branch by branch: after the last "Judgement:" a "1" anywhere scores 1 (so "0.1" does), else
+    "0.5" scores 0.5, else 0; without it only an exact "1", "0.5" or "0" counts, anything else is 0."""
+    from judge import parse_longvt_reply
+    assert parse_longvt_reply(reply) == score
