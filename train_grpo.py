@@ -13,7 +13,8 @@ clipped surrogate + k3 KL to the frozen init weights, on policy_mask == 1 tokens
 
 Variants: --adv_norm=none (Dr. GRPO: r - mean); --clip_high > clip_low (DAPO clip-higher); --dynamic_sampling
 (DAPO: groups whose rewards are all equal are replaced by fresh prompts for up to resample_rounds rounds, those
-left dropped); --loss_agg=seq-mean-token-mean (GRPO's, LongVT's) vs token-mean over the mini-batch (DAPO);
+left dropped); --loss_agg=seq-mean-token-mean (GRPO's, LongVT's), token-mean, seq-mean-token-sum-norm (verl's,
+per micro-batch) vs global-token-mean (DAPO's: the token mean of the whole mini-batch, the default);
 --ratio_level=sequence (GSPO: exp of the mean token log-ratio; use GSPO's ~3e-4/4e-4 clips); DGRPO (VITAL):
     A_i <- A_i * (1 + dgrpo_task * (0.5 - acc_task)) * (1 + dgrpo_sample * (0.5 - acc_group))
 (acc_group: the group's mean accuracy, acc_task: this step's for the answer type, all ranks), so that easy tasks
@@ -83,9 +84,9 @@ class Config:
     clip_low: float = 0.2                   # ratio clipped below at 1 - clip_low
     clip_high: float = 0.2                  # ... and above at 1 + clip_high (DAPO clip-higher: 0.28)
     clip_ratio_c: float = 3.0               # dual clip (verl's, LongVT's): for A < 0 a loss <= -A x this (0: off)
-    loss_agg: str = "token-mean"            # verl's names: "token-mean" (the mini-batch on all ranks) | "seq-mean-
-                                            # token-mean" (LongVT's) | "seq-mean-token-sum-norm" (Dr. GRPO: token
-                                            # sums / the policy-token budget, max_new_tokens x (max_turns + 1))
+    loss_agg: str = "global-token-mean"     # ours (DAPO's): the token mean of the mini-batch on all ranks | verl's:
+                                            # "token-mean" (per micro-batch, averaged) | "seq-mean-token-mean"
+                                            # (LongVT's) | "seq-mean-token-sum-norm" (Dr. GRPO; train_grpo.aggregate)
     ratio_level: str = "token"              # "token" (PPO/GRPO) | "sequence" (GSPO)
     kl_coef: float = 1e-3                   # k3 KL to the init weights (LongVT: 1e-3); 0 loads no reference
     parallel: str = "ddp"                   # "ddp" | "fsdp" (FSDP2 per decoder layer / vision block + root)
@@ -102,46 +103,62 @@ class Config:
 
 
 # --------------------------------------------------------------------------- the GRPO math
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSS_AGGS = ("global-token-mean", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 def group_advantages(rewards, adv_norm="std", eps=1e-6):
     """rewards (P, G) -> advantages (P, G): r - group mean, / (the group's unbiased std + eps) for "std"; Dr. GRPO
-    ("none") drops the division, which up-weights prompts whose rollouts barely differ. Equal rewards -> 0, and so
-    does a group of one (G = 1)."""
+    ("none") drops the division, which up-weights prompts whose rollouts barely differ. Equal rewards -> 0. A group
+    of one gets its raw reward, as verl's (mean 0, std 1 there); train_grpo refuses group_size < 2."""
+    if rewards.shape[1] < 2:
+        return rewards.clone()
     adv = rewards - rewards.mean(1, keepdim=True)
-    if adv_norm != "std" or rewards.shape[1] < 2:  # a group of one has no spread: advantage 0 (verl), not NaN
-        return adv
-    return adv / (rewards.std(1, keepdim=True) + eps)
+    return adv / (rewards.std(1, keepdim=True) + eps) if adv_norm == "std" else adv
+
+
+def aggregate(per_token, mask, mode, denom, budget):
+    """A micro-batch's (B, T) token losses -> its share of the mini-batch loss. verl's modes: the micro-batch's token
+    mean ("token-mean"), its mean of per-sequence token means ("seq-mean-token-mean") or its sum of per-sequence
+    token sums / `budget` ("seq-mean-token-sum-norm": verl divides by its fixed padded response length; ours, the
+    policy-token budget max_new_tokens x (max_turns + 1)), each / denom = the micro-batches of the mini-batch, as
+    verl's gradient accumulation does (and DDP averages the ranks). "global-token-mean" (DAPO's, this project's
+    default): the token sum / denom = the mini-batch's policy tokens on all ranks / ranks."""
+    if mode == "global-token-mean":
+        return per_token.sum() / denom
+    if mode == "token-mean":
+        return per_token.sum() / mask.sum().clamp(min=1) / denom
+    if mode == "seq-mean-token-mean":
+        return (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean() / denom
+    return per_token.sum() / budget / denom
 
 
 def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg, denom):
-    """Clipped surrogate + k3 KL on the policy tokens of one micro-batch. logp, old_logp, ref_logp, mask: (B, T);
-    adv: (B,). denom = policy tokens (token-mean) or sequences (seq-mean-*) of the whole mini-batch on all ranks, so
-    the micro-batch losses sum to the mini-batch mean. Returns (loss, sums of kl, clipped tokens, tokens)."""
+    """Clipped surrogate + k3 KL on the policy tokens of one micro-batch (verl's core_algos, switch by switch).
+    logp, old_logp, ref_logp, mask: (B, T); adv: (B,); denom: see aggregate. Returns (loss, sums of kl, clipped
+    tokens, tokens)."""
     mask = mask.float()
-    log_ratio = (logp - old_logp) * mask                                      # (B, T), 0 off the policy tokens
-    if cfg.ratio_level == "sequence":  # GSPO: one ratio per sequence, the geometric mean of its token ratios
-        log_ratio = (log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)).expand_as(mask)
-    ratio = log_ratio.exp()                                                   # (B, T)
     a = adv[:, None]                                                          # (B, 1)
+    budget = cfg.max_new_tokens * (cfg.max_turns + 1)
+    if cfg.ratio_level == "sequence":  # GSPO (verl's): the sequence's mean log-ratio, its value per token with each
+        seq = ((logp - old_logp) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)  # token's
+        log_ratio = (logp - logp.detach() + seq.detach()).clamp(max=10.0)     # gradient, clamped at 10
+        agg_pg = "seq-mean-token-mean"                                        # whatever loss_agg is; no dual clip
+    else:
+        log_ratio = ((logp - old_logp) * mask).clamp(-20.0, 20.0)            # (B, T), verl's clamp before exp
+        agg_pg = cfg.loss_agg
+    ratio = log_ratio.exp()                                                   # (B, T)
     # With one on-policy update per step, old_logp == logp: ratio == 1 and the clip is inert (the loss is
     # REINFORCE with a group baseline). Clipping bites from the 2nd mini-batch or epoch of a step on.
     surr = torch.min(ratio * a, ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * a)  # (B, T)
-    per_token, kl = -surr, torch.zeros_like(surr)
-    if cfg.clip_ratio_c > 0:  # dual clip (verl): for A < 0 a token's loss is at most -A x c, so a far off-policy
-        per_token = torch.where(a < 0, torch.min(per_token, -a * cfg.clip_ratio_c), per_token)  # token stops pulling
+    pg = -surr
+    if cfg.clip_ratio_c > 0 and cfg.ratio_level != "sequence":  # dual clip (verl): for A < 0 a token's loss is at
+        pg = torch.where(a < 0, torch.min(pg, -a * cfg.clip_ratio_c), pg)  # most -A x c: a far off-policy token stops
+    loss = aggregate(pg * mask, mask, agg_pg, denom, budget)                  # pulling
+    kl = torch.zeros_like(pg)
     if cfg.kl_coef > 0:  # k3 = exp(ref - logp) - (ref - logp) - 1: unbiased, >= 0, low variance
         d = ((ref_logp - logp) * mask).clamp(-20, 20)                        # verl's clamps of the log-ratio and k3
         kl = (d.exp() - d - 1).clamp(-10, 10)                                 # (B, T)
-        per_token = per_token + cfg.kl_coef * kl
-    per_token = per_token * mask
-    if cfg.loss_agg == "token-mean":
-        loss = per_token.sum() / denom
-    else:  # each sequence's token mean (or sum / budget), summed here, averaged over the mini-batch's sequences
-        norm = mask.sum(1).clamp(min=1) if cfg.loss_agg == "seq-mean-token-mean" else \
-            cfg.max_new_tokens * (cfg.max_turns + 1)
-        loss = (per_token.sum(1) / norm).sum() / denom
+        loss = loss + cfg.kl_coef * aggregate(kl * mask, mask, cfg.loss_agg, denom, budget)
     clipped = ((surr < ratio * a).float() * mask).sum()  # tokens whose clipped branch is the active one
     return loss, dict(kl=(kl * mask).sum().item(), clipped=clipped.item(), tokens=mask.sum().item())
 
@@ -194,7 +211,7 @@ def build(name, d, cfg, trainable):
         net.reshard()  # the root keeps its gathered params after forward; the optimizer must see the sharded ones
     elif d.world > 1 and trainable:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if d.device.type == "cuda"
-                                                        else None, broadcast_buffers=False)
+                                                        else None, forward_sync_buffers=False)
     return hf, net, processor
 
 
@@ -410,10 +427,12 @@ def train(cfg: Config):
         # ---- update: ppo_epochs x mini-batches, gradients accumulated over micro-batches, synced on the last
         for epoch in range(cfg.ppo_epochs):
             for k, items in enumerate(micro):
-                tokens, seqs = all_sum([sum(m["tokens"] for m in items), sum(m["rows"] for m in items)], dev)
+                tokens = all_sum([sum(m["tokens"] for m in items)], dev)[0]
                 if not tokens:
                     continue
-                denom = (tokens if cfg.loss_agg == "token-mean" else seqs) / d.world  # DDP/FSDP average over ranks
+                # global-token-mean: the mini-batch's tokens on all ranks / ranks (DDP/FSDP average the ranks);
+                # verl's modes: the micro-batches of the mini-batch (the same number on every rank)
+                denom = tokens / d.world if cfg.loss_agg == "global-token-mean" else len(items)
                 for j, m in enumerate(items):
                     last, b = j == len(items) - 1, batch(m)
                     if fsdp:

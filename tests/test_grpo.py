@@ -56,8 +56,8 @@ def test_group_advantages_std_none_and_flat_groups():
     assert torch.allclose(a[2], torch.tensor([-0.5, -0.5, -0.5, 1.5], dtype=torch.float64))  # std = 1.5
     b = group_advantages(R, "none")  # Dr. GRPO: r - mean only
     assert torch.allclose(b, torch.tensor([[.5, -.5, -.5, .5], [0, 0, 0, 0], [-.75, -.75, -.75, 2.25]], dtype=torch.float64))
-    for norm in ("std", "none"):  # group_size=1: the std of one sample was NaN; no spread is advantage 0 (verl)
-        assert torch.equal(group_advantages(R[:, :1], norm), torch.zeros(3, 1, dtype=torch.float64))
+    for norm in ("std", "none"):  # group_size=1: verl's mean 0 and std 1 there, the raw reward (never NaN)
+        assert torch.equal(group_advantages(R[:, :1], norm), R[:, :1])
 
 
 def loss_inputs():
@@ -70,18 +70,42 @@ def loss_inputs():
 @pytest.mark.parametrize("clip_high,agg,expected,clipped", [
     # A=+1: 1.1 in band -> 1.1; 1.5 -> clipped to 1.2; 0.5 -> 0.5 (low ratio, positive A: unclipped)
     # A=-2: 0.7 -> min(-1.4, -1.6) = -1.6 clipped; 1.3 -> min(-2.6, -2.4) = -2.6 unclipped
+    (0.2, "global-token-mean", (-1.1 - 1.2 - 0.5 + 1.6 + 2.6) / 5, 2),
     (0.2, "token-mean", (-1.1 - 1.2 - 0.5 + 1.6 + 2.6) / 5, 2),
     (0.2, "seq-mean-token-mean", ((-1.1 - 1.2 - 0.5) / 3 + (1.6 + 2.6) / 2) / 2, 2),
-    (0.2, "seq-mean-token-sum-norm", ((-1.1 - 1.2 - 0.5) / 10 + (1.6 + 2.6) / 10) / 2, 2),  # budget 5 x (1 + 1)
+    (0.2, "seq-mean-token-sum-norm", (-1.1 - 1.2 - 0.5 + 1.6 + 2.6) / 10, 2),  # / budget 5 x (1 + 1), not / seqs
     (0.28, "token-mean", (-1.1 - 1.28 - 0.5 + 1.6 + 2.6) / 5, 2),  # clip-higher: 1.5 -> 1.28
 ])
 def test_grpo_loss_clipping_and_aggregation(clip_high, agg, expected, clipped):
+    """One micro-batch (denom: 5 tokens for global-token-mean, 1 micro-batch for verl's modes)."""
     logp, old, adv, mask = loss_inputs()
     cfg = Config(clip_low=0.2, clip_high=clip_high, loss_agg=agg, kl_coef=0.0, max_new_tokens=5, max_turns=1)
-    denom = mask.sum() if agg == "token-mean" else 2
-    loss, st = grpo_loss(logp, old, None, adv, mask, cfg, denom)
+    loss, st = grpo_loss(logp, old, None, adv, mask, cfg, 5 if agg == "global-token-mean" else 1)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert st["clipped"] == clipped and st["kl"] == 0.0
+
+
+def test_verl_modes_average_micro_batches_ours_takes_the_global_token_mean():
+    """Two micro-batches of a mini-batch, 3 and 1 policy tokens, token losses -1 (A = 1, ratio 1): verl's token-mean
+    is the mean of the two micro-batches' token means, ours (global-token-mean) the mean over the 4 tokens; with
+    token losses 1, 2, 3 | 10 the two differ: (2 + 10) / 2 = 6 vs 16 / 4 = 4."""
+    mask = torch.tensor([[1, 1, 1]]), torch.tensor([[1, 0, 0]])
+    adv = torch.tensor([-1.0])
+    logps = torch.tensor([[0.0, math.log(2.0), math.log(3.0)]]), torch.tensor([[math.log(10.0), 0.0, 0.0]])
+    cfg = dict(clip_low=100.0, clip_high=100.0, clip_ratio_c=0.0, kl_coef=0.0)  # no clip: the loss is ratio x 1
+    verl = sum(grpo_loss(lp, torch.zeros(1, 3), None, adv, m, Config(loss_agg="token-mean", **cfg), 2)[0]
+               for lp, m in zip(logps, mask))
+    ours = sum(grpo_loss(lp, torch.zeros(1, 3), None, adv, m, Config(loss_agg="global-token-mean", **cfg), 4)[0]
+               for lp, m in zip(logps, mask))
+    assert verl.item() == pytest.approx(6.0) and ours.item() == pytest.approx(4.0)
+
+
+def test_the_token_log_ratio_is_clamped_at_20_before_exp():
+    """verl clamps logp - old_logp to [-20, 20]: a token at +25 with the dual clip off (A = -1) loses exp(20), not
+    exp(25) (4.85e8 vs 7.2e10 over one token)."""
+    logp, old, mask = torch.tensor([[0.0, 25.0]]), torch.zeros(1, 2), torch.tensor([[0, 1]])
+    loss, _ = grpo_loss(logp, old, None, torch.tensor([-1.0]), mask, Config(kl_coef=0.0, clip_ratio_c=0.0), 1)
+    assert loss.item() == pytest.approx(math.exp(20.0), rel=1e-5)
 
 
 def test_grpo_loss_kl_k3():
@@ -99,10 +123,23 @@ def test_grpo_loss_gspo_sequence_ratio():
     logp, old, adv, mask = loss_inputs()
     s0 = math.exp((math.log(1.1) + math.log(1.5) + math.log(0.5)) / 3)  # 0.938, inside the band
     s1 = math.exp((math.log(0.7) + math.log(1.3)) / 2)  # 0.954, inside the band
-    cfg = Config(ratio_level="sequence", loss_agg="seq-mean-token-mean", kl_coef=0.0)
-    loss, st = grpo_loss(logp, old, None, adv, mask, cfg, 2)
-    assert loss.item() == pytest.approx((-s0 * 1.0 + s1 * 2.0) / 2, abs=1e-6)
-    assert st["clipped"] == 0
+    for agg in ("seq-mean-token-mean", "token-mean", "global-token-mean"):  # GSPO aggregates as verl's, whatever
+        cfg = Config(ratio_level="sequence", loss_agg=agg, kl_coef=0.0)       # loss_agg says
+        loss, st = grpo_loss(logp, old, None, adv, mask, cfg, 1)
+        assert loss.item() == pytest.approx((-s0 * 1.0 + s1 * 2.0) / 2, abs=1e-6)
+        assert st["clipped"] == 0
+
+
+def test_gspo_has_no_dual_clip_and_clamps_the_log_sequence_ratio_at_10():
+    """verl's GSPO: for A < 0 a sequence far off-policy is not dual-clipped (loss A x ratio, ratio from the sequence's
+    mean log-ratio, here log 12), and that log-ratio is clamped at 10 (a sequence at +15 loses exp(10))."""
+    logp = torch.tensor([[0.0, math.log(12.0), math.log(12.0)]])
+    old, mask, adv = torch.zeros(1, 3), torch.tensor([[0, 1, 1]]), torch.tensor([-2.0])
+    loss, _ = grpo_loss(logp, old, None, adv, mask, Config(ratio_level="sequence", kl_coef=0.0, clip_ratio_c=3.0), 1)
+    assert loss.item() == pytest.approx(24.0, rel=1e-5)  # the token-level dual clip would give 6
+    far = torch.tensor([[0.0, 15.0, 15.0]])
+    loss, _ = grpo_loss(far, old, None, adv, mask, Config(ratio_level="sequence", kl_coef=0.0), 1)
+    assert loss.item() == pytest.approx(2.0 * math.exp(10.0), rel=1e-5)
 
 
 def test_on_policy_loss_is_reinforce():
@@ -200,6 +237,7 @@ def torchrun(script, data, out, **kw):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
     p = run_ranks(cmd, cwd=ROOT, timeout=300)
     assert p.returncode == 0, ranks_output(p)
+    assert "broadcast_buffers" not in p.stdout + p.stderr  # DDP's current API: no FutureWarning on every run
     return metrics(out)
 
 
