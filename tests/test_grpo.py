@@ -366,3 +366,20 @@ def test_bad_grpo_settings_stop_before_any_work(needle_data, tmp_path, kw, messa
     with pytest.raises(SystemExit, match=message):
         train_grpo.train(tiny_cfg(needle_data, tmp_path / "out", **kw))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_first_global_view_is_decoded_once(needle_data, tmp_path, monkeypatch):
+    """train_grpo's budget check decodes the first sample's global view and hands it to the first rollout that plays
+    that sample; eval.py does the same for its first batch. Counted by the decodes of each video."""
+    import eval as ev
+    import rollout as ro
+    seen = []
+    real = ro.global_view
+    monkeypatch.setattr(ro, "global_view", lambda video, *a, **k: seen.append(video) or real(video, *a, **k))
+    samples = load_samples(needle_data)
+    train_grpo.train(tiny_cfg(needle_data, tmp_path / "g", steps=1, prompts_per_step=len(samples)))
+    assert seen.count(samples[0]["video"]) == 1 and set(seen) == {s["video"] for s in samples}
+    seen.clear()
+    ev.main([f"--data={needle_data}", f"--out={tmp_path / 'e'}", "--model=tiny", "--max_new_tokens=2",
+             "--report_samples=0", "--batch_size=2"])
+    assert seen.count(samples[0]["video"]) == 1 and len(seen) == len(samples)
