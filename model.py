@@ -170,6 +170,10 @@ def load_model(name="tiny", device="cpu", dtype=None, grad_ckpt=False, tiny: Tin
     model.to(device)
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # HF hooks every input embedding (the vision tower's patch embedding too) to make its output require grad,
+        # for frozen-embedding (PEFT) training; non-reentrant checkpointing needs none of it, and with it a frozen
+        # vision tower would still keep its activations and run its backward (tests/test_memory.py)
+        model.disable_input_require_grads()
         model.config.use_cache = False
     return model, processor
 

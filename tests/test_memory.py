@@ -138,9 +138,8 @@ def test_the_vision_tower_transient_of_a_piece(videos):
     assert got["patches"] == 120 * 256 and abs(got["measured"] - want) <= 0.25 * want, (got, want)
 
 
-def measure_update(video, duration):
-    held, sizes = {}, {}
-    for freeze in (False, True):
+def measure_update(video, duration, freeze):
+    if True:
         model, proc = load_model("tiny", tiny=BIG, grad_ckpt=True)
         model.train()
         if freeze:
@@ -159,24 +158,23 @@ def measure_update(video, duration):
         base = rss()
         loss = token_logprobs(model, b["input_ids"], b["attention_mask"], b["position_ids"], mask=b["policy_mask"],
                               **vision)[0].sum()
-        held[freeze] = rss() - base
-        sizes = dict(tokens=len(r.input_ids), patches=len(b["vision"]["pixel_values"]))
+        held = rss() - base
         loss.backward()
-    return dict(held={str(k): v for k, v in held.items()}, **sizes)
+    return dict(held=held, tokens=len(r.input_ids), patches=len(b["vision"]["pixel_values"]))
 
 
 def test_the_updates_saved_tensors_with_gradient_checkpointing(videos):
     """One episode's training forward (token_logprobs with gradient checkpointing, vision tower trained or frozen):
-    what stays resident until the backward is memory.update_saved's within 25%; frozen, at least half of the
-    estimate's vision term is gone (the frozen estimate is short of the measure here: noted in docs)."""
+    what stays resident until the backward is memory.update_saved's within 25%, both ways (frozen, the tower keeps
+    nothing: model.load_model drops HF's input-grad hooks)."""
     s = videos[1][0]
-    got = fresh("update", s["video"], s["duration"])
-    held = {f: got["held"][str(f)] for f in (False, True)}
+    got = {f: fresh("update", s["video"], s["duration"], f) for f in (False, True)}  # a process each
+    held = {f: got[f]["held"] for f in (False, True)}
     model, _ = load_model("tiny", tiny=BIG)
-    want = {f: memory.update_saved(model.config, got["tokens"], 2000, got["patches"], f, nbytes=4)
+    want = {f: memory.update_saved(model.config, got[f]["tokens"], 2000, got[f]["patches"], f, nbytes=4)
             for f in (False, True)}
-    assert abs(held[False] - want[False]) <= 0.25 * want[False], (held, want)
-    assert held[False] - held[True] >= 0.5 * (want[False] - want[True]), (held, want)
+    for f in (False, True):
+        assert abs(held[f] - want[f]) <= 0.25 * want[f], (f, held, want)
 
 
 def test_the_dry_run_of_longvt_settings_names_a_max_rows_that_fits(tmp_path, capsys):
