@@ -8,13 +8,11 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
 import memory
 from data import Rendered, Renderer, ViewConfig, collate, global_view, model_vision
 from model import TinyConfig, load_model, token_logprobs
 from needle import NeedleConfig, generate
-from readers import load_samples
 from rollout import Engine, KVCache, RolloutConfig, rollout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,27 +137,26 @@ def test_the_vision_tower_transient_of_a_piece(videos):
 
 
 def measure_update(video, duration, freeze):
-    if True:
-        model, proc = load_model("tiny", tiny=BIG, grad_ckpt=True)
-        model.train()
-        if freeze:
-            model.model.visual.requires_grad_(False)
-        view = ViewConfig(visual_format="images", timestamps=False, time_grid=0, global_frames=60, global_fps=1.0,
-                          max_pixels=50176)
-        s = dict(video=video, duration=duration, question="What colour?")
-        r = Renderer(proc, view).prompt(s, *global_view(video, view, duration)) + text(3000)
-        r.policy_mask[-2000:] = [1] * 2000
-        b = collate(model, [r], proc.tokenizer.pad_token_id)
-        vision = model_vision(b["vision"])
-        token_logprobs(model, b["input_ids"], b["attention_mask"], b["position_ids"], mask=b["policy_mask"],
-                       **vision)[0].sum().backward()  # a first step: its one-time allocations are not
-        model.zero_grad(set_to_none=False)  # counted below; the gradients already exist, as in a training step
-        gc.collect()
-        base = rss()
-        loss = token_logprobs(model, b["input_ids"], b["attention_mask"], b["position_ids"], mask=b["policy_mask"],
-                              **vision)[0].sum()
-        held = rss() - base
-        loss.backward()
+    model, proc = load_model("tiny", tiny=BIG, grad_ckpt=True)
+    model.train()
+    if freeze:
+        model.model.visual.requires_grad_(False)
+    view = ViewConfig(visual_format="images", timestamps=False, time_grid=0, global_frames=60, global_fps=1.0,
+                      max_pixels=50176)
+    s = dict(video=video, duration=duration, question="What colour?")
+    r = Renderer(proc, view).prompt(s, *global_view(video, view, duration)) + text(3000)
+    r.policy_mask[-2000:] = [1] * 2000
+    b = collate(model, [r], proc.tokenizer.pad_token_id)
+    vision = model_vision(b["vision"])
+    token_logprobs(model, b["input_ids"], b["attention_mask"], b["position_ids"], mask=b["policy_mask"],
+                   **vision)[0].sum().backward()  # a first step: its one-time allocations are not
+    model.zero_grad(set_to_none=False)  # counted below; the gradients already exist, as in a training step
+    gc.collect()
+    base = rss()
+    loss = token_logprobs(model, b["input_ids"], b["attention_mask"], b["position_ids"], mask=b["policy_mask"],
+                          **vision)[0].sum()
+    held = rss() - base
+    loss.backward()
     return dict(held=held, tokens=len(r.input_ids), patches=len(b["vision"]["pixel_values"]))
 
 
