@@ -216,7 +216,8 @@ def split_points(r: Rendered, merge, limit):
     temporal patch (one vision-tower item; a larger one is a piece of its own)."""
     T = len(r.input_ids)
     ok = np.ones(T + 1, bool)
-    for s, e, unit in vision_runs(r, merge):
+    for s, e, grid in vision_items(r, merge):
+        unit = int(grid[1] * grid[2]) // merge  # one temporal patch (an image has one)
         for a in range(s, e, unit):
             ok[a + 1:a + unit] = False
     allowed = np.flatnonzero(ok)
@@ -227,14 +228,6 @@ def split_points(r: Rendered, merge, limit):
         cuts.append(int(nxt))
         cur = int(nxt)
     return cuts
-
-
-def vision_runs(r: Rendered, merge):
-    """(start, end, tokens per unit) of each image (one unit) and video (one unit per temporal patch) in r, in order,
-    with the grid row of each: yields (s, e, unit)."""
-    for s, e, grid in vision_items(r, merge):
-        t, h, w = grid.tolist()
-        yield s, e, h * w // merge
 
 
 def vision_items(r: Rendered, merge):
