@@ -25,7 +25,7 @@ import torch
 
 from data import Renderer, global_times
 from model import build_tiny_processor, pick_attention, tiny_model_config
-from rollout import capacity
+from kvcache import capacity
 from tools import LONGVT_OK, ToolError, fit_size, video_info
 
 GIB = 2 ** 30
@@ -71,7 +71,7 @@ def kv_per_token(config, nbytes=2):
 
 
 def kv_bytes(config, rows, tokens, nbytes=2):
-    """Bytes of a rollout.KVCache of `rows` rows holding `tokens` columns (its buffers, capacity included)."""
+    """Bytes of a kvcache.KVCache of `rows` rows holding `tokens` columns (its buffers, capacity included)."""
     return rows * capacity(tokens) * kv_per_token(config, nbytes)
 
 

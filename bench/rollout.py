@@ -8,7 +8,7 @@
    loop that re-renders the whole history and re-runs model.generate on it every turn.
    Both sides follow the same scripted turns (a logits bias towards a fixed text), so they do the same
    number of forward passes of the same model and differ only in how they use the cache.
-3. Long context: 4 rows decode 64 tokens after an 8,192-token prompt, with rollout.KVCache (written in place) vs
+3. Long context: 4 rows decode 64 tokens after an 8,192-token prompt, with kvcache.KVCache (written in place) vs
    transformers' DynamicCache (a torch.cat of each layer's whole cache per token), the same forwards otherwise.
 Last lines: rollout_vs_hf_generate_speedup: X (target >= 4), multiturn_vs_reprefill_speedup: Y (>= 5),
 inplace_vs_dynamic_cache_decode_speedup: Z.
@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import Rendered, Renderer, ViewConfig, cat_vision, global_view  # noqa: E402
 from model import TinyConfig, load_model  # noqa: E402
 from needle import NeedleConfig, generate  # noqa: E402
-from rollout import KVCache, RolloutConfig, rollout  # noqa: E402
+from kvcache import KVCache  # noqa: E402
+from rollout import RolloutConfig, rollout  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 from tools import observe  # noqa: E402
 

@@ -493,7 +493,7 @@ def test_dry_run_sizes_a_7b_run_from_its_config_alone(needle_dir, tmp_path, caps
     assert 128 * per_frame < crop < 128 * per_frame + 60
     episode = prompt + 5 * (1024 + crop) + 1024
     assert f"= {episode} tokens" in out and "56.0 KiB per token" in out
-    from rollout import capacity  # the in-place cache's buffers: the episode's columns plus their headroom
+    from kvcache import capacity  # the in-place cache's buffers: the episode's columns plus their headroom
     axis = min(episode, 81920 + crop + 1024 + 1)  # holes are compacted before the axis passes the budget
     assert f"{57344 * capacity(axis) / 2 ** 30:.1f} GiB per row" in out and "tiny tokenizer" in out
     assert re.search(r"^per GPU \(1 GPUs, 80 GiB\): rollout peak [\d.]+ GiB, update peak 0.0 GiB: fits$", out, re.M)

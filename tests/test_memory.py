@@ -13,7 +13,8 @@ import memory
 from data import Rendered, Renderer, ViewConfig, collate, global_view, model_vision
 from model import TinyConfig, load_model, token_logprobs
 from needle import NeedleConfig, generate
-from rollout import Engine, KVCache, RolloutConfig, rollout
+from kvcache import KVCache
+from rollout import Engine, RolloutConfig, rollout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIG = TinyConfig(hidden=256, layers=2, heads=8, kv_heads=2, ffn=2048, vision_hidden=128, vision_depth=2)

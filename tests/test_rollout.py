@@ -279,7 +279,7 @@ def test_chunked_prefill_equals_one_shot(scripted, fmt, stamps):
 
 def test_split_points_keep_images_and_temporal_patches_whole(needle_set):
     from data import global_view
-    from rollout import piece_vision, split_points, vision_items
+    from kvcache import piece_vision, split_points, vision_items
     _, proc = load_model("tiny")
     view = ViewConfig(visual_format="video", timestamps=False, global_frames=16)
     s = dict(needle_set["train"][0])
