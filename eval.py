@@ -154,7 +154,7 @@ def summarize(predictions, wall_seconds):
 
 # --------------------------------------------------------------------------- the evaluation loop
 def evaluate(model, processor, samples, cfg=None, view=None, reward_cfg=None, judge=None, distributed=False,
-             return_trajectories=False, first=None):
+             return_trajectories=False, decoded=None):
     """Roll out and score `samples`; writes nothing. Returns (summary, predictions), predictions in sample order.
 
     cfg: a Config or a dict of its fields (rollout, view and reward settings); `view` (ViewConfig) and
@@ -163,7 +163,7 @@ def evaluate(model, processor, samples, cfg=None, view=None, reward_cfg=None, ju
     this, samples are rank-strided and gathered on rank 0 (other ranks get the summary and no predictions);
     False (default): this process evaluates all samples alone, e.g. rank 0 of a training run.
     return_trajectories: a third item, the Trajectory of each prediction (vision tensors dropped).
-    first: rollout.prepare()'s item for samples[0] when the caller decoded it already (check_budget)."""
+    decoded: rollout.prepare()'s `done`, global views the caller decoded already (check_budget's)."""
     cfg = cfg if isinstance(cfg, Config) else Config(**(cfg or {}))
     ddp = distributed and dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
@@ -177,10 +177,10 @@ def evaluate(model, processor, samples, cfg=None, view=None, reward_cfg=None, ju
     bar = tqdm(total=len(mine), desc="eval", unit="sample", disable=rank != 0, dynamic_ncols=True)
     for b in range(0, len(mine), cfg.batch_size):
         idx = mine[b:b + cfg.batch_size]
-        loaded = prepare([samples[i] for i in idx], view) if first is None or idx[0] != 0 else \
-            [first] + prepare([samples[i] for i in idx[1:]], view)
-        trajs = rollout(model, processor, [samples[i] for i in idx], cfg.samples, rollout_config(cfg), view,
-                        loaded=loaded, keys=idx)  # each row seeded by (seed, sample index, draw): any batching
+        batch = [samples[i] for i in idx]
+        trajs = rollout(model, processor, batch, cfg.samples, rollout_config(cfg), view,
+                        loaded=prepare(batch, view, done=decoded),
+                        keys=idx)  # each row seeded by (seed, sample index, draw): any batching
         live = [t for t in trajs if t.stop_reason != "skipped"]
         comps = iter([c for _, c in reward_batch([t.sample for t in live], live, rew, judge)] if live else [])
         for j, t in enumerate(trajs):
@@ -352,12 +352,13 @@ def main(argv=None):
     if judge is not None:
         judge.health_check()
     model, processor = load_model(name, d.device)
-    first = prepare(samples[:1], view_from(cfg))[0] if samples else None  # decoded once: the check, then rank 0's
-    if samples:                                                                # first rollout
-        check_budget(processor, first, view_from(cfg), cfg.max_new_tokens, cfg.max_total_tokens)
+    decoded = {}  # the first global view, decoded once: for the check, then for this rank's rollout if it has it
+    if samples:
+        decoded[id(samples[0])] = prepare(samples[:1], view_from(cfg))[0]
+        check_budget(processor, decoded[id(samples[0])], view_from(cfg), cfg.max_new_tokens, cfg.max_total_tokens)
     keep = bool(cfg.export_rft or cfg.save_trajectories)  # gather token ids only when something needs them
     summary, predictions, *rest = evaluate(model, processor, samples, cfg, judge=judge, distributed=True,
-                                           return_trajectories=keep, first=first if d.is_main else None)
+                                           return_trajectories=keep, decoded=decoded)
     trajectories = rest[0] if keep else None
     if d.is_main:
         summary.update(model=name, data=cfg.data, judge_last_error=judge.last_error if judge else None)

@@ -26,23 +26,23 @@ class InPlaceLayer(DynamicLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
-            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
-            self.kbuf = self.vbuf = None
-            self.n = 0
+            self.alloc(key_states, key_states.shape[0], key_states.shape[-2])
         self.write(key_states, value_states, slice(None), self.n)
         return self.keys, self.values
+
+    def alloc(self, like, batch, tokens):
+        """Empty buffers of `batch` rows and capacity(tokens) columns, shaped and typed as `like` (b, H, n, D)."""
+        self.dtype, self.device, self.is_initialized, self.n = like.dtype, like.device, True, 0
+        shape = (batch, like.shape[1], capacity(tokens), like.shape[3])
+        self.kbuf, self.vbuf = like.new_zeros(shape), like.new_zeros(shape)  # zeros: a hole never holds NaN
 
     def write(self, k, v, rows, at):
         """Write k, v (b, H, n, D) into `rows` of the buffers at columns [at, at + n); grow when needed."""
         need = at + k.shape[-2]
-        if self.kbuf is None or need > self.kbuf.shape[-2]:
-            B = k.shape[0] if self.kbuf is None else self.kbuf.shape[0]
-            cap = capacity(need)
-            kb = k.new_zeros(B, k.shape[1], cap, k.shape[3])  # zeros: a hole never holds NaN
-            vb = v.new_zeros(B, v.shape[1], cap, v.shape[3])
-            if self.kbuf is not None:
-                kb[:, :, :self.n], vb[:, :, :self.n] = self.kbuf[:, :, :self.n], self.vbuf[:, :, :self.n]
-            self.kbuf, self.vbuf = kb, vb
+        if need > self.kbuf.shape[-2]:
+            old, n = (self.kbuf, self.vbuf), self.n
+            self.alloc(k, old[0].shape[0], need)
+            self.kbuf[:, :, :n], self.vbuf[:, :, :n], self.n = old[0][:, :, :n], old[1][:, :, :n], n
         self.kbuf[rows, :, at:need] = k
         self.vbuf[rows, :, at:need] = v
         self.n = max(self.n, need)
@@ -52,7 +52,7 @@ class InPlaceLayer(DynamicLayer):
         return self.n if self.is_initialized else 0
 
     def batch_select_indices(self, indices):
-        if self.is_initialized and self.kbuf is not None:
+        if self.is_initialized:
             self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
             self.keys, self.values = self.kbuf[:, :, :self.n], self.vbuf[:, :, :self.n]
 
@@ -69,10 +69,7 @@ class KVCache(Cache):
             self.layers.append(InPlaceLayer())
         for dst, s in zip(self.layers, src.layers):
             if not dst.is_initialized:
-                dst.dtype, dst.device, dst.is_initialized, dst.n = s.keys.dtype, s.keys.device, True, 0
-                H, D = s.keys.shape[1], s.keys.shape[3]
-                dst.kbuf = s.keys.new_zeros(batch, H, capacity(s.n), D)
-                dst.vbuf = s.values.new_zeros(batch, H, capacity(s.n), D)
+                dst.alloc(s.keys, batch, s.n)
             dst.write(s.keys, s.values, rows, 0)
 
     def compact(self, att):
@@ -92,7 +89,7 @@ class KVCache(Cache):
                                                                           device=att.device)[:, None]).long()
 
     def nbytes(self):
-        return sum(x.kbuf.nbytes + x.vbuf.nbytes for x in self.layers if x.is_initialized and x.kbuf is not None)
+        return sum(x.kbuf.nbytes + x.vbuf.nbytes for x in self.layers if x.is_initialized)
 
 
 # --------------------------------------------------------------------------- pieces of a long chunk

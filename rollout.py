@@ -146,7 +146,7 @@ class Engine:
         self.banned = tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
         self.merge = processor.image_processor.merge_size ** 2
         self.tok = tok
-        self.cache = None
+        self.cache, self.errors = None, {}  # errors: {sample index: why it was skipped} (run fills it)
         self.peak_kv = 0  # the most bytes the KV cache held (memory.py's estimate is tested against it)
 
     @torch.no_grad()
@@ -351,8 +351,10 @@ class Engine:
         return logits
 
 
-def prepare(samples, view: ViewConfig, workers=4):
-    """Global views of all samples (threads). Returns [(sample with duration, frames, timestamps) or error str]."""
+def prepare(samples, view: ViewConfig, workers=4, done=None):
+    """Global views of all samples (threads). Returns [(sample with duration, frames, timestamps) or error str].
+    done: {id(sample): item} decoded already (the budget check's first sample); each is taken out when used, so a
+    later call decodes that sample afresh and the dict no longer holds its frames."""
     def load(s):
         try:
             s = dict(s)
@@ -361,8 +363,10 @@ def prepare(samples, view: ViewConfig, workers=4):
             return s, frames, ts
         except ToolError as e:
             return f"{s.get('id', s['video'])}: {e}"
+    known = {id(s): done.pop(id(s)) for s in samples if done and id(s) in done}
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(load, samples))
+        decoded = iter(pool.map(load, [s for s in samples if id(s) not in known]))
+    return [known[id(s)] if id(s) in known else next(decoded) for s in samples]
 
 
 def check_budget(processor, loaded, view: ViewConfig, max_new_tokens, max_total_tokens):
@@ -397,7 +401,7 @@ def rollout(model, processor, samples, group_size=1, cfg: RolloutConfig = Rollou
     by_index = {t.index: t for t in finished}
     out = []
     for i, (s, x) in enumerate(zip(samples, loaded)):
-        error = x if isinstance(x, str) else getattr(engine, "errors", {}).get(i)
+        error = x if isinstance(x, str) else engine.errors.get(i)
         out += [Trajectory(sample=s, stop_reason="skipped", error=error, index=i * group_size + j) if error else
                 by_index[i * group_size + j] for j in range(group_size)]
     for t in out:

@@ -328,10 +328,10 @@ def train(cfg: Config):
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     state = torch.load(os.path.join(cfg.out, "trainer_state.pt"), weights_only=False) if cfg.resume else None
     hf, net, processor = build(cfg.out if state else init, d, cfg, trainable=True)
-    first_view = None
+    decoded = {}  # the first global view, decoded once: for the check, then for the first rollout that plays it
     if samples:  # before the reference is loaded or anything is written
-        first_view = prepare(samples[:1], view)[0]  # decoded once: the check, then the first rollout that plays it
-        check_budget(processor, first_view, view, cfg.max_new_tokens, cfg.max_total_tokens)
+        decoded[id(samples[0])] = prepare(samples[:1], view)[0]
+        check_budget(processor, decoded[id(samples[0])], view, cfg.max_new_tokens, cfg.max_total_tokens)
     ref = build(init, d, cfg, trainable=False)[1].eval() if cfg.kl_coef > 0 else None
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, pos = 0, 0
@@ -350,13 +350,8 @@ def train(cfg: Config):
 
     def play(prompts, seed):
         """group_size rollouts of each prompt + rewards: ([(trajs, [(total, components)])], skipped prompts)."""
-        nonlocal first_view
-        loaded = None
-        if first_view is not None and any(p is samples[0] for p in prompts):
-            rest = iter(prepare([p for p in prompts if p is not samples[0]], view))
-            loaded = [first_view if p is samples[0] else next(rest) for p in prompts]
-            first_view = None
-        trajs = rollout(hf, processor, prompts, G, rollout_config(cfg, seed), view, loaded=loaded)
+        trajs = rollout(hf, processor, prompts, G, rollout_config(cfg, seed), view,
+                        loaded=prepare(prompts, view, RolloutConfig.workers, done=decoded))
         groups = [trajs[i:i + G] for i in range(0, len(trajs), G)]
         for g in (g for g in groups if g[0].stop_reason == "skipped"):
             print(f"warning [rank {d.rank}]: skipped sample {g[0].error}", flush=True)
