@@ -176,11 +176,11 @@ def estimate(config, counts, ep, rc, rows, gpus, train=None, attn="flash_attenti
                    gathered=2 * (2 * counts["unit"] + counts["root"]) if fsdp else 0)
     kv = kv_bytes(config, live, ep["axis"])
     out["kv"] = kv * (1 + 1 / t.num_hidden_layers) + kv_bytes(config, 1, ep["prompt"])  # a layer grown, a prompt's
-    q = rc.prefill_chunk if rc.prefill_chunk > 0 else max(ep["prompt"], live * ep["crop"])
+    widest = max(ep["prompt"], live * ep["crop"])  # query tokens of a prompt's prefill or of one append, unchunked
+    q = min(rc.prefill_chunk, widest) if rc.prefill_chunk > 0 else widest
     merge = config.vision_config.spatial_merge_size ** 2  # patches per vision token
     patches = min(q, ep["prompt_patches"] // merge) * merge if rc.prefill_chunk > 0 else ep["prompt_patches"]
-    out["transient"] = max(forward_transient(config, min(q, max(ep["prompt"], live * ep["crop"])), ep["axis"], live,
-                                             attn), vision_transient(config, patches))
+    out["transient"] = max(forward_transient(config, q, ep["axis"], live, attn), vision_transient(config, patches))
     out["rollout"] = out["policy"] + out["shards"] + out["adam"] + out["ref"] + out["kv"] + out["transient"] + RESERVE
     out["update"] = 0
     if train is not None:
