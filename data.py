@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from model import rope_index
-from tools import CROP_VIDEO_SCHEMA, ToolError, decode_frames, fmt_time, video_info
+from tools import CROP_VIDEO_SCHEMA
+from video import VideoError, decode_frames, fmt_time, video_info
 
 
 @dataclass
@@ -133,12 +134,12 @@ LONGVT_EVAL = LONGVT_FORMAT + ".\nVideo 0 has video path: {path}"
 # --------------------------------------------------------------------------- global view
 def sample_duration(sample):
     """The sample's duration: its `duration` field, checked against the video's own length (off by more than 2 s
-    and 2% is a ToolError naming both: the global view and the crops would sample times the video does not have),
+    and 2% is a VideoError naming both: the global view and the crops would sample times the video does not have),
     or the video's when the row has none."""
     real = video_info(sample["video"])["duration"]
     d = sample.get("duration")
     if d and abs(d - real) > max(2.0, 0.02 * real):
-        raise ToolError(f"duration {d} s in the row, but the video {sample['video']} is {real:.1f} s long")
+        raise VideoError(f"duration {d} s in the row, but the video {sample['video']} is {real:.1f} s long")
     return d or real
 
 
@@ -353,7 +354,7 @@ class Renderer:
 def render_sft(renderer: Renderer, sample, max_turns=5):
     """An SFT row (with `turns`) -> Rendered. Tool observations come from re-running each call with the same
     tool code the rollout uses (so SFT data and rollouts tokenize identically), or, for LongVT's rows, from
-    the stored frames (`observations`). Raises tools.ToolError when the video cannot be read."""
+    the stored frames (`observations`). Raises video.VideoError when the video cannot be read."""
     from tools import observe
     view = renderer.view
     s = dict(sample)

@@ -37,7 +37,7 @@ from model import check_writable, compute_init, load_model, parse_config, print0
 from readers import load_samples
 from reward import RewardConfig, config_judge, iou_reward, reward_batch
 from rollout import RolloutConfig, check_budget, prepare, rollout
-from tools import ToolError
+from video import VideoError
 
 DEFAULT_DATA = "data/needle/eval.jsonl"
 RUN_DIRS = ("runs/rft", "runs/grpo", "runs/sft")
@@ -224,7 +224,7 @@ def rft_row(renderer: Renderer, traj):
     row["turns"] = turns
     try:
         r = render_sft(renderer, row)
-    except ToolError:
+    except VideoError:
         return None
     return row if r.input_ids == traj.input_ids and r.policy_mask == traj.policy_mask else None
 

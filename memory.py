@@ -26,7 +26,8 @@ import torch
 from data import Renderer, global_times
 from model import build_tiny_processor, pick_attention, tiny_model_config
 from kvcache import capacity
-from tools import LONGVT_OK, ToolError, fit_size, video_info
+from tools import LONGVT_OK
+from video import VideoError, fit_size, video_info
 
 GIB = 2 ** 30
 RESERVE = 2 * GIB  # the CUDA context and the allocator's fragmentation, held back from every GPU
@@ -135,7 +136,7 @@ def episode(proc, config, sample, view, rc):
     try:
         info = video_info(sample["video"])
         width, height, duration = info["width"], info["height"], sample.get("duration") or info["duration"]
-    except ToolError:  # the data may live elsewhere: square frames of the pixel budget
+    except VideoError:  # the data may live elsewhere: square frames of the pixel budget
         width = height = int(view.max_pixels ** 0.5)
         duration, note = float(sample.get("duration") or 600.0), " (video not found: square frames)"
     r = Renderer(proc, view)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from data import ViewConfig, global_times
-from tools import crop_times, video_info
+from video import crop_times, video_info
 from model import COLOURS, parse_config
 
 SCENE_COLOURS = ["orange", "purple", "cyan", "magenta", "gray", "brown", "teal", "navy", "lime", "maroon"]
@@ -201,7 +201,7 @@ def retarget(sample, view):
     the prompt to copy. Rows without the needle ground truth (`scenes`) are returned unchanged."""
     if not sample.get("scenes") or not sample.get("turns") or "scene" not in (sample.get("needle") or {}):
         return sample  # not a scene-task row (the window task's crops do not depend on the global view)
-    d = sample.get("duration") or video_info(sample["video"])["duration"]  # ToolError naming an unreadable video
+    d = sample.get("duration") or video_info(sample["video"])["duration"]  # VideoError naming an unreadable video
     t0, t1 = global_times(d, ViewConfig()), global_times(d, view)
     if t0 == t1:
         return sample

@@ -20,7 +20,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data import ViewConfig, global_times
-from tools import ToolError, crop_video, decode_frames, fmt_time
+from tools import ToolError, crop_video
+from video import VideoError, decode_frames, fmt_time
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:16px 24px;color:#222;background:#fafafa}
@@ -169,7 +170,7 @@ def sample_section(i, p, view: ViewConfig, max_crop_frames, max_thumbs):
         times = [times[k] for k in evenly(len(times), max_thumbs)]
         frames, ts = decode_frames(p["video"], times, min(view.max_pixels, 112 * 112))
         tl = timeline(p, list(zip(frames, ts)))
-    except ToolError as e:
+    except VideoError as e:
         tl = f'<div class="qa">global view unavailable: {esc(e)}</div>'
     return (head + f'<div class="qa"><b>answer:</b> {esc(p["answer"])} &nbsp; <b>reference:</b> {esc(p["reference"])}'
             f'</div><div class="chips">{"".join(f"<span>{esc(c)}</span>" for c in chips)}</div>'

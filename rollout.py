@@ -33,7 +33,8 @@ import torch
 from data import Rendered, Renderer, ViewConfig, cat_vision, global_view, model_vision, positions, sample_duration
 from kvcache import KVCache, piece_vision, split_points
 from model import unwrap
-from tools import ToolError, observe
+from tools import observe
+from video import VideoError
 
 
 @dataclass
@@ -361,7 +362,7 @@ def prepare(samples, view: ViewConfig, workers=4, done=None):
             s["duration"] = sample_duration(s)
             frames, ts = global_view(s["video"], view, s["duration"])
             return s, frames, ts
-        except ToolError as e:
+        except VideoError as e:
             return f"{s.get('id', s['video'])}: {e}"
     known = {id(s): done.pop(id(s)) for s in samples if done and id(s) in done}
     with ThreadPoolExecutor(workers) as pool:

@@ -65,7 +65,7 @@ import needle
 from readers import DataError, load_samples
 import warmup
 from rollout import RolloutConfig
-from tools import ToolError, video_info
+from video import VideoError, video_info
 
 DEFAULT_DATA = "data/needle/sft.jsonl"
 
@@ -210,7 +210,7 @@ def try_render(processor, view, sample, index, cfg):
         if sample.get("tools") is False:  # a row of the no-tool baseline's prompt (needle.py: notool_fraction)
             v = replace(v, tools=False)
         return render_sft(Renderer(processor, v), needle.retarget(sample, v), cfg.max_turns)
-    except (ToolError, DataError, OSError, ValueError, KeyError, IndexError) as e:
+    except (VideoError, DataError, OSError, ValueError, KeyError, IndexError) as e:
         return f"{sample['id']} ({sample['video']}): {type(e).__name__}: {e}"
 
 

@@ -12,7 +12,8 @@ import numpy as np
 from data import Renderer, batch_to, collate, global_times
 from needle import (NEEDLE_COLOURS, SCENE_COLOURS, NeedleConfig, _fmt, frame_at, question, thing, window_layout,
                     window_question, window_turns)
-from tools import crop_times, fmt_time, parse_tool_calls
+from tools import parse_tool_calls
+from video import crop_times, fmt_time
 
 
 def reading_example(renderer, rng, pairs, cfg: NeedleConfig = NeedleConfig(), size=56):

@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tools  # noqa: E402  (the repo root is not a package)
+import video  # noqa: E402
 
 WIDTH, HEIGHT, FPS, GOP_S = 320, 180, 10, 2
 ENCODER = {"preset": "ultrafast", "crf": "28", "x264-params": f"keyint={FPS * GOP_S}:min-keyint={FPS * GOP_S}:scenecut=0"}
@@ -80,7 +81,7 @@ def bench_crops(paths: dict, windows: int, repeats: int, window_s: float = 10.0)
     """
     starts, samples = {}, {}
     for name, path in paths.items():
-        duration = tools.video_info(path)["duration"]
+        duration = video.video_info(path)["duration"]
         starts[name] = [(k + 0.5) / windows * (duration - window_s) for k in range(windows)]
         samples[name] = {"duration_s": duration, "lat": [], "frames": [], "seeks": []}
         tools.crop_video(path, starts[name][0], starts[name][0] + window_s)  # warm page cache
@@ -88,12 +89,12 @@ def bench_crops(paths: dict, windows: int, repeats: int, window_s: float = 10.0)
         for k in range(windows):
             for name, path in paths.items():
                 s, rec = starts[name][k], samples[name]
-                before = dict(tools.DECODE_STATS)
+                before = dict(video.DECODE_STATS)
                 t0 = time.perf_counter()
                 clip = tools.crop_video(path, s, s + window_s)
                 rec["lat"].append((time.perf_counter() - t0) * 1000)
-                rec["frames"].append(tools.DECODE_STATS["frames"] - before.get("frames", 0))
-                rec["seeks"].append(tools.DECODE_STATS["seeks"] - before.get("seeks", 0))
+                rec["frames"].append(video.DECODE_STATS["frames"] - before.get("frames", 0))
+                rec["seeks"].append(video.DECODE_STATS["seeks"] - before.get("seeks", 0))
                 assert len(clip.timestamps) == round(window_s), clip.timestamps
     out = {}
     for name, rec in samples.items():
@@ -107,15 +108,15 @@ def bench_crops(paths: dict, windows: int, repeats: int, window_s: float = 10.0)
 def bench_global_view(path: str, n_frames: int = 16, repeats: int = 5) -> tuple[float, float]:
     """data.py's sparse global view (n frames at slice centres over the whole video):
     (median ms, decoded frames per call). One seek per frame, so also length-independent."""
-    duration = tools.video_info(path)["duration"]
+    duration = video.video_info(path)["duration"]
     times = [(i + 0.5) * duration / n_frames for i in range(n_frames)]
     lat, frames = [], []
     for _ in range(repeats):
-        before = tools.DECODE_STATS["frames"]
+        before = video.DECODE_STATS["frames"]
         t0 = time.perf_counter()
-        tools.decode_frames(path, times, 224 * 224)
+        video.decode_frames(path, times, 224 * 224)
         lat.append((time.perf_counter() - t0) * 1000)
-        frames.append(tools.DECODE_STATS["frames"] - before)
+        frames.append(video.DECODE_STATS["frames"] - before)
     return statistics.median(lat), statistics.mean(frames)
 
 

@@ -475,7 +475,7 @@ def test_dry_run_sizes_a_7b_run_from_its_config_alone(needle_dir, tmp_path, caps
     eval and train_grpo print the same numbers, load no weights and write nothing."""
     import train_grpo
     from transformers import Qwen2_5_VLConfig
-    from tools import fit_size, video_info
+    from video import fit_size, video_info
     cfg_dir = str(tmp_path / "qwen7b")
     Qwen2_5_VLConfig(**QWEN25_VL_7B).save_pretrained(cfg_dir)
     data = os.path.join(needle_dir, "eval.jsonl")

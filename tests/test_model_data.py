@@ -614,14 +614,14 @@ def test_bad_fields_are_errors_naming_file_and_line(tmp_path, field, value, mess
 
 def test_a_duration_that_is_not_the_videos_is_named_at_render(needle_set):
     """A duration in range but not the video's (100000 vs 136 s was used silently: the global view sampled times past
-    the end): rendering the row is a ToolError naming both lengths, which the scripts turn into a named skip."""
-    from tools import ToolError
+    the end): rendering the row is a VideoError naming both lengths, which the scripts turn into a named skip."""
+    from video import VideoError
     out, _ = needle_set
     s = load_samples(str(out / "sft.jsonl"))[0]
     real = s["duration"]
     proc = load_model("tiny")[1]
     for wrong in (real * 3, real / 2):
-        with pytest.raises(ToolError, match=rf"duration {wrong} s in the row, but the video .* is {real:.1f} s long"):
+        with pytest.raises(VideoError, match=rf"duration {wrong} s in the row, but the video .* is {real:.1f} s long"):
             render_sft(Renderer(proc, ViewConfig(global_frames=8)), dict(s, duration=wrong))
     render_sft(Renderer(proc, ViewConfig(global_frames=8)), dict(s, duration=real + 1))  # within 2 s: fine
 

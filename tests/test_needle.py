@@ -28,7 +28,7 @@ def test_needle_is_a_whole_frame_flash_by_default_and_a_small_square_on_request(
     """Decoded from the written video: at the needle's time the whole frame is the needle colour (default), or a
     square of a quarter of the side is (square=0.25); the questions name what to look for."""
     from needle import NeedleConfig, make_sample
-    from tools import decode_frames
+    from video import decode_frames
     for square, word in [(1.0, "flash"), (0.25, "small square")]:
         cfg = NeedleConfig(size=112, square=square, when_fraction=0.0, task="scene")
         d = tmp_path / word.replace(" ", "_")

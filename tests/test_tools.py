@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 import tools
+import video
 from tools import ToolCall, ToolError
+from video import VideoError
 
 GRID = 4  # 4x4 blocks -> 16 bits of frame index
 
@@ -146,7 +148,7 @@ def test_test_video_is_what_we_think(tool_videos, vid):
         s = c.streams.video[0]
         keys = [f.pts for f in c.decode(s) if f.key_frame]
         assert len(keys) <= n // 20 + 2  # so seeking matters
-    info = tools.video_info(path)
+    info = video.video_info(path)
     assert info["width"] == info["height"] == SIZE
     assert info["fps"] == pytest.approx(fps, rel=1e-3)
     assert info["duration"] == pytest.approx(n / fps, abs=2 / fps)
@@ -155,7 +157,7 @@ def test_test_video_is_what_we_think(tool_videos, vid):
 @pytest.mark.parametrize("vid", [v[0] for v in VARIANTS])
 def test_crop_windows_return_the_frames_shown(tool_videos, vid):
     path, fps, n, truth = _video(tool_videos, vid)
-    duration = tools.video_info(path)["duration"]
+    duration = video.video_info(path)["duration"]
     windows = [(0.0, 3.0), (duration / 2 - 2.5, duration / 2 + 2.5), (duration - 4.0, duration),
                (duration - 2.0, duration + 50.0), (-7.0, 1.5)]
     for start, end in windows:
@@ -178,20 +180,20 @@ def test_decode_frames_random_times_match_sequential_decode(tool_videos, vid):
     for _ in range(6):
         times = [rnd.uniform(-1.0, truth[-1] + 1.0) for _ in range(rnd.randint(1, 12))]
         times += [truth[rnd.randrange(n)] for _ in range(3)] + [times[0]]
-        frames, stamps = tools.decode_frames(path, times, max_pixels=SIZE * SIZE)
+        frames, stamps = video.decode_frames(path, times, max_pixels=SIZE * SIZE)
         assert stamps == pytest.approx([_shown_at(truth, t) for t in times], abs=1e-9)
         _check_frames(frames, stamps, fps)
 
 
 def test_decode_frames_resizes_and_handles_empty(tool_videos):
     path, fps, _, _ = _video(tool_videos, "h264-10")
-    frames, stamps = tools.decode_frames(path, [1.0, 2.0], max_pixels=56 * 56)
+    frames, stamps = video.decode_frames(path, [1.0, 2.0], max_pixels=56 * 56)
     assert frames.shape == (2, 56, 56, 3)
     _check_frames(frames, stamps, fps)  # the index survives the 2x downscale
-    frames, stamps = tools.decode_frames(path, [], max_pixels=56 * 56)
+    frames, stamps = video.decode_frames(path, [], max_pixels=56 * 56)
     assert frames.shape == (0, 56, 56, 3) and stamps == []
-    with pytest.raises(ToolError):
-        tools.decode_frames(path, [float("nan")], max_pixels=56 * 56)
+    with pytest.raises(VideoError):
+        video.decode_frames(path, [float("nan")], max_pixels=56 * 56)
 
 
 @pytest.mark.parametrize("w,h,max_pixels,expect", [
@@ -203,7 +205,7 @@ def test_decode_frames_resizes_and_handles_empty(tool_videos):
     (640, 480, 10, (28, 28)),  # below one patch: 28x28 is the floor
 ])
 def test_fit_size(w, h, max_pixels, expect):
-    fw, fh = tools.fit_size(w, h, max_pixels)
+    fw, fh = video.fit_size(w, h, max_pixels)
     assert fw % 28 == 0 and fh % 28 == 0 and fw >= 28 and fh >= 28
     if expect is not None:
         assert (fw, fh) == expect
@@ -214,7 +216,7 @@ def test_fit_size(w, h, max_pixels, expect):
 
 def test_crop_errors(tool_videos, tmp_path):
     path, _, _, _ = _video(tool_videos, "h264-10")
-    duration = tools.video_info(path)["duration"]
+    duration = video.video_info(path)["duration"]
     bad_windows = [(5.0, 5.0), (6.0, 5.0), (float("nan"), 5.0), (1.0, float("inf")),
                    (duration, duration + 5), (duration + 10, duration + 20), (-10.0, 0.0), ("a", 3)]
     for start, end in bad_windows:
@@ -223,8 +225,8 @@ def test_crop_errors(tool_videos, tmp_path):
     missing = tmp_path / "nope.mp4"
     with pytest.raises(ToolError, match="nope.mp4"):
         tools.crop_video(missing, 0, 5)
-    with pytest.raises(ToolError, match="nope.mp4"):
-        tools.video_info(missing)
+    with pytest.raises(VideoError, match="nope.mp4"):
+        video.video_info(missing)
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
     with pytest.raises(ToolError, match="corrupt.mp4"):
@@ -241,19 +243,19 @@ def test_one_hour_video_crop_near_end_seeks(tmp_path):
     path = tmp_path / "hour.mp4"
     fps, n, gop = 1, 3600, 120
     _write_video(path, "libx264", Fraction(fps), n, 64, gop)
-    before = dict(tools.DECODE_STATS)
+    before = dict(video.DECODE_STATS)
     clip = tools.crop_video(path, 3590.0, 3600.0, fps=1.0, max_pixels=64 * 64)
-    decoded = tools.DECODE_STATS["frames"] - before.get("frames", 0)
-    assert tools.DECODE_STATS["seeks"] > before.get("seeks", 0)
+    decoded = video.DECODE_STATS["frames"] - before.get("frames", 0)
+    assert video.DECODE_STATS["seeks"] > before.get("seeks", 0)
     assert decoded <= gop + 20, decoded  # a sequential decode would be 3600
     assert clip.frames.shape == (10, 56, 56, 3)
     assert clip.timestamps == [float(t) for t in range(3590, 3600)]
     _check_frames(clip.frames, clip.timestamps, fps)
     # A sparse global view over the whole hour also stays far from a full decode.
     times = [(i + 0.5) * 3600 / 16 for i in range(16)]
-    before = tools.DECODE_STATS["frames"]
-    frames, stamps = tools.decode_frames(path, times, max_pixels=64 * 64)
-    assert tools.DECODE_STATS["frames"] - before <= 16 * (gop + 1)
+    before = video.DECODE_STATS["frames"]
+    frames, stamps = video.decode_frames(path, times, max_pixels=64 * 64)
+    assert video.DECODE_STATS["frames"] - before <= 16 * (gop + 1)
     _check_frames(frames, stamps, fps)
 
 
@@ -403,7 +405,7 @@ def test_validate_passes_parse_errors_and_parsed_text():
                                  (0.05, "0.1"), (59.96, "60"), (3599.5, "3599.5"), (-0.06, "-0.1"),
                                  (-2.0, "-2"), (7, "7")])
 def test_fmt_time(t, s):
-    assert tools.fmt_time(t) == s
+    assert video.fmt_time(t) == s
 
 
 def test_schema_shape():
@@ -419,7 +421,7 @@ def test_schema_shape():
 
 def test_observe_success_and_errors(tool_videos, tmp_path):
     path, fps, _, _ = _video(tool_videos, "h264-10")
-    duration = tools.video_info(path)["duration"]
+    duration = video.video_info(path)["duration"]
     turn = '<think>zoom</think><tool_call>\n' + _call({"start_time": 4, "end_time": 12}) + '\n</tool_call>'
     o = tools.observe(turn, path, duration, fps=1.0, max_frames=6, max_pixels=SIZE * SIZE)
     assert o["error"] is None and list(o["window"]) == [4.0, 12.0] and o["raw"].strip().startswith("{")
@@ -472,12 +474,12 @@ def test_a_file_cut_short_with_its_index_first_is_an_error_not_repeated_frames(t
             out.mux(packet)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    assert tools.video_info(path)["duration"] == pytest.approx(160, abs=1)  # the header still says 160 s
+    assert video.video_info(path)["duration"] == pytest.approx(160, abs=1)  # the header still says 160 s
     with pytest.raises(ToolError, match=r"cut.mp4 has no frame at 1\d\d\.\ds .*truncated or damaged"):
         tools.crop_video(path, 100, 120)
     obs = tools.observe(tools_call(100, 120), str(path), 160.0)
     assert obs["frames"] is None and "truncated or damaged" in obs["text"]
-    frames, stamps = tools.decode_frames(path, [1.0, 10.0], 64 * 64)  # before the cut (at ~48 s here): fine
+    frames, stamps = video.decode_frames(path, [1.0, 10.0], 64 * 64)  # before the cut (at ~48 s here): fine
     assert stamps == [1.0, 10.0]
 
 
@@ -490,7 +492,7 @@ def test_longvt_protocol_runs_longvts_tool_checks_with_its_messages(tool_videos)
     a good call gets its success text and the raw window; a path to another video is refused (we read only the
     question's video)."""
     path, _, _, _ = _video(tool_videos, "h264-10")
-    duration = tools.video_info(path)["duration"]
+    duration = video.video_info(path)["duration"]
     vp = "/any/where/h264-10.mp4"
 
     def run(args):

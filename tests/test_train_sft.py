@@ -310,7 +310,7 @@ def test_a_scene_row_without_duration_on_a_corrupt_video_says_what_is_wrong(tmp_
     train_sft.main(args(str(tmp_path / "sft.jsonl"), str(tmp_path / "out"), steps=1, skill_warmup=0,
                         view_jitter=False))  # (the jittered view probes the video first)
     out = capsys.readouterr().out
-    assert re.search(r"skipping sample train_00000 \(.*bad.mp4\): ToolError: cannot read video .*bad.mp4", out), out
+    assert re.search(r"skipping sample train_00000 \(.*bad.mp4\): VideoError: cannot read video .*bad.mp4", out), out
     assert "KeyError" not in out
 
 
