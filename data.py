@@ -40,17 +40,8 @@ class ViewConfig:
     crop_max_pixels: int = 56 * 56  # pixel budget per cropped frame
     protocol: str = "ours"        # "ours" | "longvt" (LongVT's RL strings, separators and tool checks, for its
                                   # checkpoints: ../FORMATS.md) | "longvt_eval" (the same with LongVT's eval user text)
-    ask_first: bool = False       # the question also before the global view, so that the view's tokens can attend
-                                  # to it (docs/studies.md, "The question first"); LongVT: off
-    instruction_first: bool = False  # the instruction opens the user turn instead of sitting between the view and
-                                     # the question (docs/studies.md, "The instruction first"); LongVT: after
-                                     # the question
-    time_after: bool = False      # each timestamp after its frames instead of before them, so that (causal attention)
-                                  # the timestamp's tokens see the frames they name (docs/studies.md: it does not
-                                  # shorten the binding's plateau); LongVT: no timestamps
 
-
-    def __post_init__(self):  # every view is built here (flat flags, train_grpo's --view JSON, tests): one check
+    def __post_init__(self):  # every view and every script's Config (they inherit it) is checked here
         if self.visual_format not in ("video", "images"):
             raise ValueError(f"visual_format must be 'video' or 'images', got {self.visual_format!r}")
         if self.protocol not in PROTOCOLS:
@@ -61,18 +52,14 @@ PROTOCOLS = ("ours", "longvt", "longvt_eval")
 
 
 def view_from(cfg) -> ViewConfig:
-    """The ViewConfig of a script's flat Config (train_sft, eval): each ViewConfig field it has by the same name, and
-    its max_frames as global_frames."""
-    kw = {f.name: getattr(cfg, f.name) for f in fields(ViewConfig) if hasattr(cfg, f.name)}
-    if hasattr(cfg, "max_frames"):
-        kw["global_frames"] = cfg.max_frames
-    return ViewConfig(**kw)
+    """The ViewConfig of a script's Config (eval.py, train_sft.py and train_grpo.py inherit ViewConfig, so its fields
+    are their flat --key=value flags)."""
+    return ViewConfig(**{f.name: getattr(cfg, f.name) for f in fields(ViewConfig)})
 
 
 VIEW_FIELDS = {f.name for f in fields(ViewConfig)}
 VIEW_FILE = "view.json"  # in a checkpoint dir: the ViewConfig it was trained with
-LAYOUT_FIELDS = ("visual_format", "timestamps", "time_grid", "protocol", "ask_first", "instruction_first",
-                 "time_after")
+LAYOUT_FIELDS = ("visual_format", "timestamps", "time_grid", "protocol")
 
 
 def save_view(view: ViewConfig, out_dir):
@@ -244,8 +231,8 @@ class Renderer:
         return Rendered(ids, [0] * len(ids), [0] * len(ids), {})
 
     def visual(self, frames, timestamps):
-        """Frames as one video (timestamps off), one video per temporal patch with its time before it (on; after it
-        with time_after), or one image per frame ('images' format)."""
+        """Frames as one video (timestamps off), one video per temporal patch with its time before it (on), or one
+        image per frame ('images' format)."""
         frames = np.asarray(frames)
         if self.view.visual_format == "images":
             groups = [(frames[i:i + 1], timestamps[i]) for i in range(len(frames))]
@@ -259,7 +246,7 @@ class Renderer:
         for g, t in groups:
             stamp = [self.text(f"{fmt_time(t)}s")] if self.view.timestamps else []
             block = [self._vision_block(g, timestamps)]
-            parts += block + stamp if self.view.time_after else stamp + block
+            parts += stamp + block
         return Rendered.join(parts)
 
     def _vision_block(self, frames, all_ts):
@@ -295,9 +282,8 @@ class Renderer:
         return "" if self.longvt else "\n"
 
     def prompt(self, sample, frames, timestamps):
-        """System + user (global view, instruction, question; with instruction_first: instruction, global view,
-        question; with ask_first the question also opens the user turn, after the instruction if that is first) +
-        the assistant header. protocol longvt*: LongVT's turn, the view, the question, its text with the path."""
+        """System + user (global view, instruction, question) + the assistant header. protocol longvt*: LongVT's
+        turn, the view, the question, its text with the path."""
         q = sample["question"]
         if sample.get("choices"):
             q += "\n" + "\n".join(sample["choices"])
@@ -308,17 +294,11 @@ class Renderer:
         instr = INSTRUCTION_TOOLS if self.view.tools else INSTRUCTION_NO_TOOLS
         # LongVT's user turn ends with the instruction; ours ends with the question, next to the assistant turn that
         # answers it: the tiny policy then answers the kind of question asked (README "The question last")
-        if self.view.instruction_first:
-            lead, body = f"{instr.lstrip()}\n", q
-        else:
-            lead, body = "", f"{instr.lstrip()}\n{q}"
-        return self.system_turn() + self.user(q, frames, timestamps, body, lead)
+        return self.system_turn() + self.user(q, frames, timestamps, f"{instr.lstrip()}\n{q}")
 
-    def user(self, q, frames, timestamps, body=None, lead=""):
-        """The user turn around the global view + the assistant header: `lead`, the question with ask_first, the
-        view, then `body` (None: the question alone, a bare turn without system prompt or instruction)."""
-        first = lead + (f"{q}\n" if self.view.ask_first else "")
-        return (self.mark("<|im_start|>user\n") + self.text(first) + self.visual(frames, timestamps)
+    def user(self, q, frames, timestamps, body=None):
+        """The user turn: the global view, then `body` (None: the question alone), + the assistant header."""
+        return (self.mark("<|im_start|>user\n") + self.visual(frames, timestamps)
                 + self.text(q if body is None else body) + self.mark(f"<|im_end|>{self.sep}<|im_start|>assistant\n"))
 
     def observation(self, obs, last=False):

@@ -3,7 +3,7 @@
     python eval.py                                   # the newest of runs/rft, runs/grpo, runs/sft, else tiny
     python eval.py --model=runs/grpo --data=data/needle/eval.jsonl --out=runs/grpo/eval
     python eval.py --model=Qwen/Qwen2.5-VL-7B-Instruct --data=videosiah_eval.jsonl --visual_format=images \\
-        --timestamps=false --protocol=longvt_eval --time_grid=0 --max_frames=512 --global_fps=1 \\
+        --timestamps=false --protocol=longvt_eval --time_grid=0 --global_frames=512 --global_fps=1 \\
         --max_pixels=50176 --crop_max_frames=128 --crop_max_pixels=50176  # LongVT's own strings and checks
     python eval.py --tools=false                                     # the no-tool baseline (global view only)
     python eval.py --samples=4 --temperature=0.7                     # pass@4 (and mean@4 as `accuracy`)
@@ -33,20 +33,20 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import Renderer, ViewConfig, follow_layout, render_sft, view_from
-from model import check_writable, compute_init, load_model, parse_config, print0, resolve_checkpoint
+from checkpoint import check_writable, write_jsonl, write_text
+from model import compute_init, given_keys, load_model, parse_config, print0, resolve_checkpoint
 from readers import load_samples
 from reward import RewardConfig, config_judge, iou_reward, reward_batch
 from rollout import RolloutConfig, check_budget, prepare, rollout
 from video import VideoError
 
-DEFAULT_DATA = "data/needle/eval.jsonl"
 RUN_DIRS = ("runs/rft", "runs/grpo", "runs/sft")
 
 
 @dataclass
-class Config:
+class Config(ViewConfig):  # ViewConfig's fields are flags too (the view: data.py)
     model: str = ""                 # HF id, checkpoint dir or "tiny"; "" = the newest of runs/{rft,grpo,sft}, else tiny
-    data: str = DEFAULT_DATA        # eval file (our JSONL, VideoSIAH-Eval, Video-MME, LVBench rows); default generated
+    data: str = "data/needle/eval.jsonl"  # eval file (our JSONL, VideoSIAH-Eval, Video-MME, LVBench rows)
     out: str = ""                   # output dir; "" = <model dir>/eval, or runs/eval_<name> for tiny / an HF id
     limit: int = 0                  # evaluate the first `limit` samples only (0 = all)
     skip_bad_rows: bool = False     # a bad row: skip it with a warning naming file:line instead of stopping there
@@ -60,19 +60,6 @@ class Config:
     seed: int = 0                   # sampling seed (with the sample's index and draw, seeds each row's generator)
     max_rows: int = 0               # rows (batch_size x samples) holding KV at once (0 = all); --dry_run names one
     prefill_chunk: int = RolloutConfig.prefill_chunk  # query tokens per forward when prompts/observations enter the cache
-    tools: bool = True              # false: the no-tool baseline (no tool schema, answer from the global view)
-    visual_format: str = ViewConfig.visual_format   # "video" | "images" (LongVT-compatible)
-    timestamps: bool = ViewConfig.timestamps        # text timestamps in the global view (LongVT: off)
-    protocol: str = ViewConfig.protocol            # ours | longvt | longvt_eval (LongVT's exact strings)
-    ask_first: bool = ViewConfig.ask_first          # the question also before the global view (as in training)
-    instruction_first: bool = ViewConfig.instruction_first  # the instruction before the global view (as in training)
-    time_after: bool = ViewConfig.time_after        # each timestamp after its frames (as in training)
-    max_frames: int = ViewConfig.global_frames      # frame budget of the global view
-    global_fps: float = ViewConfig.global_fps       # fps cap of the global view
-    time_grid: float = ViewConfig.time_grid         # global-view frames at round times (0: slice centres)
-    max_pixels: int = ViewConfig.max_pixels         # pixels per global-view frame
-    crop_max_frames: int = ViewConfig.crop_max_frames  # frame budget of a crop (LongVT: 128)
-    crop_max_pixels: int = ViewConfig.crop_max_pixels  # pixels per cropped frame
     accuracy: str = "auto"          # reward.RewardConfig.accuracy: rule | judge | both | auto (judge if configured)
     iou_mode: str = "last"          # IoU of the "last" or the "best" crop window (mean_iou)
     export_rft: str = ""            # write correct, well-grounded trajectories to this SFT JSONL file
@@ -253,10 +240,7 @@ def export_rft(path, trajectories, predictions, renderer: Renderer, min_iou=0.3)
         seen.add(key)
         rows.append(row)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(path + ".tmp", path)
+    write_jsonl(path, rows)
     counts["exported"] = len(rows)
     return dict(counts, path=path)
 
@@ -265,19 +249,11 @@ def export_rft(path, trajectories, predictions, renderer: Renderer, min_iou=0.3)
 def write_outputs(out_dir, summary, predictions, trajectories=None, report_samples=20):
     """predictions.jsonl, summary.json, report.html (first report_samples trajectories) and, when
     trajectories are given, trajectories.jsonl (token ids, policy mask, log-probs, turn ids)."""
-    os.makedirs(out_dir, exist_ok=True)
-
-    def dump(name, lines):
-        with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
-            for x in lines:
-                f.write(json.dumps(x) + "\n")
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-    dump("predictions.jsonl", predictions)
-    with open(os.path.join(out_dir, "summary.json.tmp"), "w") as f:  # a full disk never leaves a truncated one
-        json.dump(summary, f, indent=1)
-    os.replace(os.path.join(out_dir, "summary.json.tmp"), os.path.join(out_dir, "summary.json"))
+    os.makedirs(out_dir, exist_ok=True)  # each file written atomically: a full disk never leaves a truncated one
+    write_jsonl(os.path.join(out_dir, "predictions.jsonl"), predictions)
+    write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
     if trajectories is not None:
-        dump("trajectories.jsonl", (dict(id=p["id"], draw=p["draw"], prompt_len=t.prompt_len, input_ids=t.input_ids,
+        write_jsonl(os.path.join(out_dir, "trajectories.jsonl"), (dict(id=p["id"], draw=p["draw"], prompt_len=t.prompt_len, input_ids=t.input_ids,
                                          policy_mask=t.policy_mask, logprobs=t.logprobs, turn_ids=t.turn_ids)
                                     for p, t in zip(predictions, trajectories)))
     if report_samples > 0:
@@ -322,17 +298,11 @@ def main(argv=None):
     if cfg.samples > 1 and cfg.temperature <= 0:
         raise SystemExit("--samples > 1 needs --temperature > 0 (greedy draws are identical)")
     d = compute_init(cfg.seed)
-    if cfg.data == DEFAULT_DATA and not os.path.exists(cfg.data):
-        if d.is_main:
-            import needle
-            needle.ensure(cfg.data)
-        if dist.is_initialized():
-            dist.barrier()
     samples = load_samples(cfg.data, cfg.skip_bad_rows)
     samples = samples[:cfg.limit] if cfg.limit > 0 else samples
     name = resolve_checkpoint(cfg.model) if cfg.model else default_model()  # <dir>.old: a save killed mid-swap
     out = cfg.out or default_out(name)
-    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    given = given_keys(argv)
     for k, v in follow_layout(name, asdict(view_from(cfg)), given, print0).items():  # the layout it learnt
         setattr(cfg, k, v)
     if cfg.dry_run:  # sizes from the model's config alone: no weights, no judge, nothing written

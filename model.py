@@ -13,14 +13,12 @@ the model saw in training on 3-5 minute videos (one token per number leaves the 
 untrained); with the round-time global view (data.ViewConfig.time_grid) the window copy is learned much sooner
 (docs/studies.md, the grounding study, measured both).
 """
-import errno
 import json
+import math
 import os
 import random
 import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -49,12 +47,6 @@ please carefully final answered answering here processed use using used about ar
 default duration give greater misses moment optional part reply signature sparsely now wrong really args
 flash flashes
 """.split()
-COLOURS = {  # RGB of the needle benchmark's colours (also tokens of the tiny vocabulary)
-    "red": (230, 25, 35), "green": (30, 180, 60), "blue": (30, 60, 230), "yellow": (245, 225, 30),
-    "orange": (245, 130, 30), "purple": (140, 40, 180), "cyan": (40, 220, 230), "magenta": (235, 40, 200),
-    "white": (250, 250, 250), "black": (5, 5, 5), "gray": (128, 128, 128), "brown": (130, 80, 30),
-    "teal": (0, 128, 128), "navy": (0, 0, 120), "lime": (180, 245, 60), "maroon": (120, 0, 20),
-}
 CHAT_TEMPLATE = (  # Qwen-style ChatML so saved checkpoints work with apply_chat_template / vLLM
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
@@ -76,23 +68,20 @@ class TinyConfig:
 
 
 # --------------------------------------------------------------------------- tokenizer / processor
-NUMBER_DIGITS = 1  # longest number that is one token (1: digit by digit; docs/studies.md)
-
-
 def build_tiny_tokenizer():
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    base = set(WORDS) | set(COLOURS)
+    base = set(WORDS)
     words = sorted(base | {w.capitalize() for w in base}, key=lambda w: (-len(w), w))
     chars = [chr(c) for c in range(32, 127)] + [chr(c) for c in range(160, 256)] + ["\n", "\t", "\r"]
-    numbers = [str(i) for i in range(10 ** NUMBER_DIGITS)]
+    numbers = [str(i) for i in range(10)]  # numbers are written digit by digit (docs/studies.md)
     vocab = {}
     for t in ["<unk>"] + chars + numbers + words + [" " + w for w in words]:
         vocab.setdefault(t, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    # A whole known word (longest first), a number without leading zeros (up to NUMBER_DIGITS digits), else one
-    # character. A word keeps the space before it, so prose costs one token per word.
-    pattern = r" ?\b(?:" + "|".join(re.escape(w) for w in words) + r")\b|[1-9][0-9]{0,%d}|[\s\S]" % (NUMBER_DIGITS - 1)
+    # A whole known word (longest first), else one character (a digit, too). A word keeps the space before it, so
+    # prose costs one token per word.
+    pattern = r" ?\b(?:" + "|".join(re.escape(w) for w in words) + r")\b|[\s\S]"
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()  # concatenate pieces: decode(encode(s)) == s
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
@@ -286,6 +275,34 @@ def all_gather_obj(obj):
     return out
 
 
+def wrap(net, hf, d, parallel="ddp", bf16=True):
+    """`net` (a module whose forward runs the HF model `hf`: the trainers' loss or log-prob module) for d.world
+    ranks: DDP, or FSDP2 (fully_shard on each of hf's `_no_split_modules` (decoder layers, vision blocks), then net
+    as the root; bf16 compute with fp32 reductions on CUDA when `bf16`). Wrap the module whose forward the step
+    calls: DDP's and FSDP2's hooks run around its forward only. One process: net as it is."""
+    if d.world == 1:
+        return net
+    cuda = d.device.type == "cuda"
+    if parallel == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if cuda else None,
+                                                         forward_sync_buffers=False)  # no buffer to sync
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    kw = dict(mp_policy=MixedPrecisionPolicy(torch.bfloat16, torch.float32)) if bf16 and cuda else {}
+    for m in hf.modules():
+        if type(m).__name__ in hf._no_split_modules:  # Qwen*VLDecoderLayer, Qwen*VLVisionBlock
+            fully_shard(m, **kw)
+    return fully_shard(net, **kw)
+
+
+def lr_at(step, total, warmup_steps, min_lr_ratio=1.0):
+    """The learning-rate multiplier of the optimizer step after `step` completed ones: linear warm-up over
+    warmup_steps, then a cosine from 1 to min_lr_ratio at `total` (min_lr_ratio=1: constant, as GRPO's)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def print0(*a, **k):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*a, **k, flush=True)
@@ -320,92 +337,15 @@ def parse_config(cls, argv=None):
     return cls(**kw)
 
 
+def given_keys(argv):
+    """The keys an argument list sets (`--key=value` or a bare `--flag`): the flags a user chose, which win over a
+    checkpoint's view.json (data.follow_layout)."""
+    return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+
+
 # --------------------------------------------------------------------------- checkpoints
-def atomic_dir(final_dir, write):
-    """Call write(tmp_dir), then swap tmp_dir into place, so a crash mid-write leaves the previous checkpoint intact
-    (temp dirs that killed saves of the same checkpoint left are removed first; a full disk is said so).
-    Subdirectories of the previous dir that the new one does not have (eval.py's default <checkpoint>/eval, GRPO's
-    rollouts/ and eval/) are moved over after the swap, renamed, not copied; top-level files are the checkpoint's
-    own and are replaced. A `.old` dir left by a crash during an earlier swap gives its subdirectories back too."""
-    parent = os.path.dirname(os.path.abspath(final_dir))
-    os.makedirs(parent, exist_ok=True)
-    old = final_dir.rstrip("/") + ".old"
-    prefix = f".tmp_ckpt_{os.path.basename(os.path.abspath(final_dir))}_"
-    for name in os.listdir(parent):  # temp dirs of this checkpoint's earlier saves that a kill left behind
-        if name.startswith(prefix) and os.path.isdir(os.path.join(parent, name)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    try:
-        try:
-            write(tmp)
-        except (OSError, RuntimeError) as e:  # torch.save on a full disk says "unexpected pos ..."
-            free = shutil.disk_usage(parent).free
-            if getattr(e, "errno", None) != errno.ENOSPC and free >= 64 * 2**20:
-                raise
-            raise OSError(errno.ENOSPC, f"disk full while writing the checkpoint {final_dir} ({free / 2**20:.1f} MiB "
-                          f"free in {parent}); the previous checkpoint there is kept. ({type(e).__name__}: {e})") from e
-        if os.path.exists(final_dir):
-            if os.path.isdir(old):  # an earlier swap crashed after its first rename: keep what only it holds
-                _move_subdirs(old, final_dir)
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final_dir, old)
-        os.rename(tmp, final_dir)
-        if os.path.isdir(old):
-            _move_subdirs(old, final_dir)
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _move_subdirs(src, dst):
-    """Move each subdirectory of src that dst lacks into dst (a rename: same filesystem)."""
-    for name in sorted(os.listdir(src)):
-        if os.path.isdir(os.path.join(src, name)) and not os.path.exists(os.path.join(dst, name)):
-            os.rename(os.path.join(src, name), os.path.join(dst, name))
-
-
-def rng_state():
-    """Every RNG a rank draws from (python, numpy, torch CPU, CUDA when present), for trainer_state.pt."""
-    s = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state()
-    return s
-
-
-def set_rng_state(s):
-    """Restore what rng_state() returned (a CUDA state is skipped on a machine without CUDA)."""
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
-
-
-def check_writable(out_dir, flag="--out"):
-    """Create out_dir and write a probe file in it, so that an output that cannot be written fails before any work
-    (a read-only or impossible path would otherwise be found after all the rollouts or steps)."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write_check_"):
-            pass
-    except OSError as e:
-        raise SystemExit(f"{flag}={out_dir}: cannot write there ({type(e).__name__}: {e})") from None
-
-
 def resolve_checkpoint(path):
     """A checkpoint dir, falling back to `<dir>.old` when a crash happened between the two renames of atomic_dir."""
     if not os.path.exists(path) and os.path.isdir(path.rstrip("/") + ".old"):
         return path.rstrip("/") + ".old"
     return path
-
-
-def save_checkpoint(model, processor, out_dir, state_dict=None, extra=None):
-    """HF layout (save_pretrained of model + processor) plus `extra` {filename: object} saved with torch.save.
-    `state_dict` is the full state dict (gathered beforehand under FSDP2); only call on rank 0."""
-    def write(tmp):
-        bare = unwrap(model)
-        bare.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        for name, obj in (extra or {}).items():
-            torch.save(obj, os.path.join(tmp, name))
-    atomic_dir(out_dir, write)

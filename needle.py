@@ -30,9 +30,16 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from data import ViewConfig, global_times
-from video import crop_times, video_info
-from model import COLOURS, parse_config
+from checkpoint import replaced, write_jsonl
+from video import crop_times
+from model import parse_config
 
+COLOURS = {  # RGB of the needle benchmark's colours (each a word of the tiny tokenizer)
+    "red": (230, 25, 35), "green": (30, 180, 60), "blue": (30, 60, 230), "yellow": (245, 225, 30),
+    "orange": (245, 130, 30), "purple": (140, 40, 180), "cyan": (40, 220, 230), "magenta": (235, 40, 200),
+    "white": (250, 250, 250), "black": (5, 5, 5), "gray": (128, 128, 128), "brown": (130, 80, 30),
+    "teal": (0, 128, 128), "navy": (0, 0, 120), "lime": (180, 245, 60), "maroon": (120, 0, 20),
+}
 SCENE_COLOURS = ["orange", "purple", "cyan", "magenta", "gray", "brown", "teal", "navy", "lime", "maroon"]
 NEEDLE_COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
 
@@ -61,8 +68,6 @@ class NeedleConfig:
     square: float = 1.0            # side of the square as a fraction of the frame's: 1 = the whole frame flashes
                                    # the needle colour (the default); 0.25 = a small square (docs/studies.md,
                                    # reading: the tiny vision tower needs tens of thousands of examples to see it)
-    task: str = "window"           # "window": the question gives the flash's window (the default); "scene": the
-                                   # question names the flash's scene by its colour (the harder variant)
     window_min: int = 12           # window task: width range of the asked window, whole seconds
     window_max: int = 24
     loose_fraction: float = 0.4    # window task: questions in the loose phrasing, whose SFT trajectories are lazy
@@ -70,8 +75,6 @@ class NeedleConfig:
     notool_fraction: float = 0.1   # window task: extra SFT rows without tools (they guess), for the no-tool baseline
     crop_max_frames: int = ViewConfig.crop_max_frames  # window task: the crop frame budget the flash placement
                                    # assumes (the lazy skim's frames)
-    when_fraction: float = 0.2     # scene task: fraction of "when does it appear" questions (answered in seconds)
-    imperfect_fraction: float = 0.3  # scene task: fraction of SFT trajectories that first crop a wrong scene
 
 
 def make_layout(rng, duration, cfg: NeedleConfig):
@@ -113,8 +116,7 @@ def write_video(path, duration, scenes, needle, cfg: NeedleConfig):
     """h264 (ultrafast) with a 2-s GOP, so crops seek cheaply; solid-colour frames compress to almost nothing,
     so minutes of video take about a second to write."""
     import av
-    tmp = path + ".tmp.mp4"
-    with av.open(tmp, "w") as out:
+    with replaced(path) as tmp, av.open(tmp, "w") as out:
         st = out.add_stream("libx264", rate=cfg.fps, options={"preset": "ultrafast", "tune": "zerolatency"})
         st.width = st.height = cfg.size
         st.pix_fmt = "yuv420p"
@@ -129,95 +131,14 @@ def write_video(path, duration, scenes, needle, cfg: NeedleConfig):
                 out.mux(packet)
         for packet in st.encode():
             out.mux(packet)
-    os.replace(tmp, path)
-
-
-def pairs_showing(scene, times):
-    """(groups, hit): the global view's frame pairs (the groups that get one timestamp) and the indices of those
-    with a frame inside the scene."""
-    s, e = scene[0], scene[1]
-    groups = [times[i:i + 2] for i in range(0, len(times), 2)]
-    return groups, [j for j, g in enumerate(groups) if any(s <= t < e for t in g)]
-
-
-def crop_window_for(scene, times):
-    """The window a model can read off its prompt: from the timestamp of the global-view group before the
-    first group showing the scene to the timestamp of the group after the last one (groups = frame pairs)."""
-    s, e = scene[0], scene[1]
-    groups, hit = pairs_showing(scene, times)
-    if not hit:  # cannot happen when scene_min exceeds the global frame spacing
-        return float(int(s)), float(int(e) + 1)
-    a = groups[hit[0] - 1][0] if hit[0] > 0 else 0.0
-    step = times[1] - times[0] if len(times) > 1 else 1.0
-    b = groups[hit[-1] + 1][0] if hit[-1] + 1 < len(groups) else float(int(times[-1] + step))  # past the end
-    return a, b
 
 
 def _fmt(t):
     return str(int(t)) if float(t).is_integer() else f"{t:.1f}"
 
 
-def thing(cfg: NeedleConfig):
-    """What the questions and the SFT thinks call the needle."""
-    return "flash" if cfg.square >= 1 else "small square"
-
-
-def question(colour, when, cfg: NeedleConfig):
-    """The question about the needle of the `colour` scene: when it appears (answered in seconds) or its colour."""
-    if when:
-        return f"At what second does the {thing(cfg)} appear in the {colour} scene?"
-    return f"What colour is the {thing(cfg)} that appears during the {colour} scene?"
-
-
 def call_text(a, b):
     return f'<tool_call>{{"name": "crop_video", "arguments": {{"start_time": {_fmt(a)}, "end_time": {_fmt(b)}}}}}</tool_call>'
-
-
-def sft_turns(sample, scenes, k, needle, rng, cfg: NeedleConfig):
-    colour = scenes[k][2]
-    times = global_times(sample["duration"], ViewConfig())  # the default global view the SFT prompt will show
-    a, b = crop_window_for(scenes[k], times)
-    turns = []
-    if rng.random() < cfg.imperfect_fraction and len(scenes) > 1:
-        j = rng.choice([i for i in range(len(scenes)) if i != k])
-        wa, wb = crop_window_for(scenes[j], times)
-        if wb <= a or wa >= b:  # a wrong crop that really misses the needle scene
-            turns.append(f"<think>The {colour} scene may be around {_fmt(wa)}s to {_fmt(wb)}s. "
-                         f"I will crop it.</think>{call_text(wa, wb)}")
-            turns.append(f"<think>No {thing(cfg).split()[-1]} in this part: this is the {scenes[j][2]} scene. "
-                         f"The {colour} scene is "
-                         f"around {_fmt(a)}s to {_fmt(b)}s.</think>{call_text(a, b)}")
-    if not turns:
-        turns.append(f"<think>The {colour} scene is around {_fmt(a)}s to {_fmt(b)}s. I will crop it to look "
-                     f"for the {thing(cfg).split()[-1]}.</think>{call_text(a, b)}")
-    turns.append(f"<think>The cropped frames show a {needle['colour']} {thing(cfg).split()[-1]} at about "
-                 f"{_fmt(round(needle['start']))}s.</think><answer>{sample['answer']}</answer>")
-    return turns
-
-
-def retarget(sample, view):
-    """A needle SFT row whose crop windows were read off the default global view, rewritten for the timestamps
-    that `view` shows (train_sft.py jitters the global view per sample): otherwise the target times are not in
-    the prompt to copy. Rows without the needle ground truth (`scenes`) are returned unchanged."""
-    if not sample.get("scenes") or not sample.get("turns") or "scene" not in (sample.get("needle") or {}):
-        return sample  # not a scene-task row (the window task's crops do not depend on the global view)
-    d = sample.get("duration") or video_info(sample["video"])["duration"]  # VideoError naming an unreadable video
-    t0, t1 = global_times(d, ViewConfig()), global_times(d, view)
-    if t0 == t1:
-        return sample
-    subs = []
-    for sc in sample["scenes"]:
-        (a0, b0), (a1, b1) = crop_window_for(sc, t0), crop_window_for(sc, t1)
-        subs.append((call_text(a0, b0), call_text(a1, b1)))
-        subs.append((f"around {_fmt(a0)}s to {_fmt(b0)}s", f"around {_fmt(a1)}s to {_fmt(b1)}s"))
-    turns = []
-    for t in sample["turns"]:  # two passes through placeholders, so one rewrite cannot feed another
-        for i, (old, _) in enumerate(subs):
-            t = t.replace(old, f"\x00{i}\x00")
-        for i, (_, new) in enumerate(subs):
-            t = t.replace(f"\x00{i}\x00", new)
-        turns.append(t)
-    return dict(sample, turns=turns)
 
 
 # --------------------------------------------------------------------------- the window task (the default)
@@ -284,10 +205,6 @@ def draw_video(i, split, rng, cfg: NeedleConfig, video_dir, layout, pending=None
 
 
 def make_sample(i, split, rng, cfg: NeedleConfig, video_dir, pending=None):
-    if cfg.task == "scene":
-        return make_scene_sample(i, split, rng, cfg, video_dir, pending)
-    if cfg.task != "window":
-        raise ValueError(f"task must be 'window' or 'scene', got {cfg.task!r}")
     duration, name, (scenes, (a, b), needle) = draw_video(i, split, rng, cfg, video_dir, window_layout, pending)
     loose = rng.random() < cfg.loose_fraction
     sample = dict(id=f"{split}_{i:05d}", video=f"videos/{name}", question=window_question(a, b, loose),
@@ -295,18 +212,6 @@ def make_sample(i, split, rng, cfg: NeedleConfig, video_dir, pending=None):
                   needle=needle, scenes=scenes)
     turns = window_turns(sample, loose, rng, cfg)
     return sample, turns
-
-
-def make_scene_sample(i, split, rng, cfg: NeedleConfig, video_dir, pending=None):
-    duration, name, (scenes, k, needle) = draw_video(i, split, rng, cfg, video_dir, make_layout, pending)
-    colour = scenes[k][2]
-    when = rng.random() < cfg.when_fraction
-    q = question(colour, when, cfg)
-    answer, atype = (str(round(needle["start"])), "time") if when else (needle["colour"], "text")
-    sample = dict(id=f"{split}_{i:05d}", video=f"videos/{name}", question=q, answer=answer, answer_type=atype,
-                  window=[scenes[k][0], scenes[k][1]], duration=duration,
-                  needle=dict(needle, scene=colour), scenes=scenes)
-    return sample, sft_turns(sample, scenes, k, needle, rng, cfg)
 
 
 def generate(cfg: NeedleConfig):
@@ -330,15 +235,11 @@ def generate(cfg: NeedleConfig):
         done = pool.map(write_video, *zip(*pending), chunksize=4) if pending else []
         for _ in tqdm(done, total=len(pending), desc=f"needle videos -> {cfg.out} ({workers} processes)"):
             pass
-    if cfg.task == "window":  # rows without tools, on other draws of the training videos' answers
-        nrng = random.Random(cfg.seed + 1)
-        for s in nrng.sample(rows["train"], int(round(cfg.notool_fraction * len(rows["train"])))):
-            rows["sft"].append(dict(s, id=s["id"] + "_notool", tools=False, turns=[NOTOOL_TURN.format(s["answer"])]))
+    nrng = random.Random(cfg.seed + 1)  # rows without tools, on other draws of the training videos' answers
+    for s in nrng.sample(rows["train"], int(round(cfg.notool_fraction * len(rows["train"])))):
+        rows["sft"].append(dict(s, id=s["id"] + "_notool", tools=False, turns=[NOTOOL_TURN.format(s["answer"])]))
     for split, samples in rows.items():
-        with open(os.path.join(cfg.out, f"{split}.jsonl.tmp"), "w") as f:
-            for s in samples:
-                f.write(json.dumps(s) + "\n")
-        os.replace(os.path.join(cfg.out, f"{split}.jsonl.tmp"), os.path.join(cfg.out, f"{split}.jsonl"))
+        write_jsonl(os.path.join(cfg.out, f"{split}.jsonl"), samples)
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
     return rows
@@ -360,12 +261,6 @@ def load_config(data_dir):
         raise ValueError(f"{path}: expected a JSON object, got {type(saved).__name__}")
     known = {f.name for f in fields(NeedleConfig)}
     return NeedleConfig(**{k: v for k, v in saved.items() if k in known})
-
-
-def ensure(path, **overrides):
-    """Generate the default benchmark when `path` (one of its files) is missing: what scripts call with no data."""
-    if not os.path.exists(path):
-        generate(NeedleConfig(out=os.path.dirname(path) or ".", **overrides))
 
 
 def main(argv=None):

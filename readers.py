@@ -133,6 +133,8 @@ def load_samples(path, skip_bad=False, check=None, skipped=None):
     """All samples of a file. The one rule of every script for a bad row (malformed JSON, a field normalize_row
     refuses, or one check(sample) raises DataError for): a DataError naming file:line, or with skip_bad (the scripts'
     --skip_bad_rows=true) the row is skipped with a warning naming file:line, appended to `skipped` when given."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"data file {path} does not exist (the embedded default's files: python needle.py)")
     from model import print0
     base = os.path.dirname(os.path.abspath(path))
     out = []

@@ -14,12 +14,14 @@ the images the browser failed to decode (data-broken-images on <body>).
 import base64
 import html
 import io
+import json
 import os
 
 import numpy as np
 from tqdm import tqdm
 
 from data import ViewConfig, global_times
+from checkpoint import write_text
 from tools import ToolError, crop_video
 from video import VideoError, decode_frames, fmt_time
 
@@ -208,6 +210,20 @@ def write_report(path, summary, predictions, view: ViewConfig, max_crop_frames=4
             f'numbered in call order; thumbnails = the global view the model saw</div>'
             f'<div class="index">first {len(predictions)} trajectories: {index}</div>'
             + "".join(sections) + SELF_CHECK + "</body></html>")
-    with open(path + ".tmp", "w") as f:
-        f.write(page)
-    os.replace(path + ".tmp", path)
+    write_text(path, page)
+
+
+def write_curve(out):
+    """reward_curve.svg: reward, accuracy and IoU per step as SVG polylines (no plotting dependency)."""
+    rows = [m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "reward" in m]
+    W, H, P, top = 640, 320, 40, max([1.0] + [r["reward"] for r in rows])  # size, padding, y of the top edge
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">'
+           f'<rect x="{P}" y="{P / 2}" width="{W - 2 * P}" height="{H - 1.5 * P}" fill="none" stroke="#999"/>'
+           f'<text x="4" y="{P / 2 + 10}">{top:.2f}</text><text x="4" y="{H - P}">0</text>']
+    for i, (key, colour) in enumerate((("reward", "#d62728"), ("accuracy", "#1f77b4"), ("iou", "#2ca02c"))):
+        pts = " ".join(f"{P + (W - 2 * P) * j / max(len(rows) - 1, 1):.1f},{H - P - (H - 1.5 * P) * r[key] / top:.1f}"
+                       for j, r in enumerate(rows))
+        parts += [f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}"/>',
+                f'<text x="{P + 10 + 90 * i}" y="{H - 8}" fill="{colour}">{key}</text>']
+    write_text(os.path.join(out, "reward_curve.svg"),
+               "\n".join(parts + [f'<text x="{W - 120}" y="{H - 8}">{len(rows)} steps</text></svg>']))

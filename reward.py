@@ -175,16 +175,6 @@ def rule_score(prediction: str | None, sample: dict) -> float:
     return 0.5 if len(pw) <= len(r.split()) + 2 and f" {r} " in f" {p} " and not _NEGATIONS & set(pw) else 0.0
 
 
-def judge_score(question: str, reference: str, prediction: str, judge: Judge | None = None) -> float:
-    """The judge's score; the rule score (text/number/choice inferred from the reference) when the
-    request finally fails. Raises RuntimeError when no judge is given or configured."""
-    judge = judge or config_judge(RewardConfig())
-    if judge is None:
-        raise RuntimeError("no LLM judge configured: set LLM_AS_A_JUDGE_BASE or OPENAI_BASE_URL")
-    value, _ = judge.score(question, reference, prediction)
-    return value if value is not None else rule_score(prediction, {"answer": reference})
-
-
 # ----------------------------------------------------------------------------- format and IoU
 # <tool_response> is the environment's tag: in the policy's own text it is a forged observation
 _TAG = re.compile(r"</?(?:think|tool_call|answer|tool_response)>")
@@ -346,10 +336,3 @@ def reward_batch(samples: list[dict], trajectories: list, config: RewardConfig |
     for c in comps:
         c["total"] = cfg.w_accuracy * c["accuracy"] + cfg.w_format * c["format"] + cfg.w_iou * c["iou"]
     return [(c["total"], c) for c in comps]
-
-
-def reward(sample: dict, trajectory, config: RewardConfig | None = None,
-           judge: Judge | None = None) -> tuple[float, dict]:
-    """(total, components) for one trajectory; components: accuracy, format, iou, total, answer,
-    answer_too_long, judge_used, judge_failures, rule, judge, tool_calls, tool_errors."""
-    return reward_batch([sample], [trajectory], config, judge)[0]

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import re
-import shutil
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -36,18 +36,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import needle
-from data import ViewConfig, collate, follow_layout, model_vision, save_view
-from model import (all_gather_obj, all_sum, atomic_dir, compute_init, load_model, parse_config, print0,
-                   resolve_checkpoint, rng_state, set_rng_state, token_logprobs)
+from data import ViewConfig, collate, follow_layout, model_vision, view_from
+from eval import evaluate
+import checkpoint
+from model import (all_gather_obj, all_sum, compute_init, given_keys, load_model, lr_at, parse_config, print0,
+                   resolve_checkpoint, token_logprobs, wrap)
 from readers import load_samples
+from report import write_curve
 from reward import Judge, RewardConfig, answer_type, reward_batch
-from results import write_curve
 from rollout import RolloutConfig, check_budget, prepare, rollout
 
 
 @dataclass
-class Config:
+class Config(ViewConfig):  # ViewConfig's fields are flags too (the view: data.py)
     init: str = "runs/sft"                  # starting policy: train_sft.py's output dir, an HF id/dir, or "tiny"
     data: str = "data/needle/rl.jsonl"      # training prompts (any format readers.load_samples reads)
     eval_data: str = "data/needle/eval.jsonl"  # held-out file for the periodic eval ("" = none)
@@ -55,26 +56,24 @@ class Config:
     resume: bool = False                    # continue exactly from the checkpoint in <out>
     skip_bad_rows: bool = False             # a bad row: skip it with a warning naming file:line, not stop there
     seed: int = 0                           # data order and rollout sampling
-    steps: int = 50                         # GRPO steps (rollouts + update each)
+    steps: int = 35                         # GRPO steps (rollouts + update each)
     prompts_per_step: int = 4               # prompts per step over all ranks (a multiple of the world size)
     group_size: int = 8                     # rollouts per prompt (G)
     max_turns: int = 3                      # tool calls per episode (LongVT: 5)
     max_new_tokens: int = 96                # tokens per assistant turn
     max_total_tokens: int = 4096            # tokens per episode, prompt and observations included
     temperature: float = 1.0                # rollout sampling temperature (LongVT: 1.0)
-    top_p: float = 1.0                      # rollout nucleus sampling (1 = off, LongVT); ratios and KL use the whole
+    top_p: float = 0.9                      # rollout nucleus sampling (LongVT: 1 = off); ratios and KL use the whole
     top_k: int = 0                          # rollout top-k (0 = off)                   policy's log-probs either way
     max_rows: int = 0                       # rollout rows holding KV at once on a rank (0 = all); --dry_run names one
     prefill_chunk: int = RolloutConfig.prefill_chunk  # query tokens per forward when prompts/observations enter the cache
-    view: dict = field(default_factory=dict)    # data.ViewConfig overrides, JSON: --view={"global_frames":16}
-    protocol: str = ""                      # --protocol=longvt: the same as --view={"protocol":"longvt"}
     reward: dict = field(default_factory=dict)  # reward.RewardConfig overrides, JSON: --reward={"w_iou":0.5}
     adv_norm: str = "std"                   # "std": (r - mean) / (std + eps) (GRPO) | "none": r - mean (Dr. GRPO)
     dynamic_sampling: bool = False          # DAPO: replace, then drop, groups whose rewards are all equal
     resample_rounds: int = 2                # extra rollout rounds per step to replace such groups
     dgrpo_task: float = 0.0                 # DGRPO task-difficulty scale (0 = off, at most 2)
     dgrpo_sample: float = 0.0               # DGRPO sample-difficulty scale (0 = off, at most 2)
-    lr: float = 3e-5                        # AdamW lr, constant after warmup (LongVT 7B: 1e-6; README: 1e-4 vs 3e-5)
+    lr: float = 2e-4                        # AdamW lr, constant after warmup (the tiny model's; LongVT 7B: 1e-6)
     warmup_steps: int = 5                   # linear warmup steps (Adam's first, sign-like steps are the wildest)
     weight_decay: float = 0.0               # AdamW weight decay
     grad_clip: float = 1.0                  # max global grad norm
@@ -99,7 +98,7 @@ class Config:
     eval_every: int = 25                    # eval on eval_data every N steps and at the end (0 = never)
     eval_samples: int = 16                  # held-out samples per eval
     save_every: int = 25                    # checkpoint every N steps (and at the end)
-    curve: bool = False                     # write <out>/reward_curve.svg from metrics.jsonl at the end
+    curve: bool = True                      # write <out>/reward_curve.svg from metrics.jsonl at the end
 
 
 # --------------------------------------------------------------------------- the GRPO math
@@ -197,21 +196,14 @@ def build(name, d, cfg, trainable):
         hf.model.visual.requires_grad_(False)
     fsdp = d.world > 1 and cfg.parallel == "fsdp"
     net = LogProbs(hf, autocast=d.device.type == "cuda" and not fsdp, temperature=cfg.temperature or 1.0)
+    if fsdp or trainable:  # the frozen reference is sharded under FSDP2, never DDP-wrapped
+        net = wrap(net, hf, d, cfg.parallel)
     if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        kw = dict(mp_policy=MixedPrecisionPolicy(torch.bfloat16, torch.float32)) if d.device.type == "cuda" else {}
-        for m in hf.modules():
-            if type(m).__name__ in hf._no_split_modules:  # Qwen*VLDecoderLayer, Qwen*VLVisionBlock
-                fully_shard(m, **kw)
-        fully_shard(net, **kw)
         with torch.no_grad():  # one tiny forward through the root, so FSDP2 picks it as the root (lazy init)
             pos = torch.arange(2).view(1, 1, 2).expand(3, 1, 2)  # before the rollout calls the layers directly
             net(dict(input_ids=torch.zeros(1, 2, dtype=torch.long), attention_mask=torch.ones(1, 2, dtype=torch.long),
                      position_ids=pos, policy_mask=torch.ones(1, 2), vision={}))
         net.reshard()  # the root keeps its gathered params after forward; the optimizer must see the sharded ones
-    elif d.world > 1 and trainable:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if d.device.type == "cuda"
-                                                        else None, forward_sync_buffers=False)
     return hf, net, processor
 
 
@@ -290,7 +282,8 @@ def dump_rollouts(path, rows, tokenizer):
 
 
 # --------------------------------------------------------------------------- training
-def train(cfg: Config):
+def train(cfg: Config, given=frozenset()):
+    """The run of `cfg`; `given`: the flags the user set (they win over the init checkpoint's view.json)."""
     d = compute_init(cfg.seed)
     assert cfg.prompts_per_step % d.world == 0, f"prompts_per_step must be a multiple of {d.world} ranks"
     assert cfg.adv_norm in ("std", "none"), f"adv_norm must be std or none, got {cfg.adv_norm!r}"
@@ -302,15 +295,11 @@ def train(cfg: Config):
     assert cfg.ratio_level in ("token", "sequence") and cfg.parallel in ("ddp", "fsdp"), "bad ratio_level/parallel"
     fsdp, G, dev, cuda = d.world > 1 and cfg.parallel == "fsdp", cfg.group_size, d.device, d.device.type == "cuda"
     init = init_path(cfg.init) if not cfg.resume or cfg.kl_coef > 0 else None  # fail before any work
-    cfg.view = {**cfg.view, **({"protocol": cfg.protocol} if cfg.protocol else {})}
-    cfg.view = {**cfg.view, **follow_layout(cfg.out if cfg.resume else init, cfg.view, set(cfg.view), print0)}
-    view, rcfg = ViewConfig(**cfg.view), RewardConfig(**cfg.reward)
-    if d.is_main and cfg.data == Config.data:
-        needle.ensure(cfg.data)  # the default benchmark, generated on first use
-    if d.is_main and cfg.resume and resolve_checkpoint(cfg.out) != cfg.out:
-        os.rename(resolve_checkpoint(cfg.out), cfg.out)  # a crash between atomic_dir's two renames
-    if dist.is_initialized():
-        dist.barrier()
+    for k, v in follow_layout(cfg.out if cfg.resume else init, asdict(view_from(cfg)), given, print0).items():
+        setattr(cfg, k, v)  # the prompt layout the init checkpoint learnt
+    view, rcfg = view_from(cfg), RewardConfig(**cfg.reward)
+    if cfg.resume:
+        checkpoint.recover(cfg.out, d)
     samples = load_samples(cfg.data, cfg.skip_bad_rows)
     held_out = load_samples(cfg.eval_data, cfg.skip_bad_rows)[:cfg.eval_samples] if cfg.eval_every and cfg.eval_data \
         else []
@@ -325,9 +314,7 @@ def train(cfg: Config):
                            workers=rcfg.judge_workers) if rcfg.accuracy != "rule" else None
     if judge is not None:
         judge.health_check()  # fail now, not after an hour of rollouts, when the judge is misconfigured
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    state = torch.load(os.path.join(cfg.out, "trainer_state.pt"), weights_only=False) if cfg.resume else None
-    hf, net, processor = build(cfg.out if state else init, d, cfg, trainable=True)
+    hf, net, processor = build(cfg.out if cfg.resume else init, d, cfg, trainable=True)
     decoded = {}  # the first global view, decoded once: for the check, then for the first rollout that plays it
     if samples:  # before the reference is loaded or anything is written
         decoded[id(samples[0])] = prepare(samples[:1], view)[0]
@@ -335,17 +322,10 @@ def train(cfg: Config):
     ref = build(init, d, cfg, trainable=False)[1].eval() if cfg.kl_coef > 0 else None
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, pos = 0, 0
-    if state:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(net, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    if cfg.resume:
+        state = checkpoint.resume(cfg.out, net, opt, d, cfg, print0)
         step, pos = state["step"], state["data_pos"]
-        if len(state["rng"]) == d.world:  # with another world size the per-rank RNG streams cannot continue
-            set_rng_state(state["rng"][d.rank])
-    if d.is_main:
-        os.makedirs(cfg.out, exist_ok=True)
-        old = open(metrics_path).readlines() if state and os.path.exists(metrics_path) else []
-        with open(metrics_path, "w") as f:  # drop lines logged after the checkpoint we resume from
-            f.writelines(line for line in old if json.loads(line)["step"] <= step)
+    metrics_path = checkpoint.open_metrics(cfg.out, step, d)
     print0(f"GRPO {cfg.init} -> {cfg.out}: {d.world} rank(s), {cfg.parallel}, {len(samples)} prompts, from step {step}")
 
     def play(prompts, seed):
@@ -366,7 +346,7 @@ def train(cfg: Config):
     bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, disable=not d.is_main, desc="grpo")
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            g["lr"] = cfg.lr * lr_at(step, cfg.steps, cfg.warmup_steps)  # constant after the warm-up
         # ---- rollouts: rank-strided prompts, a sampling seed per step and rank (so resume is exact)
         t0 = time.time()
         with rollout_mode(hf, net, fsdp, cuda):
@@ -478,12 +458,11 @@ def train(cfg: Config):
                           processor.tokenizer)
         if held_out and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             m.update(run_eval(cfg, d, hf, net, processor, held_out, view, rcfg, judge, fsdp, step + 1))
+        checkpoint.log_metrics(metrics_path, m, d)
         if d.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
             bar.write(LOG_LINE.format(**m))
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
-            save(cfg, d, hf, net, processor, opt, step + 1, pos, fsdp)
+            checkpoint.save(cfg.out, hf, processor, net, opt, dict(step=step + 1, data_pos=pos, config=cfg), view, d)
     if d.is_main and cfg.curve:
         write_curve(cfg.out)
     if dist.is_initialized():
@@ -491,37 +470,9 @@ def train(cfg: Config):
         dist.destroy_process_group()
 
 
-def save(cfg, d, hf, net, processor, opt, step, pos, fsdp):
-    """<out> in HF layout + trainer_state.pt (optimizer, per-rank RNG, data position, step, config), written to a
-    temp dir with metrics.jsonl so far and swapped in (model.atomic_dir, which keeps rollouts/ and eval/).
-    A collective: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    o = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: gathered to rank 0's CPU
-    named = {n for n, _ in hf.named_parameters()} | {n for n, _ in hf.named_buffers()}  # tied weights once, as HF
-    sd = {k: v for k, v in get_model_state_dict(hf, options=o).items() if k in named} if fsdp else None
-    state = dict(step=step, data_pos=pos, config=asdict(cfg), rng=all_gather_obj(rng_state()),
-                 optimizer=get_optimizer_state_dict(net, opt, options=o))
-    if d.is_main:
-        def write(tmp):
-            hf.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-            processor.save_pretrained(tmp)
-            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-            save_view(ViewConfig(**cfg.view), tmp)  # eval.py warns when it renders prompts another way
-            metrics = os.path.join(cfg.out, "metrics.jsonl")  # the log so far; atomic_dir moves rollouts/, eval/
-            if os.path.exists(metrics):
-                shutil.copy(metrics, tmp)
-        atomic_dir(cfg.out, write)
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def run_eval(cfg, d, hf, net, processor, samples, view, rcfg, judge, fsdp, step):
     """eval.evaluate on all ranks (rank-strided, gathered on rank 0) with the shards gathered; greedy decoding.
     Returns its numeric summary as eval/<name>; predictions go to <out>/eval/step_XXXX.jsonl."""
-    try:
-        from eval import evaluate
-    except ImportError as e:
-        return print0(f"warning: eval skipped, eval.evaluate is not available ({e})") or {}
     with rollout_mode(hf, net, fsdp, d.device.type == "cuda"):
         keys = ("max_turns", "max_new_tokens", "max_total_tokens", "seed", "max_rows", "prefill_chunk")  # greedy
         summary, predictions = evaluate(hf, processor, samples, cfg={k: getattr(cfg, k) for k in keys}, view=view,
@@ -536,4 +487,4 @@ def run_eval(cfg, d, hf, net, processor, samples, view, rcfg, judge, fsdp, step)
 
 
 if __name__ == "__main__":
-    train(parse_config(Config))
+    train(parse_config(Config), given_keys(sys.argv[1:]))

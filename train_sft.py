@@ -1,10 +1,10 @@
 """Stage 1 (tool-integrated SFT cold start) and stage 3 (RFT): cross-entropy on the policy's own tokens only.
 
-    python train_sft.py                 # tiny model on data/needle/sft.jsonl (generated if missing) -> runs/sft
+    python train_sft.py --init=runs/warmup   # the embedded default: needle_warmup.py's checkpoint, data/needle -> runs/sft
     python train_sft.py --steps=300 --lr=1e-3 --batch_size=16 --micro_batch_size=4 --grad_ckpt=true
     python train_sft.py --resume        # continue runs/sft exactly where it stopped
     torchrun --standalone --nproc_per_node=2 train_sft.py --parallel=ddp       # or --parallel=fsdp (FSDP2)
-    python train_sft.py --init=runs/grpo --data=runs/rft.jsonl  # stage 3 (RFT) on eval.py's export -> runs/rft
+    python train_sft.py --init=runs/grpo --data=runs/rft.jsonl --out=runs/rft   # stage 3 (RFT) on eval.py's export
     python train_sft.py --model=Qwen/Qwen2.5-VL-7B-Instruct --data=a.jsonl,longvt_sft.json --visual_format=images
 
 Each row (ours with `turns`, or LongVT's `messages`) is rendered by data.render_sft: the tool calls in the text are
@@ -41,11 +41,8 @@ needle SFT videos are 3-5 minutes, the eval videos 10-15, and without it the tin
 either garbles its tool-call JSON (format_rate 0.3-0.9) or stops calling the tool (0 calls per episode) in our runs;
 with it: format_rate 1.0, one valid call per episode.
 """
-import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,27 +55,22 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (Renderer, ViewConfig, batch_to, collate, follow_layout, global_times, model_vision, render_sft,
-                  save_view, view_from)
-from model import (atomic_dir, check_writable, compute_init, load_model, parse_config, print0, resolve_checkpoint,
-                   rng_state, set_rng_state, unwrap)
-import needle
+                  view_from)
+import checkpoint
+from model import compute_init, given_keys, load_model, lr_at, parse_config, print0, unwrap, wrap
 from readers import DataError, load_samples
-import warmup
 from rollout import RolloutConfig
 from video import VideoError, video_info
 
-DEFAULT_DATA = "data/needle/sft.jsonl"
-
 
 @dataclass
-class Config:
+class Config(ViewConfig):  # ViewConfig's fields are flags too (the view: data.py)
     model: str = "tiny"             # policy to start from: 'tiny', an HF id or a checkpoint dir
     init: str = ""                  # same as --model and wins over it (e.g. --init=runs/grpo for RFT)
-    data: str = DEFAULT_DATA        # training files, comma-separated (.jsonl / .json / .parquet; ours or LongVT's)
-    out: str = ""                   # checkpoint dir (HF layout + trainer_state.pt + metrics.jsonl); "" = runs/sft,
-                                    # or runs/rft when --init is given (stage 3)
+    data: str = "data/needle/sft.jsonl"  # training files, comma-separated (.jsonl / .json / .parquet; ours or LongVT's)
+    out: str = ""                   # checkpoint dir (HF layout + trainer_state.pt + metrics.jsonl); "" = runs/sft
     steps: int = 0                  # optimizer steps; 0 = epochs x (samples // batch_size)
-    epochs: float = 6.0             # used when steps == 0
+    epochs: float = 2.0             # used when steps == 0
     batch_size: int = 4             # global batch: samples per optimizer step, over all ranks and micro-steps
     micro_batch_size: int = 4       # samples per forward pass on one rank
     lr: float = 4e-3                # peak learning rate
@@ -103,24 +95,9 @@ class Config:
     cache: bool = True              # keep rendered samples in memory (false: re-render each time)
     workers: int = 2                # threads rendering samples at start-up (video decoding, processor)
     threads: int = 1                # CPU only: torch intra-op threads (0 = torch's default; see above)
-    skill_warmup: int = -1          # steps of warmup.py's in-memory warm-up before SFT (crops -> answer, and whole
-                                    # episodes after a bare question); -1: 600 when the tiny model starts from
-                                    # scratch on the default needle data, else 0
     view_jitter: bool = True        # render each sample's global view with a random frame count (fixed per sample)
-                                    # between its default and max_frames, so short videos also train long prompts
+                                    # between its default and global_frames, so short videos also train long prompts
     max_turns: int = RolloutConfig.max_turns        # tool calls per episode (the last observation says so)
-    visual_format: str = ViewConfig.visual_format   # "video" | "images" (LongVT's released checkpoints)
-    timestamps: bool = ViewConfig.timestamps        # text timestamps in the global view (LongVT: off)
-    protocol: str = ViewConfig.protocol            # ours | longvt | longvt_eval (LongVT's exact strings)
-    ask_first: bool = ViewConfig.ask_first          # the question also before the global view
-    instruction_first: bool = ViewConfig.instruction_first  # the instruction before the global view
-    time_after: bool = ViewConfig.time_after        # each timestamp after its frames
-    max_frames: int = ViewConfig.global_frames      # frame budget of the global view
-    global_fps: float = ViewConfig.global_fps       # fps cap of the global view
-    time_grid: float = ViewConfig.time_grid         # global-view frames at round times (0: slice centres)
-    max_pixels: int = ViewConfig.max_pixels         # pixels per global-view frame
-    crop_max_frames: int = ViewConfig.crop_max_frames  # frame budget of a crop
-    crop_max_pixels: int = ViewConfig.crop_max_pixels  # pixels per cropped frame
 
 
 # --------------------------------------------------------------------------- loss
@@ -153,26 +130,6 @@ class PolicyNLL(torch.nn.Module):
         return policy_nll(self.model, batch)
 
 
-def wrap(model, cfg, d):
-    """DDP, or FSDP2 (fully_shard per vision block and decoder layer, then the root), around PolicyNLL."""
-    engine = PolicyNLL(model)
-    if d.world == 1:
-        return engine
-    if cfg.parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        return DDP(engine, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16(cfg, d) else None
-    kw = dict(mp_policy=mp) if mp else {}
-    for block in list(model.model.visual.blocks) + list(model.model.language_model.layers):
-        fully_shard(block, **kw)
-    return fully_shard(engine, **kw)
-
-
-def use_bf16(cfg, d):
-    return cfg.bf16 and d.device.type == "cuda"
-
-
 # --------------------------------------------------------------------------- data
 def needs_turns(s):
     if not s.get("turns"):
@@ -183,8 +140,6 @@ def read_samples(paths, limit=0, skip_bad=False):
     """SFT samples of all files (readers.load_samples' rule for bad rows). Returns (samples, skipped count)."""
     samples, skipped = [], []
     for path in paths:
-        if not os.path.exists(path):
-            raise SystemExit(f"--data: {path} does not exist")
         samples += load_samples(path, skip_bad, needs_turns, skipped)
     return (samples[:limit] if limit else samples), len(skipped)
 
@@ -209,7 +164,7 @@ def try_render(processor, view, sample, index, cfg):
         v = sample_view(view, sample, index, cfg)
         if sample.get("tools") is False:  # a row of the no-tool baseline's prompt (needle.py: notool_fraction)
             v = replace(v, tools=False)
-        return render_sft(Renderer(processor, v), needle.retarget(sample, v), cfg.max_turns)
+        return render_sft(Renderer(processor, v), sample, cfg.max_turns)
     except (VideoError, DataError, OSError, ValueError, KeyError, IndexError) as e:
         return f"{sample['id']} ({sample['video']}): {type(e).__name__}: {e}"
 
@@ -230,60 +185,10 @@ def epoch_batches(lengths, cfg, epoch):
     return batches
 
 
-# --------------------------------------------------------------------------- checkpoints
-def save(model, processor, engine, optimizer, scheduler, state, cfg, d):
-    """Collective: every rank calls it. Full (CPU) model/optimizer state dicts, written by rank 0, atomically;
-    metrics.jsonl so far is carried into the new directory."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    sd = None
-    if cfg.parallel == "fsdp" and d.world > 1:
-        sd = get_model_state_dict(model, options=opts)
-        unique = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - unique
-        sd = {k: v for k, v in sd.items() if k not in tied}  # tied copies (lm_head = embeddings), as HF saves them
-    state = dict(state, optimizer=get_optimizer_state_dict(engine, optimizer, options=opts),
-                 scheduler=scheduler.state_dict(), config=asdict(cfg), world=d.world)
-    rngs = [rng_state()]
-    if d.world > 1:
-        rngs = [None] * d.world
-        dist.all_gather_object(rngs, rng_state())
-    state["rng"] = rngs  # one entry per rank
-    if d.is_main:
-        metrics = os.path.join(cfg.out, "metrics.jsonl")
-
-        def write(tmp):
-            model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-            processor.save_pretrained(tmp)
-            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-            save_view(view_from(cfg), tmp)  # eval.py warns when it renders prompts another way
-            if os.path.exists(metrics):
-                shutil.copy(metrics, tmp)
-        atomic_dir(cfg.out, write)
-    if d.world > 1:
-        dist.barrier()
-
-
-def load_trainer_state(engine, optimizer, scheduler, cfg, d):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    state = torch.load(os.path.join(cfg.out, "trainer_state.pt"), map_location="cpu", weights_only=False)
-    set_optimizer_state_dict(engine, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    scheduler.load_state_dict(state["scheduler"])
-    if state["world"] != d.world:
-        print0(f"warning: checkpoint was written by {state['world']} ranks, resuming with {d.world}: RNG not restored")
-    else:
-        set_rng_state(state["rng"][d.rank])
-    changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
-               if k not in ("resume", "stop_at", "save_every") and getattr(cfg, k, v) != v}
-    if changed:
-        print0(f"warning: resuming with a changed config (was, now): {changed}")
-    return state
-
-
 # --------------------------------------------------------------------------- main
 def main(argv=None):
     cfg = parse_config(Config, sys.argv[1:] if argv is None else list(argv))  # a bare --resume is --resume=true
-    cfg.out = cfg.out or ("runs/rft" if cfg.init else "runs/sft")
+    cfg.out = cfg.out or "runs/sft"
     d = compute_init(cfg.seed)
     if d.device.type == "cpu" and cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -291,24 +196,15 @@ def main(argv=None):
     assert cfg.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp, got {cfg.parallel!r}"
     assert cfg.batch_size % (world * cfg.micro_batch_size) == 0, \
         f"batch_size {cfg.batch_size} must divide into {world} ranks x micro_batch_size {cfg.micro_batch_size}"
-    barrier = dist.barrier if world > 1 else (lambda: None)
-    if cfg.resume and d.is_main:  # a crash between atomic_dir's two renames leaves <out>.old: move it back
-        ckpt = resolve_checkpoint(cfg.out)
-        if ckpt != cfg.out:
-            os.rename(ckpt, cfg.out)
-    barrier()
-    if cfg.resume and not os.path.exists(os.path.join(cfg.out, "trainer_state.pt")):
-        raise SystemExit(f"--resume: no checkpoint in {cfg.out}")
-    check_writable(cfg.out)  # every rank, before any rendering or warm-up (all ranks stop alike)
-    if cfg.data == DEFAULT_DATA and d.is_main:
-        needle.ensure(DEFAULT_DATA)
-    barrier()
+    if cfg.resume:
+        checkpoint.recover(cfg.out, d)
+    checkpoint.check_writable(cfg.out)  # every rank, before any rendering or warm-up (all ranks stop alike)
 
     # ---- model
     init = cfg.out if cfg.resume else (cfg.init or cfg.model)
     model, processor = load_model(init, d.device, dtype=torch.float32, grad_ckpt=cfg.grad_ckpt)
     pad_id = processor.tokenizer.pad_token_id
-    given = {a[2:].split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+    given = given_keys(sys.argv[1:] if argv is None else argv)
     for k, v in follow_layout(init, asdict(view_from(cfg)), given, print0).items():  # the layout it learnt
         setattr(cfg, k, v)
     view = view_from(cfg)
@@ -354,45 +250,30 @@ def main(argv=None):
             raise RuntimeError(f"sample {r} could be read at start-up but no longer")
         return r
 
-    # ---- the warm-ups (needle data, tiny model from scratch): every rank runs the same seeded steps
-    data_cfg = needle.load_config(os.path.dirname(cfg.data.split(",")[0]))  # as the data was made (wording, square)
-    if not cfg.resume:
-        tiny_default = init == "tiny" and cfg.data == DEFAULT_DATA
-        warmup.run(model, processor, view, cfg, data_cfg, policy_nll, default_steps=600 if tiny_default else 0)
-
     # ---- optimisation
-    engine = wrap(model, cfg, d)
+    engine = wrap(PolicyNLL(model), model, d, cfg.parallel, cfg.bf16)
     params = [p for p in engine.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay),
                                    dict(params=no_decay, weight_decay=0.0)], lr=cfg.lr, betas=(0.9, cfg.beta2))
-
-    def lr_lambda(step):  # multiplier of cfg.lr for the optimizer step after `step` completed steps
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-
     step, nonfinite = 0, 0
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if cfg.resume:
-        st = load_trainer_state(engine, optimizer, scheduler, cfg, d)
+        st = checkpoint.resume(cfg.out, engine, optimizer, d, cfg, print0)
         step, nonfinite = st["step"], st["nonfinite_steps"]
         print0(f"resumed from {cfg.out} at step {step}")
-    if d.is_main:  # metrics.jsonl keeps exactly the steps up to the checkpoint we start from
-        os.makedirs(cfg.out, exist_ok=True)
-        old = open(metrics_path).read().splitlines() if cfg.resume and os.path.exists(metrics_path) else []
-        with open(metrics_path, "w") as f:
-            f.writelines(line + "\n" for line in old if line.strip() and json.loads(line)["step"] <= step)
+    metrics_path = checkpoint.open_metrics(cfg.out, step, d)
     fsdp = cfg.parallel == "fsdp" and world > 1  # FSDP2 casts through its MixedPrecisionPolicy instead
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16(cfg, d) and not fsdp else nullcontext()
+    bf16 = cfg.bf16 and d.device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and not fsdp else nullcontext()
     end = min(total, cfg.stop_at) if cfg.stop_at else total
     bar = tqdm(total=total, initial=step, desc="sft", disable=not d.is_main, dynamic_ncols=True)
     orders = {}
     while step < end:
         t0 = time.time()
+        lr = cfg.lr * lr_at(step, total, cfg.warmup_steps, cfg.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
         epoch, b = divmod(step, steps_per_epoch)
         if epoch not in orders:
             orders = {epoch: epoch_batches(lengths, cfg, epoch)}
@@ -428,29 +309,26 @@ def main(argv=None):
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
             ok = math.isfinite(grad_norm)
-        lr = scheduler.get_last_lr()[0]
         if ok:
             optimizer.step()
         else:
             nonfinite += 1
             print0(f"warning: step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}: update skipped")
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
         step += 1
         dt = time.time() - t0
         row = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=loss, lr=lr, grad_norm=grad_norm,
                    policy_tokens=int(n_policy), tokens=int(n_tokens), skipped_update=not ok,
                    nonfinite_steps=nonfinite, skipped_samples=skipped,
                    tokens_per_s=round(n_tokens / dt, 1), step_time=round(dt, 3))
+        checkpoint.log_metrics(metrics_path, row, d)
         if d.is_main:
-            with open(metrics_path, "a") as f:  # reopened each time: a checkpoint swaps the directory
-                f.write(json.dumps(row) + "\n")
             bar.update(1)
             bar.write(f"step {step:5d}/{total} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} | "
                       f"{n_tokens / dt:7.0f} tok/s | {dt:.2f}s" + (" | SKIPPED" if not ok else ""))
         if step == end or (cfg.save_every and step % cfg.save_every == 0):
-            save(model, processor, engine, optimizer, scheduler,
-                 dict(step=step, epoch=epoch, batch_in_epoch=b + 1, nonfinite_steps=nonfinite), cfg, d)
+            checkpoint.save(cfg.out, model, processor, engine, optimizer, dict(
+                step=step, epoch=epoch, batch_in_epoch=b + 1, nonfinite_steps=nonfinite, config=cfg), view, d)
     bar.close()
     print0(f"done: step {step}/{total}, checkpoint in {cfg.out}")
     if world > 1:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import train_grpo
 import train_sft
-import warmup
+import needle_warmup
 from data import Renderer, ViewConfig, collate, global_view, model_vision
 from model import load_model, token_logprobs
 from needle import NeedleConfig
@@ -101,24 +101,16 @@ def test_rollout_on_gpu_matches_generate_and_full_forward(needle_set, scripted):
         assert err.mean() < 0.05, err.max()
 
 
-def test_warmups_run_on_gpu_and_track_cpu():
-    """train_sft's skill warm-up (warmup.run) on a model on the GPU: the same losses as on a CPU copy of it, to
-    fp32 reduction order."""
-    cfg = train_sft.Config(skill_warmup=2)
+def test_warmup_runs_on_gpu_and_tracks_cpu():
+    """needle_warmup's skill warm-up on a model on the GPU: the same losses as on the CPU (the same init), to fp32
+    reduction order."""
     view = ViewConfig(global_frames=8, crop_max_frames=8)
-    data = NeedleConfig()
     losses = {}
     for dev in ("cpu", GPU):
+        torch.manual_seed(0)
         model, proc = load_model("tiny", dev, dtype=torch.float32)
-        logged = []
-        real = warmup.fit
-        warmup.fit = lambda *a, **k: logged.append(real(*a, **k)) or logged[-1]
-        try:
-            warmup.run(model, proc, view, cfg, data, train_sft.policy_nll)
-        finally:
-            warmup.fit = real
-        losses[str(dev)] = logged
-    assert len(losses["cpu"]) == 1
+        losses[str(dev)] = needle_warmup.skill_warmup(model, proc, view, 2, needle_warmup.kinds(view, NeedleConfig()))
+    assert len(losses["cpu"]) == 2
     for a, b in zip(losses["cpu"], losses[str(GPU)], strict=True):
         assert b == pytest.approx(a, rel=1e-4)
 

@@ -26,8 +26,8 @@ from needle import NeedleConfig, generate  # noqa: E402
 from readers import load_samples  # noqa: E402
 from conftest import ranks_output, run_ranks  # noqa: E402
 
-FAST = ["--max_frames=4", "--max_pixels=784", "--crop_max_frames=4", "--crop_max_pixels=784"]
-FAST_CFG = dict(max_frames=4, max_pixels=784, crop_max_frames=4, crop_max_pixels=784)
+FAST = ["--global_frames=4", "--max_pixels=784", "--crop_max_frames=4", "--crop_max_pixels=784"]
+FAST_CFG = dict(global_frames=4, max_pixels=784, crop_max_frames=4, crop_max_pixels=784)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,7 +52,7 @@ def failure(r):
 def needle_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("needle"))
     generate(NeedleConfig(out=out, num_train=4, num_eval=3, min_duration=60, max_duration=90,
-                          eval_min_duration=60, eval_max_duration=120, task="scene"))
+                          eval_min_duration=60, eval_max_duration=120))
     return out
 
 
@@ -198,26 +198,26 @@ def test_default_out_and_model(tmp_path, monkeypatch):
 
 
 def test_prompt_layout_follows_the_checkpoint_unless_given(needle_dir, tmp_path, capsys):
-    """A checkpoint's view.json (written by the trainers): a prompt-layout field (here ask_first) that eval's flags do
+    """A checkpoint's view.json (written by the trainers): a prompt-layout field (here timestamps) that eval's flags do
     not set is taken from it, and said; one they set otherwise is kept, with a warning naming the flag that matches.
     Frame budgets and tools are not layout: they follow eval's flags silently."""
     from data import ViewConfig, save_view
-    from model import save_checkpoint
+    from checkpoint import save_model
     ckpt = str(tmp_path / "ckpt")
     model, processor = load_model("tiny")
-    save_checkpoint(model, processor, ckpt)
-    save_view(ViewConfig(ask_first=True, global_frames=32), ckpt)
+    save_model(ckpt, model, processor)
+    save_view(ViewConfig(timestamps=False, global_frames=32), ckpt)
     data = os.path.join(needle_dir, "eval.jsonl")
     common = [f"--model={ckpt}", f"--data={data}", "--limit=1", "--max_new_tokens=4", "--report_samples=0", *FAST]
     view = lambda d: json.load(open(tmp_path / d / "summary.json"))["view"]  # noqa: E731
     ev.main(common + [f"--out={tmp_path / 'a'}"])
     out = capsys.readouterr().out
-    assert "ask_first=True: as" in out and "warning" not in out
-    assert view("a")["ask_first"] is True and view("a")["global_frames"] == 4
-    ev.main(common + [f"--out={tmp_path / 'b'}", "--ask_first=false", "--tools=false"])
+    assert "timestamps=False: as" in out and "warning" not in out
+    assert view("a")["timestamps"] is False and view("a")["global_frames"] == 4
+    ev.main(common + [f"--out={tmp_path / 'b'}", "--timestamps=true", "--tools=false"])
     out = capsys.readouterr().out
-    assert "warning" in out and "ask_first=True" in out and "--ask_first=true" in out
-    assert view("b")["ask_first"] is False and view("b")["tools"] is False
+    assert "warning" in out and "timestamps=False" in out and "--timestamps=false" in out
+    assert view("b")["timestamps"] is True and view("b")["tools"] is False
 
 
 # --------------------------------------------------------------------------- scripted policy: RFT, tools off, report
@@ -353,7 +353,8 @@ def test_torchrun_two_ranks(needle_dir, tmp_path):
 def test_overfit_export(needle_dir, tmp_path):
     """Overfit a fresh tiny model on one SFT trajectory, save it, and export its greedy trace via the CLI."""
     from data import collate, model_vision
-    from model import save_checkpoint, token_logprobs
+    from checkpoint import save_model
+    from model import token_logprobs
     from data import ViewConfig
     model, processor = load_model("tiny")
     row = load_samples(os.path.join(needle_dir, "sft.jsonl"))[0]
@@ -370,7 +371,7 @@ def test_overfit_export(needle_dir, tmp_path):
         opt.step()
     assert loss.item() < 0.05
     ckpt = str(tmp_path / "ckpt")
-    save_checkpoint(model, processor, ckpt)
+    save_model(ckpt, model, processor)
     data = str(tmp_path / "one.jsonl")
     write_jsonl(data, [{k: v for k, v in row.items() if k != "turns"}])
     rft = str(tmp_path / "rft.jsonl")
@@ -405,15 +406,20 @@ def test_bad_outputs_and_an_unreachable_judge_stop_eval_before_any_work(needle_d
     out = str(tmp_path / "w")
     summary = dict(n=1, view={})
     ev.write_outputs(out, summary, [], report_samples=0)
-    real = json.dump
+    real_open = open
 
-    def full_disk(obj, f, **k):
-        f.write('{"n": ')
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(json, "dump", full_disk)
+    def full_disk(path, mode="r", *a, **k):  # the summary's temp file: half written, then the disk is full
+        f = real_open(path, mode, *a, **k)
+        if "summary" in str(path) and "w" in mode:
+            f.write('{"n": ')
+            f.flush()
+            f.write = lambda *_: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+        return f
+    monkeypatch.setattr("builtins.open", full_disk)
     with pytest.raises(OSError, match="No space left"):
         ev.write_outputs(out, dict(n=2, view={}), [], report_samples=0)
-    monkeypatch.setattr(json, "dump", real)
+    monkeypatch.setattr("builtins.open", real_open)
+    assert not [p for p in os.listdir(out) if ".tmp" in p]  # the temp file is removed
     assert json.load(open(os.path.join(out, "summary.json"))) == summary
 
 
@@ -464,7 +470,7 @@ QWEN25_VL_7B = dict(
                        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                        fullatt_block_indexes=[7, 15, 23, 31]))
 LONGVT_VIEW = ["--visual_format=images", "--timestamps=false", "--protocol=longvt", "--time_grid=0",
-               "--max_frames=512", "--global_fps=1", "--max_pixels=50176", "--crop_max_frames=128",
+               "--global_frames=512", "--global_fps=1", "--max_pixels=50176", "--crop_max_frames=128",
                "--crop_max_pixels=50176", "--max_new_tokens=1024"]
 
 
@@ -500,7 +506,7 @@ def test_dry_run_sizes_a_7b_run_from_its_config_alone(needle_dir, tmp_path, caps
     assert not (tmp_path / "e").exists()
     view = dict(visual_format="images", timestamps=False, protocol="longvt", time_grid=0.0, global_frames=512,
                 global_fps=1.0, max_pixels=50176, crop_max_frames=128, crop_min_frames=1, crop_max_pixels=50176)
-    train_grpo.train(train_grpo.Config(init=cfg_dir, data=data, out=str(tmp_path / "g"), dry_run=True, view=view,
+    train_grpo.train(train_grpo.Config(init=cfg_dir, data=data, out=str(tmp_path / "g"), dry_run=True, **view,
                                        max_new_tokens=1024, max_total_tokens=8192, prompts_per_step=16,
                                        group_size=16, eval_every=0))
     out = capsys.readouterr().out

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 import train_grpo
 from data import ViewConfig, collate, model_vision
-from model import load_model, save_checkpoint
+from checkpoint import save_model
+from model import load_model
 from readers import load_samples
 from conftest import ranks_output, run_ranks
 from needle import NeedleConfig, generate
@@ -37,7 +38,7 @@ def needle_data(tmp_path_factory):
 
 def tiny_cfg(data, out, **kw):
     base = dict(init="tiny", data=data, eval_data="", out=str(out), steps=2, prompts_per_step=1, group_size=4,
-                max_turns=1, max_new_tokens=2, micro_batch=16, kl_coef=0.0, view=VIEW, log_rollouts_every=0,
+                max_turns=1, max_new_tokens=2, micro_batch=16, kl_coef=0.0, **VIEW, log_rollouts_every=0,
                 eval_every=0, save_every=0)
     return Config(**{**base, **kw})
 
@@ -202,7 +203,7 @@ def test_toy_reward_rises(needle_data, tmp_path, monkeypatch):
                         position_ids=b["position_ids"], **vision).last_hidden_state[b["policy_mask"].bool()]
         u = h.mean(0)
         model.get_input_embeddings().weight[red] = math.log(len(processor.tokenizer) / 20) * u / u.norm() ** 2
-    save_checkpoint(model, processor, str(tmp_path / "init"))
+    save_model(str(tmp_path / "init"), model, processor)
     says_red = lambda s, trajs, *a: [(float(any(red in turn for turn in t.turn_ids)), {}) for t in trajs]  # noqa: E731
     monkeypatch.setattr(train_grpo, "reward_batch", says_red)
     out = tmp_path / "toy"
@@ -233,7 +234,7 @@ def torchrun(script, data, out, **kw):
     cfg = dict(init="tiny", data=data, eval_data="", out=str(out), prompts_per_step=2, group_size=4, max_turns=1,
                max_new_tokens=3, micro_batch=2, mini_batches=2, ppo_epochs=2, lr=1e-3, kl_coef=1e-3,
                log_rollouts_every=2, save_every=2, **kw)
-    args = [f"--{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in {**cfg, "view": VIEW}.items()]
+    args = [f"--{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in {**cfg, **VIEW}.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
     p = run_ranks(cmd, cwd=ROOT, timeout=300)
     assert p.returncode == 0, ranks_output(p)

@@ -107,7 +107,13 @@ class FakeJudge:
         return Handler
 
 
+def one(sample, trajectory, config=None, judge=None):
+    """reward.reward_batch of one trajectory: (total, components)."""
+    return R.reward_batch([sample], [trajectory], config, judge)[0]
+
+
 @pytest.fixture
+
 def server():
     made = []
 
@@ -262,17 +268,17 @@ def test_64_concurrent_requests_score_correctly(server):
 # ----------------------------------------------------------------------------- reward with the judge
 def test_reward_judge_fallback_counts_failures(server):
     judge = make_judge(server(mode="500").url, retries=1)
-    total, c = R.reward(NEEDLE, traj(T + "<answer>(B) blue</answer>"), R.RewardConfig(accuracy="judge"), judge)
+    total, c = one(NEEDLE, traj(T + "<answer>(B) blue</answer>"), R.RewardConfig(accuracy="judge"), judge)
     assert (c["accuracy"], c["rule"], c["judge_used"], c["judge_failures"], c["judge"]) == (1.0, 1.0, False, 1, None)
     assert total == 2.0  # accuracy from the rule scorer, format 1, no crop
-    _, c = R.reward(NEEDLE, traj(T + "<answer>A</answer>"), R.RewardConfig(accuracy="judge"), judge)
+    _, c = one(NEEDLE, traj(T + "<answer>A</answer>"), R.RewardConfig(accuracy="judge"), judge)
     assert (c["accuracy"], c["judge_failures"]) == (0.0, 1)  # the rule's 0, counted: not a silent 0
 
 
 def test_reward_judge_sees_options_and_option_text(server):
     fake = server()
     judge = make_judge(fake.url)
-    _, c = R.reward(NEEDLE, traj(T + "<answer>B. blue</answer>"), R.RewardConfig(accuracy="judge"), judge)
+    _, c = one(NEEDLE, traj(T + "<answer>B. blue</answer>"), R.RewardConfig(accuracy="judge"), judge)
     assert (c["accuracy"], c["judge_used"], c["judge"]) == (1.0, True, 1.0)
     assert "Reference: B. blue\nPrediction: B. blue" in fake.prompts[-1] and "C. green" in fake.prompts[-1]
 
@@ -305,21 +311,22 @@ def test_reward_batch_server_dies_mid_run(server):
 
 
 def test_auto_mode_uses_the_env_judge(server, monkeypatch):
-    _, c = R.reward(NEEDLE, traj(T + "<answer>B</answer>"))
+    _, c = one(NEEDLE, traj(T + "<answer>B</answer>"))
     assert not c["judge_used"] and c["accuracy"] == 1.0  # nothing configured: rules
     fake = server(reply="The prediction is partially consistent.")
     monkeypatch.setenv("LLM_AS_A_JUDGE_BASE", fake.url)
-    _, c = R.reward({"question": "q", "answer": "red"}, traj(T + "<answer>red</answer>"))
+    _, c = one({"question": "q", "answer": "red"}, traj(T + "<answer>red</answer>"))
     assert c["judge_used"] and c["accuracy"] == 0.5 and c["rule"] == 1.0
-    assert R.judge_score("q", "red", "red") == 0.5  # the convenience function finds it too
-    assert fake.chat_calls == 1  # the model came from /v1/models; judge_score hit the same cache
+    assert fake.chat_calls == 1  # the model came from /v1/models
 
 
-def test_judge_score_falls_back_to_rules(server):
+def test_a_failed_judge_falls_back_to_rules(server):
     judge = make_judge(server(mode="500").url, retries=0)
-    assert R.judge_score("How many?", "3", "three", judge) == 1.0
-    assert R.judge_score("Colour?", "red", "blue", judge) == 0.0
-    assert judge.failures == 2
+    cfg = R.RewardConfig(accuracy="judge")
+    _, c = one({"question": "How many?", "answer": "3"}, traj(T + "<answer>three</answer>"), cfg, judge)
+    assert c["accuracy"] == 1.0 and c["judge_failures"] == 1 and not c["judge_used"]
+    _, c = one({"question": "Colour?", "answer": "red"}, traj(T + "<answer>blue</answer>"), cfg, judge)
+    assert c["accuracy"] == 0.0 and judge.failures == 2
 
 
 def test_longvt_rules_ask_and_parse_as_longvt(server):

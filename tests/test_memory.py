@@ -188,7 +188,7 @@ def test_the_dry_run_of_longvt_settings_names_a_max_rows_that_fits(tmp_path, cap
     Qwen2_5_VLConfig(**QWEN25_VL_7B).save_pretrained(cfg_dir)
     view = dict(visual_format="images", timestamps=False, protocol="longvt", time_grid=0.0, global_frames=512,
                 global_fps=1.0, max_pixels=50176, crop_max_frames=128, crop_min_frames=1, crop_max_pixels=50176)
-    args = dict(init=cfg_dir, data=str(tmp_path / "eval.jsonl"), out=str(tmp_path / "g"), dry_run=True, view=view,
+    args = dict(init=cfg_dir, data=str(tmp_path / "eval.jsonl"), out=str(tmp_path / "g"), dry_run=True, **view,
                 gpus=8, prompts_per_step=16, group_size=16, max_new_tokens=1024, max_total_tokens=52384,
                 parallel="fsdp", grad_ckpt=True, freeze_vision=True, micro_batch=1, eval_every=0)
     train_grpo.train(train_grpo.Config(**args, max_rows=0))

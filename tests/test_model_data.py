@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from data import Renderer, ViewConfig, collate, global_times, global_view, model_vision, positions, render_sft
-from model import (COLOURS, build_tiny_tokenizer, compute_init, load_model, parse_config, save_checkpoint,
+from checkpoint import save_model
+from model import (build_tiny_tokenizer, compute_init, load_model, parse_config,
                    token_logprobs)
 from readers import DataError, load_samples
 import tools
-from needle import NeedleConfig, call_text, generate
+from needle import COLOURS, NeedleConfig, call_text, generate
 from tools import crop_video, observe
 
 
@@ -60,7 +61,7 @@ def test_tiny_is_seeded_and_save_load_round_trip(tiny, tmp_path):
     for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), n
     ids = torch.tensor([proc.tokenizer.encode("<|im_start|>user\nwhat colour is the square?<|im_end|>")])
-    save_checkpoint(model, proc, str(tmp_path / "ck"))
+    save_model(str(tmp_path / "ck"), model, proc)
     loaded, proc2 = load_model(str(tmp_path / "ck"))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
@@ -69,13 +70,13 @@ def test_tiny_is_seeded_and_save_load_round_trip(tiny, tmp_path):
 
 def test_interrupted_checkpoint_keeps_previous(tiny, tmp_path):
     model, proc = tiny
-    save_checkpoint(model, proc, str(tmp_path / "ck"), extra={"trainer_state.pt": {"step": 1}})
+    save_model(str(tmp_path / "ck"), model, proc, extra={"trainer_state.pt": {"step": 1}})
 
     class Boom:  # fails while being pickled, i.e. in the middle of writing the new checkpoint
         def __reduce__(self):
             raise RuntimeError("killed mid-write")
     with pytest.raises(RuntimeError):
-        save_checkpoint(model, proc, str(tmp_path / "ck"), extra={"trainer_state.pt": Boom()})
+        save_model(str(tmp_path / "ck"), model, proc, extra={"trainer_state.pt": Boom()})
     assert torch.load(tmp_path / "ck" / "trainer_state.pt")["step"] == 1
     load_model(str(tmp_path / "ck"))
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
@@ -404,82 +405,24 @@ def test_longvt_protocol_renders_longvts_strings_byte_for_byte(tiny, protocol):
         "start_time (9)</tool_response><|im_end|><|im_start|>assistant\n")
 
 
-def test_ask_first_states_the_question_before_the_global_view_too(tiny):
-    """ask_first: the user turn opens with the question (and its options), then the global view, then the same
-    instruction and question as without it; the view's tokens are unchanged."""
-    from data import INSTRUCTION_TOOLS
-    _, proc = tiny
-    s = dict(question="Which flag?", choices=["A. red", "B. blue"], video="/v/a.mp4")
-    frames = np.zeros((2, 56, 56, 3), np.uint8)
-    plain, first = (Renderer(proc, ViewConfig(ask_first=a)).prompt(s, frames, [0.0, 10.0]) for a in (False, True))
-    _, view_and_after = proc.tokenizer.decode(first.input_ids).split("<|im_start|>user\n")
-    assert view_and_after.startswith("Which flag?\nA. red\nB. blue\n0s<|vision_start|>")
-    assert view_and_after.endswith(INSTRUCTION_TOOLS.lstrip() + "\nWhich flag?\nA. red\nB. blue<|im_end|>\n"
-                                   "<|im_start|>assistant\n")
-    extra = len(proc.tokenizer("Which flag?\nA. red\nB. blue\n").input_ids)
-    assert len(first.input_ids) == len(plain.input_ids) + extra
-    assert first.mm_token_type_ids.count(2) == plain.mm_token_type_ids.count(2) > 0
-    assert torch.equal(first.vision["pixel_values_videos"], plain.vision["pixel_values_videos"])
-
-
-def test_instruction_first_opens_the_user_turn_with_it(tiny):
-    """instruction_first: the instruction moves from between the view and the question to the start of the user turn
-    (before the question of ask_first, if on); the question stays last; the same tokens, the view's unchanged."""
-    from data import INSTRUCTION_TOOLS
-    _, proc = tiny
-    s = dict(question="Which flag?", video="/v/a.mp4")
-    frames = np.zeros((2, 56, 56, 3), np.uint8)
-    instr = INSTRUCTION_TOOLS.lstrip()
-    for ask_first, lead in ((False, ""), (True, "Which flag?\n")):
-        plain, moved = (Renderer(proc, ViewConfig(ask_first=ask_first, instruction_first=f)).prompt(s, frames, [0.0, 10.0])
-                        for f in (False, True))
-        user = proc.tokenizer.decode(moved.input_ids).split("<|im_start|>user\n")[1]
-        assert user.startswith(f"{instr}\n{lead}0s<|vision_start|>")
-        assert user.endswith("<|vision_end|>Which flag?<|im_end|>\n<|im_start|>assistant\n")
-        assert sorted(moved.input_ids) == sorted(plain.input_ids) and moved.input_ids != plain.input_ids
-        assert torch.equal(moved.vision["pixel_values_videos"], plain.vision["pixel_values_videos"])
-
-
-def test_time_after_writes_each_timestamp_after_its_frames(tiny):
-    """time_after: each temporal patch's timestamp follows its frames instead of preceding them (global view and
-    crop observation alike, 'images' format too); the same tokens and pixels, only reordered."""
-    _, proc = tiny
-    frames = np.stack([np.full((56, 56, 3), v, np.uint8) for v in (0, 0, 90, 90, 200)])
-    for fmt, n in (("video", 3), ("images", 5)):
-        before, after = (Renderer(proc, ViewConfig(visual_format=fmt, time_after=a)).visual(
-            frames, [0., 1., 12., 13., 24.]) for a in (False, True))
-        text = proc.tokenizer.decode(after.input_ids)
-        blocks = text.split("<|vision_end|>")
-        assert len(blocks) == n + 1 and blocks[0].startswith("<|vision_start|>") and blocks[-1] == "24s"
-        stamps = [b.split("<|vision_start|>")[0] for b in blocks[1:]]
-        assert stamps == (["0s", "12s", "24s"] if fmt == "video" else ["0s", "1s", "12s", "13s", "24s"])
-        assert sorted(after.input_ids) == sorted(before.input_ids) and after.input_ids != before.input_ids
-        key = "pixel_values_videos" if fmt == "video" else "pixel_values"
-        assert torch.equal(after.vision[key], before.vision[key])
-    obs = Renderer(proc, ViewConfig(time_after=True)).observation(dict(frames=frames[:2], timestamps=[5.0, 6.0],
-                                                                       text="Frames from 5s to 7s."))
-    assert "<|vision_end|>5s" in proc.tokenizer.decode(obs.input_ids)
-
-
 def test_script_configs_pass_every_view_field():
-    """data.view_from: every ViewConfig field that train_sft's or eval's Config has (max_frames as global_frames)
-    reaches the view, set to a non-default value; a bad visual_format is a clear error."""
+    """data.view_from: every ViewConfig field is a flag of train_sft's, eval's and train_grpo's Config and reaches the
+    view, set to a non-default value; a bad visual_format or protocol is a clear error when the Config is made."""
     import dataclasses
     import eval as ev
     import train_sft
     from data import view_from
     odd = dict(visual_format="images", timestamps=False, tools=False, global_fps=0.5, time_grid=0.0, max_pixels=28 * 28,
-               crop_max_frames=7, crop_max_pixels=28 * 28, protocol="longvt", ask_first=True, instruction_first=True,
-               time_after=True)
-    for cls in (train_sft.Config, ev.Config):
-        names = {f.name for f in dataclasses.fields(cls)}
-        view = view_from(cls(max_frames=9, **{k: v for k, v in odd.items() if k in names}))
-        assert view.global_frames == 9
-        for k, v in odd.items():
-            assert getattr(view, k) == (v if k in names else getattr(ViewConfig, k)), (cls, k)
-        assert len(names & {f.name for f in dataclasses.fields(ViewConfig)}) >= 10
-    with pytest.raises(ValueError, match="visual_format"):
-        view_from(ev.Config(visual_format="frames"))
+               crop_max_frames=7, crop_max_pixels=28 * 28, protocol="longvt")
+    import train_grpo
+    for cls in (train_sft.Config, ev.Config, train_grpo.Config):
+        assert {f.name for f in dataclasses.fields(ViewConfig)} <= {f.name for f in dataclasses.fields(cls)}
+        view = view_from(cls(global_frames=9, **odd))
+        assert view == ViewConfig(global_frames=9, **odd), cls
+        with pytest.raises(ValueError, match="visual_format"):
+            cls(visual_format="frames")
+        with pytest.raises(ValueError, match="protocol"):
+            cls(protocol="verl")
     for bad in (dict(protocol="verl"), dict(visual_format="frames")):  # train_grpo's --view JSON builds it directly
         with pytest.raises(ValueError, match=next(iter(bad))):
             ViewConfig(**bad)
@@ -501,7 +444,7 @@ def test_global_times_on_a_round_grid():
 def test_checkpoint_swap_keeps_subdirectories_it_does_not_write(tmp_path):
     """eval.py writes <checkpoint>/eval by default; a later save into the same dir (train_sft --resume) swaps the
     dir atomically and must not drop it. Top-level files are the checkpoint's own and are replaced."""
-    from model import atomic_dir
+    from checkpoint import atomic_dir
     d = str(tmp_path / "ckpt")
 
     def write(files):
@@ -533,10 +476,10 @@ def test_a_kill_between_the_renames_or_mid_write_leaves_a_loadable_checkpoint(ti
     removed by the next save of that checkpoint, not those of another one. A full disk mid-write keeps the previous
     checkpoint and says the disk is full."""
     import train_grpo
-    from model import atomic_dir
+    from checkpoint import atomic_dir
     model, proc = tiny
     out = str(tmp_path / "ck")
-    save_checkpoint(model, proc, out)
+    save_model(out, model, proc)
     os.rename(out, out + ".old")  # the state a kill after the first rename leaves
     loaded, _ = load_model(out)
     for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -547,7 +490,7 @@ def test_a_kill_between_the_renames_or_mid_write_leaves_a_loadable_checkpoint(ti
     os.rename(out + ".old", out)
     for stale in (".tmp_ckpt_ck_x1", ".tmp_ckpt_ck_x2", ".tmp_ckpt_other_x3"):  # killed saves of ck and of other
         os.makedirs(tmp_path / stale / "sub")
-    save_checkpoint(model, proc, out)
+    save_model(out, model, proc)
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".tmp")) == [".tmp_ckpt_other_x3"]
 
     def full(tmp):

@@ -1,4 +1,4 @@
-"""The needle benchmark's generators (needle.py) and the skill warm-up's examples (warmup.py)."""
+"""The needle benchmark's generators (needle.py) and its skill warm-up stage (needle_warmup.py)."""
 import os
 import random
 
@@ -7,35 +7,23 @@ import pytest
 import torch
 
 import needle
-import train_sft
-import warmup
+import needle_warmup as warmup
 from data import Renderer, ViewConfig, global_times, render_sft
-from model import COLOURS, build_tiny_processor, load_model
-from needle import crop_window_for
-
-
-def test_sft_crop_window_of_the_last_scene_reaches_past_the_last_frame():
-    """A 223-s video (frames 0, 10, ..., 220; pairs (0, 10) ... (200, 210), (220,)) whose last scene runs from
-    195 s to the end: the window starts at the pair before the scene and ends one step past the last frame, so a
-    needle at 219.6 s, after the last frame, is inside it (it used to end at 221 or, with a coarser view, 211)."""
-    times = global_times(223, ViewConfig())
-    assert times[-1] == 220.0
-    assert crop_window_for((195.01, 223.0, "teal"), times) == (180.0, 230.0)
-    assert crop_window_for((20.0, 45.0, "navy"), times) == (0.0, 60.0)  # pairs (20, 30), (40, 50) show it
+from model import build_tiny_processor, load_model
+from needle import COLOURS
 
 
 def test_needle_is_a_whole_frame_flash_by_default_and_a_small_square_on_request(tmp_path):
     """Decoded from the written video: at the needle's time the whole frame is the needle colour (default), or a
-    square of a quarter of the side is (square=0.25); the questions name what to look for."""
+    square of a quarter of the side is (square=0.25)."""
     from needle import NeedleConfig, make_sample
     from video import decode_frames
-    for square, word in [(1.0, "flash"), (0.25, "small square")]:
-        cfg = NeedleConfig(size=112, square=square, when_fraction=0.0, task="scene")
-        d = tmp_path / word.replace(" ", "_")
+    for square, name in [(1.0, "flash"), (0.25, "square")]:
+        cfg = NeedleConfig(size=112, square=square)
+        d = tmp_path / name
         d.mkdir()
         sample, _ = make_sample(0, "train", random.Random(4), cfg, str(d))
         nd = sample["needle"]
-        assert f"the {word} that appears" in sample["question"]
         t = nd["start"] + cfg.needle_seconds / 2
         frame = decode_frames(os.path.join(str(d), os.path.basename(sample["video"])), [t], 112 * 112)[0][0]
         want = np.array(COLOURS[nd["colour"]], float)
@@ -45,73 +33,61 @@ def test_needle_is_a_whole_frame_flash_by_default_and_a_small_square_on_request(
 
 
 def test_reading_example_and_warmup():
-    """warmup.reading_example: the loss is on exactly the answer turn (the SFT wording), its colour is a needle
-    colour, the vision blocks that differ from a plain scene block are the 1-2 holding the needle frames.
-    warmup.skill_warmup on them lowers the loss within a few steps, deterministically."""
+    """needle_warmup.reading_example: the loss is on exactly the answer turn (the SFT wording), its colour is a
+    needle colour, the vision blocks that differ from a plain scene block are the 1-2 holding the needle frames.
+    skill_warmup on them lowers the loss within a few steps, deterministically."""
     model, proc = load_model("tiny")
     r, tok = Renderer(proc, ViewConfig()), proc.tokenizer
-    kinds = set()
-    for seed in range(24):
-        task = "scene" if seed % 2 else "window"  # the scene variant words its answer turn as its data does
-        ex = warmup.reading_example(r, random.Random(seed), pairs=4, cfg=needle.NeedleConfig(task=task))
+    for seed in range(12):
+        ex = warmup.reading_example(r, random.Random(seed), pairs=4)
         turn = tok.decode([i for i, m in zip(ex.input_ids, ex.policy_mask) if m])
         col = turn.split("show a ")[1].split(" ")[0]
-        ans = turn.split("<answer>")[1].split("</answer>")[0]
         q = tok.decode(ex.input_ids[:ex.policy_mask.index(1)])
         assert col in needle.NEEDLE_COLOURS
-        if task == "window":
-            assert "flashes between" in q or "A flash appears. What colour is it between" in q
-            assert turn == f"<think>The cropped frames show a {col} flash.</think><answer>{col}</answer><|im_end|>"
-            continue
-        t = turn.split("at about ")[1].split("s.")[0]
-        assert turn.startswith(f"<think>The cropped frames show a {col} flash at about ")
-        assert ans == (t if "At what second" in q else col), (q, turn)  # the answer follows the question's kind
-        kinds.add("At what second" in q)
-        assert turn.endswith("</answer><|im_end|>") and tok.decode(ex.input_ids[:ex.policy_mask.index(1)]).endswith(
-            "</tool_response><|im_end|>\n<|im_start|>assistant\n")
+        assert "flashes between" in q or "A flash appears. What colour is it between" in q
+        assert turn == f"<think>The cropped frames show a {col} flash.</think><answer>{col}</answer><|im_end|>"
+        assert q.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n")
         px = ex.vision["pixel_values_videos"].reshape(4, -1)  # one row per temporal patch (2 frames)
         counts = torch.bincount(torch.unique(px, dim=0, return_inverse=True)[1])
         assert 4 - counts.max() in (1, 2)  # the plain blocks are all equal; 1-2 blocks hold the flash
-    assert kinds == {True, False}
     kinds = [(4, lambda r, rng: warmup.reading_example(r, rng, rng.randint(1, 2)))]
-    losses = warmup.skill_warmup(model, proc, ViewConfig(), 15, kinds, train_sft.policy_nll)
+    losses = warmup.skill_warmup(model, proc, ViewConfig(), 15, kinds)
     assert losses[-1] < losses[0] - 2
     model2, _ = load_model("tiny")
-    assert warmup.skill_warmup(model2, proc, ViewConfig(), 15, kinds, train_sft.policy_nll) == losses
+    assert warmup.skill_warmup(model2, proc, ViewConfig(), 15, kinds) == losses
 
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_episode_example_is_the_sft_row_rendered_on_its_video(tmp_path, seed):
-    """warmup.episode_example draws a window-task row (episode_row) and renders it without decoding a video. With
-    the full prompt it is token for token what train_sft renders for the same row on the written video (render_sft,
-    the real tool's crop), and its frames match the decoded ones (h264 is lossy); the bare form is the question
-    alone, then the same turns and crop. The loss is on exactly the two turns; a strict question's call is its
-    window and its crop shows the flash, a lazy skim's [0, B] does not."""
+    """needle_warmup.episode_example draws an SFT row (episode_row) and renders it without decoding a video: the
+    question alone, then the row's turns token for token as train_sft renders the same row on the written video
+    (render_sft, the real tool's crop), the crop's frames matching the decoded ones (h264 is lossy). The loss is on
+    exactly the two turns; a strict question's call is its window and its crop shows the flash, a lazy skim's [0, B]
+    does not."""
     proc = build_tiny_processor()
     tok = proc.tokenizer
-    view = ViewConfig(global_frames=8)  # 8 frames for every training duration: no view jitter
+    view = ViewConfig(global_frames=8)
     cfg = needle.NeedleConfig(loose_fraction=0.5, lazy_fraction=1.0)  # every loose question skims
     seen = set()
     for k in range(8):
         row, scenes, nd = warmup.episode_row(random.Random(f"{seed}:{k}"), cfg)
-        full = warmup.episode_example(Renderer(proc, view), random.Random(f"{seed}:{k}"), cfg, prompt=True)
         bare = warmup.episode_example(Renderer(proc, view), random.Random(f"{seed}:{k}"), cfg)
         path = str(tmp_path / f"{k}.mp4")
         needle.write_video(path, row["duration"], scenes, dict(nd, x=0, y=0, side=cfg.size), cfg)
         real = render_sft(Renderer(proc, view), dict(row, video=path))
-        assert full.input_ids == real.input_ids and full.policy_mask == real.policy_mask
-        for key in ("pixel_values_videos", "video_grid_thw"):
-            a, b = full.vision[key], real.vision[key]
-            assert a.shape == b.shape and (key == "video_grid_thw" or (a - b).abs().max() < 0.2)
-        policy = tok.decode([i for i, m in zip(full.input_ids, full.policy_mask) if m])
+        policy = tok.decode([i for i, m in zip(bare.input_ids, bare.policy_mask) if m])
+        assert policy == tok.decode([i for i, m in zip(real.input_ids, real.policy_mask) if m])
         assert policy == "".join(row["turns"]) + "<|im_end|>"
         assert tok.decode(bare.input_ids).startswith(f"<|im_start|>user\n{row['question']}<|im_end|>")
-        assert tok.decode([i for i, m in zip(bare.input_ids, bare.policy_mask) if m]) == policy
+        n = len(bare.vision["pixel_values_videos"])  # the crop: the last rows of the real render's video pixels
+        assert (bare.vision["pixel_values_videos"] - real.vision["pixel_values_videos"][-n:]).abs().max() < 0.2
+        g = bare.vision["video_grid_thw"]
+        assert g.tolist() == real.vision["video_grid_thw"][-len(g):].tolist()
         lazy = "skim" in row["turns"][0]
         a, b = row["window"]
         assert needle.call_text(0 if lazy else a, b) in row["turns"][0]
-        crop = bare.vision["pixel_values_videos"]  # the bare form's only vision: the crop
-        shows = _shows(proc, crop, needle.frame_at(nd["start"] + 1, scenes, dict(nd, x=0, y=0, side=56), 56))
+        shows = _shows(proc, bare.vision["pixel_values_videos"],
+                       needle.frame_at(nd["start"] + 1, scenes, dict(nd, x=0, y=0, side=56), 56))
         assert shows == (not lazy), (row, shows)
         seen.add(lazy)
     assert seen == {True, False}
@@ -137,3 +113,41 @@ def test_short_videos_still_place_the_flash_where_the_global_view_misses_it():
         _, (a, b), nd = needle.window_layout(rng, duration, cfg)
         assert a + 1 <= nd["start"] and nd["end"] <= b - 1 and nd["end"] - nd["start"] == cfg.needle_seconds
         assert not needle._seen(global_times(duration, ViewConfig()), nd["start"], cfg.needle_seconds)
+
+
+def test_warmup_stage_writes_a_checkpoint_sft_starts_from(tmp_path):
+    """needle_warmup.py: the tiny model warmed for a few steps on the data's wording, saved with its view.json; the
+    checkpoint (what train_sft.py --init= loads) holds exactly the weights of the same steps run here; a missing
+    data folder is a clear error."""
+    import json
+    from needle import NeedleConfig, generate
+    data = tmp_path / "data"
+    generate(NeedleConfig(out=str(data), num_train=2, num_eval=0, num_eval_short=0, num_rl=0, min_duration=60,
+                          max_duration=70))
+    with pytest.raises(SystemExit, match="no such folder"):
+        warmup.main([f"--data={tmp_path / 'nope'}", f"--out={tmp_path / 'w'}"])
+    warmup.main([f"--data={data}", f"--out={tmp_path / 'w'}", "--steps=3"])
+    assert json.load(open(tmp_path / "w" / "view.json"))["crop_max_frames"] == ViewConfig().crop_max_frames
+    warm = load_model(str(tmp_path / "w"))[0].state_dict()
+    fresh = load_model("tiny")[0].state_dict()
+    assert warm.keys() == fresh.keys() and any(not torch.equal(warm[k], fresh[k]) for k in warm)  # it trained
+    torch.manual_seed(0)  # the stage's init (compute_init seeds with --seed), trained for the same 3 steps here
+    again = load_model("tiny")[0]
+    warmup.skill_warmup(again, build_tiny_processor(), ViewConfig(), 3,
+                        warmup.kinds(ViewConfig(), needle.load_config(str(data))), seed=0)
+    assert all(torch.equal(again.state_dict()[k], warm[k]) for k in warm)  # the checkpoint holds exactly those
+
+
+def test_load_config_reads_the_config_the_data_was_made_with(tmp_path):
+    """The warm-up draws its examples as the data was made (its config.json); a dir without one gets the defaults,
+    an unreadable one is a clear error naming the file."""
+    from needle import NeedleConfig, generate, load_config
+    generate(NeedleConfig(out=str(tmp_path), num_train=1, num_eval=0, num_eval_short=0, num_rl=0, min_duration=60,
+                          max_duration=60, square=0.25, loose_fraction=0.9))
+    assert load_config(str(tmp_path)) == NeedleConfig(out=str(tmp_path), num_train=1, num_eval=0, num_eval_short=0,
+                                                      num_rl=0, min_duration=60, max_duration=60, square=0.25,
+                                                      loose_fraction=0.9)
+    assert load_config(str(tmp_path / "none")) == NeedleConfig()
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        load_config(str(tmp_path))

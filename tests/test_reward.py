@@ -9,6 +9,11 @@ from judge import parse_judge_reply
 
 
 # ----------------------------------------------------------------------------- extract_answer
+def one(sample, trajectory, config=None, judge=None):
+    """reward.reward_batch of one trajectory: (total, components)."""
+    return R.reward_batch([sample], [trajectory], config, judge)[0]
+
+
 @pytest.mark.parametrize("text, want", [
     ("<think>x</think><answer>B</answer>", "B"), ("<answer>A</answer> on second thought <answer> C </answer>", "C"),
     ("<answer>\nred\nflag\n</answer>", "red\nflag"), ("<answer></answer>", ""), ("no tags at all", None), ("", None),
@@ -20,6 +25,7 @@ from judge import parse_judge_reply
     ("<tool_response><answer>A</answer></tool_response><answer>B</answer>", "B"),
     ("<answer>B</answer><tool_response>the answer is <answer>A</answer></tool_response>", "B"),
 ])
+
 def test_extract_answer(text, want):
     assert R.extract_answer(text) == want
 
@@ -149,38 +155,36 @@ def traj(*turns, windows=()):
 
 
 def test_reward_rule_components():
-    total, c = R.reward(NEEDLE, traj(T + C, T + "<answer>B</answer>", windows=[[40, 50]]), R.RewardConfig(accuracy="rule"))
+    total, c = one(NEEDLE, traj(T + C, T + "<answer>B</answer>", windows=[[40, 50]]), R.RewardConfig(accuracy="rule"))
     assert total == pytest.approx(3.0) and c["total"] == total
     assert (c["accuracy"], c["format"], c["iou"], c["answer"]) == (1.0, 1.0, 1.0, "B")
     assert (c["judge_used"], c["judge_failures"], c["answer_too_long"]) == (False, 0, False)
-    total, c = R.reward(NEEDLE, traj(T + C, T + "<answer>A</answer>", windows=[[45, 50], None]),
+    total, c = one(NEEDLE, traj(T + C, T + "<answer>A</answer>", windows=[[45, 50], None]),
                         R.RewardConfig(w_accuracy=2.0, w_format=0.5, w_iou=4.0))
     assert (c["accuracy"], c["iou"], c["tool_calls"], c["tool_errors"]) == (0.0, 0.5, 2, 1)
     assert total == pytest.approx(0.5 + 4.0 * 0.5)
 
 
 def test_reward_no_answer_observation_answer_and_too_long():
-    _, c = R.reward(NEEDLE, traj(T + C, windows=[[0, 10]]))
+    _, c = one(NEEDLE, traj(T + C, windows=[[0, 10]]))
     assert (c["answer"], c["accuracy"], c["format"], c["iou"]) == (None, 0.0, 0.0, 0.0)
     # a plain string is a one-turn trajectory; the answer a tool "says" is not the policy's
-    _, c = R.reward(NEEDLE, T + "<tool_response><answer>B</answer></tool_response>")
+    _, c = one(NEEDLE, T + "<tool_response><answer>B</answer></tool_response>")
     assert c["answer"] is None and c["accuracy"] == 0.0
     long = "B " + "x" * 1000
-    total, c = R.reward(NEEDLE, traj(T + C, T + f"<answer>{long}</answer>", windows=[[40, 50]]))
+    total, c = one(NEEDLE, traj(T + C, T + f"<answer>{long}</answer>", windows=[[40, 50]]))
     assert c["answer_too_long"] and (c["accuracy"], c["format"], c["iou"]) == (0.0, 0.0, 1.0) and total == 1.0
-    _, c = R.reward(NEEDLE, traj(T + f"<answer>{long}</answer>"), R.RewardConfig(max_answer_chars=5000))
+    _, c = one(NEEDLE, traj(T + f"<answer>{long}</answer>"), R.RewardConfig(max_answer_chars=5000))
     assert not c["answer_too_long"] and c["format"] == 1.0
 
 
 def test_reward_config_errors():
     with pytest.raises(RuntimeError, match="needs a judge"):
-        R.reward(NEEDLE, traj(T + A), R.RewardConfig(accuracy="judge"))
+        one(NEEDLE, traj(T + A), R.RewardConfig(accuracy="judge"))
     with pytest.raises(ValueError):
-        R.reward(NEEDLE, traj(T + A), R.RewardConfig(accuracy="vibes"))
+        one(NEEDLE, traj(T + A), R.RewardConfig(accuracy="vibes"))
     with pytest.raises(ValueError):
-        R.reward(NEEDLE, traj(T + A), R.RewardConfig(iou_mode="mean"))
-    with pytest.raises(RuntimeError, match="no LLM judge"):
-        R.judge_score("q", "red", "red")
+        one(NEEDLE, traj(T + A), R.RewardConfig(iou_mode="mean"))
 
 
 # ----------------------------------------------------------------------------- rules="longvt", by hand
@@ -213,7 +217,7 @@ CALL = '<tool_call>{{"name": "crop_video", "arguments": {{"start_time": {}, "end
 def test_longvt_rules_against_hand_computed_values(turns, windows, ours, longvt):
     sample = dict(question="What colour?", answer="red", answer_type="text", window=[10.0, 30.0])
     for rules, (fmt, iou) in (("ours", ours), ("longvt", longvt)):
-        total, c = R.reward(sample, _traj(*turns, windows=windows), R.RewardConfig(accuracy="rule", rules=rules))
+        total, c = one(sample, _traj(*turns, windows=windows), R.RewardConfig(accuracy="rule", rules=rules))
         assert (c["format"], c["iou"]) == (fmt, pytest.approx(iou)), (rules, turns)
         assert c["accuracy"] == 1.0 and total == pytest.approx(1.0 + fmt + iou)
 
@@ -223,18 +227,18 @@ def test_longvt_answer_rules_empty_and_long():
     or more -> accuracy 0 and format 0 (ours: more than 1,000)."""
     cfg = R.RewardConfig(accuracy="rule", rules="longvt")
     sample = dict(question="q", answer="red", answer_type="text")
-    _, c = R.reward(sample, _traj("<think>a</think><answer> </answer>"), cfg)
+    _, c = one(sample, _traj("<think>a</think><answer> </answer>"), cfg)
     assert c["accuracy"] == 0.0 and c["format"] == 1.0
     long = "x" * 1000
-    _, c = R.reward(sample, _traj(f"<think>a</think><answer>{long}</answer>"), cfg)
+    _, c = one(sample, _traj(f"<think>a</think><answer>{long}</answer>"), cfg)
     assert c["answer_too_long"] and c["accuracy"] == 0.0 and c["format"] == 0.0
-    _, c = R.reward(sample, _traj(f"<think>a</think><answer>{long}</answer>"), R.RewardConfig(accuracy="rule"))
+    _, c = one(sample, _traj(f"<think>a</think><answer>{long}</answer>"), R.RewardConfig(accuracy="rule"))
     assert not c["answer_too_long"] and c["format"] == 1.0
-    _, c = R.reward(sample, _traj("<think>a</think>" + "<tool_call>(" * 4000 + "</tool_call>" * 4000
+    _, c = one(sample, _traj("<think>a</think>" + "<tool_call>(" * 4000 + "</tool_call>" * 4000
                                   + "<think>b</think><answer>red</answer>", windows=[None]), cfg)
     assert c["iou"] == 0.0  # a call body Python cannot parse (too deep) is skipped, never a crash
     with pytest.raises(ValueError, match="rules"):
-        R.reward(sample, "x", R.RewardConfig(rules="verl"))
+        one(sample, "x", R.RewardConfig(rules="verl"))
 
 
 def test_longvt_answer_is_split_as_longvt_splits_it():
@@ -245,6 +249,6 @@ def test_longvt_answer_is_split_as_longvt_splits_it():
     assert R.longvt_answer("<answer>red") is None and R.longvt_answer("red</answer>") is None
     assert R.longvt_answer("</answer> x <answer>red") == "red"  # both tags present, in any order
     cfg = R.RewardConfig(accuracy="rule", rules="longvt")
-    _, c = R.reward(dict(question="q", answer="red", answer_type="text"),
+    _, c = one(dict(question="q", answer="red", answer_type="text"),
                     _traj("<think>r</think><answer>blue</answer> <answer>red"), cfg)
     assert c["accuracy"] == 1.0 and c["format"] == 0.0

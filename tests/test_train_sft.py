@@ -32,7 +32,7 @@ def sft_file(tmp_path_factory):
 
 def args(data, out, **kw):
     """Small runs: 8 short videos, 8-frame budgets, global batch 4 in micro-batches of 1."""
-    base = dict(data=data, out=out, max_frames=8, crop_max_frames=8, batch_size=4, micro_batch_size=1,
+    base = dict(data=data, out=out, global_frames=8, crop_max_frames=8, batch_size=4, micro_batch_size=1,
                 steps=2, lr=1e-3, warmup_steps=1, save_every=0)
     base.update(kw)
     return [f"--{k}={v}" for k, v in base.items()]
@@ -220,56 +220,6 @@ def test_non_finite_loss_skips_the_step(sft_file, tmp_path, monkeypatch):
     assert m[-1]["nonfinite_steps"] == 1 and all(torch.isfinite(p).all() for p in params(out).values())
 
 
-def test_jittered_views_keep_crop_targets_copyable(tmp_path):
-    """The scene task: with --view_jitter each sample's global view has its own frame times; the crop windows of the
-    SFT turns must be timestamps that this prompt shows (or the video's ends), else there is nothing to copy."""
-    import re
-    from readers import load_samples
-    generate(NeedleConfig(out=str(tmp_path), num_train=8, num_eval=0, num_eval_short=0, min_duration=60,
-                          max_duration=90, seed=1, task="scene"))
-    sft_file = str(tmp_path / "sft.jsonl")
-    _, processor = load_model("tiny")
-    cfg = train_sft.Config(view_jitter=True)
-    view = ViewConfig()
-    moved = 0
-    for i, s in enumerate(load_samples(sft_file)):
-        r = train_sft.try_render(processor, view, s, i, cfg)
-        text = processor.tokenizer.decode(r.input_ids)
-        prompt = text[:text.index("<|im_start|>assistant")]
-        shown = {float(x) for x in re.findall(r"(\d+(?:\.\d+)?)s<\|vision_start\|>", prompt)}
-        calls = re.findall(r'"start_time": ([\d.]+), "end_time": ([\d.]+)', text)
-        assert calls
-        for a, b in calls:
-            assert float(a) in shown | {0.0} and (float(b) in shown or float(b) > max(shown)), (s["id"], a, b)
-        moved += r.input_ids != render_sft(Renderer(processor, view), s).input_ids
-    assert moved  # the jitter really changed some views (and so the windows)
-
-
-def test_warmups_word_their_examples_as_the_data_was_made(tmp_path, monkeypatch):
-    """The skill warm-up draws its examples with the needle config the data dir was generated with (its config.json):
-    data made with --square=0.25 asks about a "small square", so every warm-up's examples do too (they said "flash",
-    the default's word, before). A data dir without config.json gets the defaults; an unreadable one is a clear
-    error naming the file."""
-    import random
-    import warmup
-    generate(NeedleConfig(out=str(tmp_path), num_train=4, num_eval=0, num_eval_short=0, min_duration=60,
-                          max_duration=80, square=0.25, seed=2, task="scene"))
-    seen = []
-
-    def spy(model, processor, view, steps, examples, *a, **k):  # record one example of each kind instead of training
-        for _, example in examples:
-            seen.append(processor.tokenizer.decode(example(Renderer(processor, view), random.Random(0)).input_ids))
-        return [0.0]
-    monkeypatch.setattr(warmup, "skill_warmup", spy)
-    train_sft.main(args(str(tmp_path / "sft.jsonl"), str(tmp_path / "out"), steps=1, skill_warmup=1))
-    assert len(seen) == 1 and all("small square" in s and "flash" not in s for s in seen), seen
-    from needle import load_config
-    assert load_config(str(tmp_path)).square == 0.25 and load_config(str(tmp_path / "none")) == NeedleConfig()
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="config.json"):
-        load_config(str(tmp_path))
-
-
 def test_an_out_that_cannot_be_written_stops_before_any_work(tmp_path, monkeypatch):
     """train_sft.py checks --out first: an impossible path stops it, naming the flag, before the model is loaded,
     the samples rendered or the warm-up run (they took minutes before the check came)."""
@@ -298,16 +248,16 @@ def test_a_row_longer_than_the_models_context_is_skipped_and_counted(sft_file, t
     assert metrics(out)[0]["skipped_samples"] == 1
 
 
-def test_a_scene_row_without_duration_on_a_corrupt_video_says_what_is_wrong(tmp_path, capsys):
+def test_a_row_without_duration_on_a_corrupt_video_says_what_is_wrong(tmp_path, capsys):
     """A needle SFT row without `duration` whose video is corrupt was skipped with "KeyError: 'duration'", hiding the
     cause: the warning now names the video and says it cannot be read."""
     generate(NeedleConfig(out=str(tmp_path), num_train=5, num_eval=0, num_eval_short=0, min_duration=60,
-                          max_duration=80, seed=3, task="scene"))
+                          max_duration=80, seed=3))
     rows = [json.loads(line) for line in open(tmp_path / "sft.jsonl")]
     (tmp_path / "videos" / "bad.mp4").write_bytes(b"\x00" * 5000)
     rows[0] = {k: v for k, v in dict(rows[0], video="videos/bad.mp4").items() if k != "duration"}
     (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    train_sft.main(args(str(tmp_path / "sft.jsonl"), str(tmp_path / "out"), steps=1, skill_warmup=0,
+    train_sft.main(args(str(tmp_path / "sft.jsonl"), str(tmp_path / "out"), steps=1,
                         view_jitter=False))  # (the jittered view probes the video first)
     out = capsys.readouterr().out
     assert re.search(r"skipping sample train_00000 \(.*bad.mp4\): VideoError: cannot read video .*bad.mp4", out), out
@@ -325,11 +275,11 @@ def test_runs_from_a_checkpoint_keep_its_prompt_layout(sft_file, tmp_path, capsy
     rl = os.path.join(os.path.dirname(sft_file), "train.jsonl")
     train_grpo.train(train_grpo.Config(init=sft, data=rl, eval_data="", out=grpo, steps=1, prompts_per_step=1,
                                        group_size=2, max_turns=1, max_new_tokens=2, kl_coef=0.0, eval_every=0,
-                                       save_every=0, log_rollouts_every=0, view=dict(global_frames=4)))
+                                       save_every=0, log_rollouts_every=0, global_frames=4))
     assert "timestamps=False: as" in capsys.readouterr().out
     assert view(grpo)["timestamps"] is False and view(grpo)["global_frames"] == 4
-    with pytest.raises(ValueError, match="protocol"):  # --protocol= is --view={"protocol": ...}: checked before work
-        train_grpo.train(train_grpo.Config(init=sft, data=rl, out=str(tmp_path / "x"), protocol="verl"))
+    with pytest.raises(ValueError, match="protocol"):  # checked when the flags are read, before any work
+        train_grpo.Config(init=sft, data=rl, out=str(tmp_path / "x"), protocol="verl")
     assert not (tmp_path / "x").exists()
     train_sft.main(args(sft_file, rft, steps=1, init=grpo))
     assert "timestamps=False: as" in capsys.readouterr().out and view(rft)["timestamps"] is False

@@ -1,8 +1,7 @@
-"""The pipeline's results table: every stage on both held-out sets, with 95% bootstrap intervals, the paired
-bootstrap interval of GRPO - SFT on the same videos, the chance level, and an SVG of accuracy per stage; and
-(write_curve, for train_grpo.py --curve=true) GRPO's reward curve.
+"""The needle pipeline's results table: every stage on both held-out sets, with 95% bootstrap intervals, the paired
+bootstrap interval of GRPO - SFT on the same videos, the chance level, and an SVG of accuracy per stage.
 
-    python results.py runs 1234        # (pipeline.sh runs it) reads runs/<stage>/eval*/predictions.jsonl,
+    python needle_results.py runs 1234  # (needle_pipeline.sh runs it) reads runs/<stage>/eval*/predictions.jsonl,
                                        # writes runs/results.md and runs/results.svg; 1234 = wall seconds
 
 Intervals: percentile bootstrap over the videos of a set (2,000 resamples, seed 0); the paired one resamples the
@@ -82,22 +81,6 @@ def main(runs, secs):
         f.write("\n".join(lines) + "\n")
     svg(bars, os.path.join(runs, "results.svg"))
     print("\n".join(lines))
-
-
-def write_curve(out):
-    """reward_curve.svg: reward, accuracy and IoU per step as SVG polylines (no plotting dependency)."""
-    rows = [m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "reward" in m]
-    W, H, P, top = 640, 320, 40, max([1.0] + [r["reward"] for r in rows])  # size, padding, y of the top edge
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">'
-           f'<rect x="{P}" y="{P / 2}" width="{W - 2 * P}" height="{H - 1.5 * P}" fill="none" stroke="#999"/>'
-           f'<text x="4" y="{P / 2 + 10}">{top:.2f}</text><text x="4" y="{H - P}">0</text>']
-    for i, (key, colour) in enumerate((("reward", "#d62728"), ("accuracy", "#1f77b4"), ("iou", "#2ca02c"))):
-        pts = " ".join(f"{P + (W - 2 * P) * j / max(len(rows) - 1, 1):.1f},{H - P - (H - 1.5 * P) * r[key] / top:.1f}"
-                       for j, r in enumerate(rows))
-        parts += [f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}"/>',
-                f'<text x="{P + 10 + 90 * i}" y="{H - 8}" fill="{colour}">{key}</text>']
-    with open(os.path.join(out, "reward_curve.svg"), "w") as f:
-        f.write("\n".join(parts + [f'<text x="{W - 120}" y="{H - 8}">{len(rows)} steps</text></svg>']))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The three-stage LongVT recipe end to end on the embedded default (synthetic needle videos + tiny model):
-#   data -> stage 1 SFT -> stage 2 GRPO (torchrun, 2 processes) -> stage 3 RFT (export + SFT from GRPO)
-#   -> eval of every stage and of the no-tool baseline on the held-out (longer) videos, and of every stage on
-#   held-out videos as long as the training ones -> results tables (results.py).
+#   data (needle.py) -> the tiny model's skill warm-up (needle_warmup.py) -> stage 1 SFT -> stage 2 GRPO (torchrun,
+#   2 processes) -> stage 3 RFT (export + SFT from GRPO) -> eval of every stage and of the no-tool baseline on the
+#   held-out (longer) videos, and of every stage on held-out videos as long as the training ones -> results tables
+#   (needle_results.py). Each stage runs with its script's defaults; only paths and the seed are passed.
 #
-#   bash pipeline.sh                                  # defaults, writes runs/ and runs/results.md
-#   SEED=1 bash pipeline.sh                           # another seed (data, warm-up, SFT, GRPO, evals): runs_seed1/
-#   RUNS=/tmp/r DATA=/tmp/d DATA_ARGS="--num_train=8" SFT_ARGS="--steps=3" bash pipeline.sh   # shrunken
+#   bash needle_pipeline.sh                           # writes runs/ and runs/results.md
+#   SEED=1 bash needle_pipeline.sh                    # another seed (data, warm-up, SFT, GRPO, evals): runs_seed1/
+#   RUNS=/tmp/r DATA=/tmp/d DATA_ARGS="--num_train=8" SFT_ARGS="--steps=3" bash needle_pipeline.sh   # shrunken
 #
 # Every stage takes extra --key=value flags from its *_ARGS variable. A stage whose output is complete is not
 # run again (delete its dir to redo it), so a pipeline that was stopped continues where it was.
@@ -19,6 +20,7 @@ sfx=$([ "$SEED" = 0 ] || echo "_seed$SEED")
 RUNS=${RUNS:-runs$sfx}
 DATA=${DATA:-data/needle$sfx}
 DATA_ARGS=${DATA_ARGS:-}
+WARMUP_ARGS=${WARMUP_ARGS:-}
 SFT_ARGS=${SFT_ARGS:-}
 GRPO_ARGS=${GRPO_ARGS:-}
 RFT_ARGS=${RFT_ARGS:-}
@@ -35,17 +37,22 @@ stage "data: $DATA"
 EVAL_ARGS="--max_new_tokens=128 --batch_size=32 --seed=$SEED $EVAL_ARGS"  # the tiny policy's turns are < 100 tokens; cap runaway samples
 done_() { [ -f "$1/done" ]; }
 
+stage "stage 0: the tiny model's skill warm-up -> $RUNS/warmup"
+if ! done_ "$RUNS/warmup"; then  # (an if, not `||`: set -e does not stop on a failure inside an || list)
+  $PY needle_warmup.py --data="$DATA" --out="$RUNS/warmup" --threads=2 --seed="$SEED" $WARMUP_ARGS
+  touch "$RUNS/warmup/done"
+fi
+
 stage "stage 1: SFT cold start -> $RUNS/sft"
-if ! done_ "$RUNS/sft"; then  # (an if, not `||`: set -e does not stop on a failure inside an || list)
-  $PY train_sft.py --data="$DATA/sft.jsonl" --out="$RUNS/sft" --skill_warmup=600 --epochs=2 --threads=2 --seed="$SEED" $SFT_ARGS
+if ! done_ "$RUNS/sft"; then
+  $PY train_sft.py --init="$RUNS/warmup" --data="$DATA/sft.jsonl" --out="$RUNS/sft" --threads=2 --seed="$SEED" $SFT_ARGS
   touch "$RUNS/sft/done"
 fi
 
 stage "stage 2: GRPO with $NPROC processes -> $RUNS/grpo"
 if ! done_ "$RUNS/grpo"; then
   $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train_grpo.py \
-    --init="$RUNS/sft" --data="$DATA/rl.jsonl" --eval_data="$DATA/eval.jsonl" --out="$RUNS/grpo" --curve=true --steps=35 \
-    --top_p=0.9 --lr=2e-4 --seed="$SEED" $GRPO_ARGS  # nucleus rollouts: fewer malformed samples, so the advantage ranks more than format
+    --init="$RUNS/sft" --data="$DATA/rl.jsonl" --eval_data="$DATA/eval.jsonl" --out="$RUNS/grpo" --seed="$SEED" $GRPO_ARGS
   touch "$RUNS/grpo/done"
 fi
 
@@ -77,4 +84,4 @@ $PY eval.py --model="$RUNS/rft" --data="$DATA/eval.jsonl" --out="$RUNS/rft/eval_
   --out="$RUNS/rft/eval_notool_short" --tools=false $EVAL_ARGS
 
 stage "results"
-$PY results.py "$RUNS" "$(( $(date +%s) - start ))"  # the tables with 95% intervals, runs/results.svg
+$PY needle_results.py "$RUNS" "$(( $(date +%s) - start ))"  # the tables with 95% intervals, runs/results.svg
