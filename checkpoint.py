@@ -8,7 +8,7 @@ back.
 
     save(out, model, processor, net, optimizer, state, view, d)   # collective: every rank calls it
     state = resume(out, net, optimizer, d, config)                # optimizer and this rank's RNG restored
-    metrics = open_metrics(out, step, d)                          # metrics.jsonl cut to the steps <= step
+    metrics = Metrics(out, step, d, config, wandb="")              # metrics.jsonl cut to the steps <= step
 
 Resume is exact: the same parameters and metrics as an uninterrupted run (tests). With another world size the
 per-rank RNG streams cannot continue: a warning says so and the RNG is not restored (the one rule for both).
@@ -214,19 +214,33 @@ def resume(out, net, optimizer, d, config, log=print):
     return state
 
 
-def open_metrics(out, step, d):
-    """The path of <out>/metrics.jsonl, holding exactly the steps <= step (those of the checkpoint resumed from;
-    none on a fresh start). Rank 0 writes it; lines are appended to it as steps end."""
-    path = os.path.join(out, METRICS)
-    if d.is_main:
+class Metrics:
+    """The trainers' log: <out>/metrics.jsonl (rank 0 appends a row per step), holding exactly the steps <= `step`
+    (those of the checkpoint resumed from; none on a fresh start), and with a `wandb` project name the same rows
+    sent to Weights & Biases too (an optional import: only a run that asks for it needs the package)."""
+
+    def __init__(self, out, step, d, config, wandb=""):
+        self.path, self.main, self.run = os.path.join(out, METRICS), d.is_main, None
+        if not self.main:
+            return
         os.makedirs(out, exist_ok=True)
-        old = open(path).read().splitlines() if step and os.path.exists(path) else []
-        write_text(path, "".join(line + "\n" for line in old if line.strip() and json.loads(line)["step"] <= step))
-    return path
+        old = open(self.path).read().splitlines() if step and os.path.exists(self.path) else []
+        write_text(self.path, "".join(line + "\n" for line in old if line.strip() and json.loads(line)["step"] <= step))
+        if wandb:
+            try:
+                import wandb as wb
+            except ImportError:
+                raise SystemExit("--wandb needs the wandb package: pip install wandb") from None
+            self.run = wb.init(project=wandb, name=os.path.basename(os.path.abspath(out)), config=asdict(config))
 
+    def log(self, row):
+        """Append one step's row (reopened each time: a save swaps the directory) and send it to wandb."""
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.run is not None:
+                self.run.log(row, step=row["step"])
 
-def log_metrics(path, row, d):
-    """Append one step's metrics (rank 0); the file is reopened each time, as a save swaps the directory."""
-    if d.is_main:
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    def close(self):
+        if self.run is not None:
+            self.run.finish()

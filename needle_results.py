@@ -12,6 +12,8 @@ import os
 import random
 import sys
 
+from checkpoint import write_text
+
 CHANCE = 1 / 6  # six needle colours, drawn uniformly
 STAGES = [("no-tool baseline", "rft/eval_notool"), ("SFT", "sft/eval"), ("GRPO", "grpo/eval"), ("RFT", "rft/eval")]
 SETS = [("_short", "held-out videos of the training lengths, 3-5 min (the gate)"),
@@ -36,21 +38,30 @@ def bootstrap(xs, n=2000, seed=0):
 
 
 def svg(rows, path):
-    """Bars of accuracy per stage and set, with the interval as a line and chance dashed."""
-    w, h, left, top, bh = 560, 60 + 26 * len(rows), 200, 30, 18
-    x = lambda v: left + v * (w - left - 20)  # noqa: E731
+    """Bars of accuracy per stage and set, the interval as a whisker, the number right of the whisker's end, an
+    axis with ticks, chance dashed."""
+    w, top, bh = 620, 34, 18
+    h, left, right = top + 26 * len(rows) + 34, 200, 70
+    x = lambda v: left + v * (w - left - right)  # noqa: E731
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
            f'<text x="{left}" y="18">accuracy per stage (95% bootstrap interval; dashed: chance {CHANCE:.3f})</text>']
     for i, (label, acc, lo, hi) in enumerate(rows):
         y = top + 26 * i
         out += [f'<text x="4" y="{y + 13}">{label}</text>',
                 f'<rect x="{left}" y="{y}" width="{x(acc) - left:.1f}" height="{bh}" fill="#4a7bd0"/>',
                 f'<line x1="{x(lo):.1f}" x2="{x(hi):.1f}" y1="{y + 9}" y2="{y + 9}" stroke="black" stroke-width="2"/>',
-                f'<text x="{x(acc) + 4:.1f}" y="{y + 13}">{acc:.3f}</text>']
-    out += [f'<line x1="{x(CHANCE):.1f}" x2="{x(CHANCE):.1f}" y1="{top - 4}" y2="{h - 10}" stroke="red" '
+                f'<line x1="{x(lo):.1f}" x2="{x(lo):.1f}" y1="{y + 4}" y2="{y + 14}" stroke="black"/>',
+                f'<line x1="{x(hi):.1f}" x2="{x(hi):.1f}" y1="{y + 4}" y2="{y + 14}" stroke="black"/>',
+                f'<text x="{x(max(acc, hi)) + 6:.1f}" y="{y + 13}">{acc:.3f}</text>']
+    axis = top + 26 * len(rows) + 4
+    out.append(f'<line x1="{left}" x2="{x(1):.1f}" y1="{axis}" y2="{axis}" stroke="#444"/>')
+    for v in (0, 0.25, 0.5, 0.75, 1):
+        out += [f'<line x1="{x(v):.1f}" x2="{x(v):.1f}" y1="{axis}" y2="{axis + 5}" stroke="#444"/>',
+                f'<text x="{x(v):.1f}" y="{axis + 18}" text-anchor="middle">{v:g}</text>']
+    out += [f'<line x1="{x(CHANCE):.1f}" x2="{x(CHANCE):.1f}" y1="{top - 4}" y2="{axis}" stroke="red" '
             f'stroke-dasharray="4 3"/>', "</svg>"]
-    with open(path, "w") as f:
-        f.write("\n".join(out) + "\n")
+    write_text(path, "\n".join(out) + "\n")
 
 
 def main(runs, secs):

@@ -15,6 +15,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 
 import numpy as np
@@ -213,17 +214,40 @@ def write_report(path, summary, predictions, view: ViewConfig, max_crop_frames=4
     write_text(path, page)
 
 
-def write_curve(out):
-    """reward_curve.svg: reward, accuracy and IoU per step as SVG polylines (no plotting dependency)."""
+def write_curve(out, smooth=5):
+    """<out>/reward_curve.svg from metrics.jsonl: reward, accuracy and IoU per GRPO step, each raw (thin, light)
+    and as a centred moving average over `smooth` steps (thick), with axes, ticks and a legend (no plotting
+    dependency)."""
     rows = [m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "reward" in m]
-    W, H, P, top = 640, 320, 40, max([1.0] + [r["reward"] for r in rows])  # size, padding, y of the top edge
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">'
-           f'<rect x="{P}" y="{P / 2}" width="{W - 2 * P}" height="{H - 1.5 * P}" fill="none" stroke="#999"/>'
-           f'<text x="4" y="{P / 2 + 10}">{top:.2f}</text><text x="4" y="{H - P}">0</text>']
+    W, H, L, R, T, B = 640, 340, 48, 16, 30, 58  # size and the plot's margins
+    top = max([1.0] + [r["reward"] for r in rows])
+    top = math.ceil(top * 2) / 2  # the y axis ends on a half
+    steps = [r["step"] for r in rows] or [1]
+    s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
+    x = lambda s: L + (W - L - R) * (s - s0) / (s1 - s0)  # noqa: E731
+    y = lambda v: H - B - (H - B - T) * v / top  # noqa: E731
+    p = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+         f'<rect width="{W}" height="{H}" fill="white"/>',
+         f'<text x="{L}" y="18">GRPO rollouts per step: raw (thin) and a {smooth}-step moving average (thick)</text>',
+         f'<rect x="{L}" y="{T}" width="{W - L - R}" height="{H - B - T}" fill="none" stroke="#999"/>']
+    for k in range(int(top * 2) + 1):  # y ticks every 0.5, with grid lines
+        v = k / 2
+        p += [f'<line x1="{L - 4}" x2="{W - R}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#eee"/>',
+              f'<text x="{L - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>']
+    every = max(1, round((s1 - s0) / 7))
+    for s in range(s0, s1 + 1, every):  # x ticks: step numbers
+        p += [f'<line x1="{x(s):.1f}" x2="{x(s):.1f}" y1="{H - B}" y2="{H - B + 5}" stroke="#444"/>',
+              f'<text x="{x(s):.1f}" y="{H - B + 18}" text-anchor="middle">{s}</text>']
+    p.append(f'<text x="{(L + W - R) / 2}" y="{H - B + 34}" text-anchor="middle">step</text>')
     for i, (key, colour) in enumerate((("reward", "#d62728"), ("accuracy", "#1f77b4"), ("iou", "#2ca02c"))):
-        pts = " ".join(f"{P + (W - 2 * P) * j / max(len(rows) - 1, 1):.1f},{H - P - (H - 1.5 * P) * r[key] / top:.1f}"
-                       for j, r in enumerate(rows))
-        parts += [f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}"/>',
-                f'<text x="{P + 10 + 90 * i}" y="{H - 8}" fill="{colour}">{key}</text>']
-    write_text(os.path.join(out, "reward_curve.svg"),
-               "\n".join(parts + [f'<text x="{W - 120}" y="{H - 8}">{len(rows)} steps</text></svg>']))
+        vals = [r[key] for r in rows]
+        near = [vals[max(0, j - smooth // 2):j + smooth // 2 + 1] for j in range(len(vals))]
+        avg = [sum(v) / len(v) for v in near]
+        for series, width, alpha in ((vals, 1, 0.35), (avg, 2.5, 1)):
+            pts = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in zip(steps, series))
+            p.append(f'<polyline fill="none" stroke="{colour}" stroke-opacity="{alpha}" stroke-width="{width}" '
+                     f'points="{pts}"/>')
+        lx = L + 10 + 110 * i
+        p += [f'<line x1="{lx}" x2="{lx + 20}" y1="{H - 10}" y2="{H - 10}" stroke="{colour}" stroke-width="2.5"/>',
+              f'<text x="{lx + 26}" y="{H - 6}">{key}</text>']
+    write_text(os.path.join(out, "reward_curve.svg"), "\n".join(p + ["</svg>"]))

@@ -99,6 +99,7 @@ class Config(ViewConfig):  # ViewConfig's fields are flags too (the view: data.p
     eval_samples: int = 16                  # held-out samples per eval
     save_every: int = 25                    # checkpoint every N steps (and at the end)
     curve: bool = True                      # write <out>/reward_curve.svg from metrics.jsonl at the end
+    wandb: str = ""                         # also log metrics.jsonl's rows to this W&B project (pip install wandb)
 
 
 # --------------------------------------------------------------------------- the GRPO math
@@ -325,7 +326,7 @@ def train(cfg: Config, given=frozenset()):
     if cfg.resume:
         state = checkpoint.resume(cfg.out, net, opt, d, cfg, print0)
         step, pos = state["step"], state["data_pos"]
-    metrics_path = checkpoint.open_metrics(cfg.out, step, d)
+    metrics = checkpoint.Metrics(cfg.out, step, d, cfg, cfg.wandb)
     print0(f"GRPO {cfg.init} -> {cfg.out}: {d.world} rank(s), {cfg.parallel}, {len(samples)} prompts, from step {step}")
 
     def play(prompts, seed):
@@ -458,11 +459,12 @@ def train(cfg: Config, given=frozenset()):
                           processor.tokenizer)
         if held_out and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             m.update(run_eval(cfg, d, hf, net, processor, held_out, view, rcfg, judge, fsdp, step + 1))
-        checkpoint.log_metrics(metrics_path, m, d)
+        metrics.log(m)
         if d.is_main:
             bar.write(LOG_LINE.format(**m))
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
             checkpoint.save(cfg.out, hf, processor, net, opt, dict(step=step + 1, data_pos=pos, config=cfg), view, d)
+    metrics.close()
     if d.is_main and cfg.curve:
         write_curve(cfg.out)
     if dist.is_initialized():

@@ -95,6 +95,7 @@ class Config(ViewConfig):  # ViewConfig's fields are flags too (the view: data.p
     cache: bool = True              # keep rendered samples in memory (false: re-render each time)
     workers: int = 2                # threads rendering samples at start-up (video decoding, processor)
     threads: int = 1                # CPU only: torch intra-op threads (0 = torch's default; see above)
+    wandb: str = ""                 # also log metrics.jsonl's rows to this Weights & Biases project (pip install wandb)
     view_jitter: bool = True        # render each sample's global view with a random frame count (fixed per sample)
                                     # between its default and global_frames, so short videos also train long prompts
     max_turns: int = RolloutConfig.max_turns        # tool calls per episode (the last observation says so)
@@ -262,7 +263,7 @@ def main(argv=None):
         st = checkpoint.resume(cfg.out, engine, optimizer, d, cfg, print0)
         step, nonfinite = st["step"], st["nonfinite_steps"]
         print0(f"resumed from {cfg.out} at step {step}")
-    metrics_path = checkpoint.open_metrics(cfg.out, step, d)
+    metrics = checkpoint.Metrics(cfg.out, step, d, cfg, cfg.wandb)
     fsdp = cfg.parallel == "fsdp" and world > 1  # FSDP2 casts through its MixedPrecisionPolicy instead
     bf16 = cfg.bf16 and d.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and not fsdp else nullcontext()
@@ -321,7 +322,7 @@ def main(argv=None):
                    policy_tokens=int(n_policy), tokens=int(n_tokens), skipped_update=not ok,
                    nonfinite_steps=nonfinite, skipped_samples=skipped,
                    tokens_per_s=round(n_tokens / dt, 1), step_time=round(dt, 3))
-        checkpoint.log_metrics(metrics_path, row, d)
+        metrics.log(row)
         if d.is_main:
             bar.update(1)
             bar.write(f"step {step:5d}/{total} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} | "
@@ -330,6 +331,7 @@ def main(argv=None):
             checkpoint.save(cfg.out, model, processor, engine, optimizer, dict(
                 step=step, epoch=epoch, batch_in_epoch=b + 1, nonfinite_steps=nonfinite, config=cfg), view, d)
     bar.close()
+    metrics.close()
     print0(f"done: step {step}/{total}, checkpoint in {cfg.out}")
     if world > 1:
         dist.destroy_process_group()

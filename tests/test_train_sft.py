@@ -286,3 +286,27 @@ def test_runs_from_a_checkpoint_keep_its_prompt_layout(sft_file, tmp_path, capsy
     train_sft.main(args(sft_file, other, steps=1, init=grpo, timestamps="true"))
     out = capsys.readouterr().out
     assert "warning" in out and "--timestamps=false" in out and view(other)["timestamps"] is True
+
+
+def test_wandb_gets_the_rows_of_metrics_jsonl(sft_file, tmp_path, monkeypatch):
+    """--wandb=<project>: every row written to metrics.jsonl is also logged to the W&B run (a stand-in module here, as
+    the package is optional), at its step, with the config; without the package it is a clear error."""
+    import types
+    calls = []
+
+    class Run:
+        def log(self, row, step):
+            calls.append(("log", row, step))
+
+        def finish(self):
+            calls.append(("finish",))
+    fake = types.SimpleNamespace(init=lambda **k: calls.append(("init", k)) or Run())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = str(tmp_path / "run")
+    train_sft.main(args(sft_file, out, steps=2, wandb="my-project"))
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "my-project" and calls[0][1]["config"]["steps"] == 2
+    assert [(c[1], c[2]) for c in calls if c[0] == "log"] == [(m, m["step"]) for m in metrics(out)]
+    assert calls[-1] == ("finish",)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(SystemExit, match="pip install wandb"):
+        train_sft.main(args(sft_file, str(tmp_path / "b"), steps=1, wandb="my-project"))
