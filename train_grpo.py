@@ -23,7 +23,6 @@ and samples do not dominate a mixed batch; our formula in the spirit of VITAL's,
 Departures from LongVT (verl + vLLM): our batched HF rollout loop; contiguous mini-batches; an unreadable video is
 skipped and counted; a failed judge falls back to rules, counted; fp32 weights and AdamW with bf16 compute on CUDA."""
 import json
-import math
 import os
 import re
 import sys
@@ -36,14 +35,16 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import ViewConfig, collate, follow_layout, model_vision, view_from
+from data import ViewConfig, follow_layout, model_vision, view_from
 from eval import evaluate
 import checkpoint
-from model import (all_gather_obj, all_sum, compute_init, given_keys, load_model, lr_at, parse_config, print0,
+from checkpoint import write_jsonl
+from model import (all_sum, compute_init, given_keys, load_model, lr_at, parse_config, print0,
                    resolve_checkpoint, token_logprobs, wrap)
 from readers import load_samples
 from report import write_curve
-from reward import Judge, RewardConfig, answer_type, reward_batch
+from grpo import LOSS_AGGS, advantages, is_flat, micro_batches, update
+from reward import Judge, RewardConfig, reward_batch
 from rollout import RolloutConfig, check_budget, prepare, rollout
 
 
@@ -100,72 +101,6 @@ class Config(ViewConfig):  # ViewConfig's fields are flags too (the view: data.p
     save_every: int = 25                    # checkpoint every N steps (and at the end)
     curve: bool = True                      # write <out>/reward_curve.svg from metrics.jsonl at the end
     wandb: str = ""                         # also log metrics.jsonl's rows to this W&B project (pip install wandb)
-
-
-# --------------------------------------------------------------------------- the GRPO math
-LOSS_AGGS = ("global-token-mean", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-
-
-def group_advantages(rewards, adv_norm="std", eps=1e-6):
-    """rewards (P, G) -> advantages (P, G): r - group mean, / (the group's unbiased std + eps) for "std"; Dr. GRPO
-    ("none") drops the division, which up-weights prompts whose rollouts barely differ. Equal rewards -> 0. A group
-    of one gets its raw reward, as verl's (mean 0, std 1 there); train_grpo refuses group_size < 2."""
-    if rewards.shape[1] < 2:
-        return rewards.clone()
-    adv = rewards - rewards.mean(1, keepdim=True)
-    return adv / (rewards.std(1, keepdim=True) + eps) if adv_norm == "std" else adv
-
-
-def aggregate(per_token, mask, mode, denom, budget):
-    """A micro-batch's (B, T) token losses -> its share of the mini-batch loss. verl's modes: the micro-batch's token
-    mean ("token-mean"), its mean of per-sequence token means ("seq-mean-token-mean") or its sum of per-sequence
-    token sums / `budget` ("seq-mean-token-sum-norm": verl divides by its fixed padded response length; ours, the
-    policy-token budget max_new_tokens x (max_turns + 1)), each / denom = the micro-batches of the mini-batch, as
-    verl's gradient accumulation does (and DDP averages the ranks). "global-token-mean" (DAPO's, this project's
-    default): the token sum / denom = the mini-batch's policy tokens on all ranks / ranks."""
-    if mode == "global-token-mean":
-        return per_token.sum() / denom
-    if mode == "token-mean":
-        return per_token.sum() / mask.sum().clamp(min=1) / denom
-    if mode == "seq-mean-token-mean":
-        return (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean() / denom
-    return per_token.sum() / budget / denom
-
-
-def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg, denom):
-    """Clipped surrogate + k3 KL on the policy tokens of one micro-batch (verl's core_algos, switch by switch).
-    logp, old_logp, ref_logp, mask: (B, T); adv: (B,); denom: see aggregate. Returns (loss, sums of kl, clipped
-    tokens, tokens)."""
-    mask = mask.float()
-    a = adv[:, None]                                                          # (B, 1)
-    budget = cfg.max_new_tokens * (cfg.max_turns + 1)
-    if cfg.ratio_level == "sequence":  # GSPO (verl's): the sequence's mean log-ratio, its value per token with each
-        seq = ((logp - old_logp) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)  # token's
-        log_ratio = (logp - logp.detach() + seq.detach()).clamp(max=10.0)     # gradient, clamped at 10
-        agg_pg = "seq-mean-token-mean"                                        # whatever loss_agg is; no dual clip
-    else:
-        log_ratio = ((logp - old_logp) * mask).clamp(-20.0, 20.0)            # (B, T), verl's clamp before exp
-        agg_pg = cfg.loss_agg
-    ratio = log_ratio.exp()                                                   # (B, T)
-    # With one on-policy update per step, old_logp == logp: ratio == 1 and the clip is inert (the loss is
-    # REINFORCE with a group baseline). Clipping bites from the 2nd mini-batch or epoch of a step on.
-    surr = torch.min(ratio * a, ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * a)  # (B, T)
-    pg = -surr
-    if cfg.clip_ratio_c > 0 and cfg.ratio_level != "sequence":  # dual clip (verl): for A < 0 a token's loss is at
-        pg = torch.where(a < 0, torch.min(pg, -a * cfg.clip_ratio_c), pg)  # most -A x c: a far off-policy token stops
-    loss = aggregate(pg * mask, mask, agg_pg, denom, budget)                  # pulling
-    kl = torch.zeros_like(pg)
-    if cfg.kl_coef > 0:  # k3 = exp(ref - logp) - (ref - logp) - 1: unbiased, >= 0, low variance
-        d = ((ref_logp - logp) * mask).clamp(-20, 20)                        # verl's clamps of the log-ratio and k3
-        kl = (d.exp() - d - 1).clamp(-10, 10)                                 # (B, T)
-        loss = loss + cfg.kl_coef * aggregate(kl * mask, mask, cfg.loss_agg, denom, budget)
-    clipped = ((surr < ratio * a).float() * mask).sum()  # tokens whose clipped branch is the active one
-    return loss, dict(kl=(kl * mask).sum().item(), clipped=clipped.item(), tokens=mask.sum().item())
-
-
-def dgrpo_weights(acc_group, acc_task, cfg):
-    """(P,) group mean accuracy, (P,) batch mean accuracy of the sample's task type -> (P,) advantage scales."""
-    return (1 + cfg.dgrpo_task * (0.5 - acc_task)) * (1 + cfg.dgrpo_sample * (0.5 - acc_group))
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -283,9 +218,33 @@ def dump_rollouts(path, rows, tokenizer):
 
 
 # --------------------------------------------------------------------------- training
-def train(cfg: Config, given=frozenset()):
-    """The run of `cfg`; `given`: the flags the user set (they win over the init checkpoint's view.json)."""
-    d = compute_init(cfg.seed)
+@dataclass
+class Run:
+    """What a run holds between steps."""
+    cfg: Config
+    d: object                      # model.Dist: rank, world, device
+    hf: object                     # the bare HF policy (rollouts run on it)
+    net: object                    # LogProbs around it, DDP- or FSDP2-wrapped (the update runs on it)
+    ref: object                    # the frozen init policy's LogProbs (None without KL)
+    processor: object
+    opt: object
+    view: ViewConfig
+    rcfg: RewardConfig
+    judge: object                  # None: rule scoring
+    samples: list                  # training prompts
+    held_out: list                 # the periodic eval's samples
+    decoded: dict                  # the first global view, decoded once (the budget check's), for its first rollout
+    metrics: checkpoint.Metrics
+    step: int = 0
+    pos: int = 0                   # the prompt stream's position (sample_at)
+
+    @property
+    def fsdp(self):
+        return self.d.world > 1 and self.cfg.parallel == "fsdp"
+
+
+def check(cfg, d):
+    """Flags that cannot work, before any work."""
     assert cfg.prompts_per_step % d.world == 0, f"prompts_per_step must be a multiple of {d.world} ranks"
     assert cfg.adv_norm in ("std", "none"), f"adv_norm must be std or none, got {cfg.adv_norm!r}"
     if cfg.loss_agg not in LOSS_AGGS:
@@ -294,7 +253,13 @@ def train(cfg: Config, given=frozenset()):
         raise SystemExit(f"--group_size must be at least 2, got {cfg.group_size}: GRPO's advantage is a reward "
                          "minus the mean of its group, and a group of one has none to learn from")
     assert cfg.ratio_level in ("token", "sequence") and cfg.parallel in ("ddp", "fsdp"), "bad ratio_level/parallel"
-    fsdp, G, dev, cuda = d.world > 1 and cfg.parallel == "fsdp", cfg.group_size, d.device, d.device.type == "cuda"
+
+
+def setup(cfg, given):
+    """The Run of cfg (None after a dry run): the layout the init checkpoint learnt, the data, the judge
+    health-checked, the policy, its first prompt's budget checked, the reference, the optimizer, a resume."""
+    d = compute_init(cfg.seed)
+    check(cfg, d)
     init = init_path(cfg.init) if not cfg.resume or cfg.kl_coef > 0 else None  # fail before any work
     for k, v in follow_layout(cfg.out if cfg.resume else init, asdict(view_from(cfg)), given, print0).items():
         setattr(cfg, k, v)  # the prompt layout the init checkpoint learnt
@@ -316,7 +281,7 @@ def train(cfg: Config, given=frozenset()):
     if judge is not None:
         judge.health_check()  # fail now, not after an hour of rollouts, when the judge is misconfigured
     hf, net, processor = build(cfg.out if cfg.resume else init, d, cfg, trainable=True)
-    decoded = {}  # the first global view, decoded once: for the check, then for the first rollout that plays it
+    decoded = {}
     if samples:  # before the reference is loaded or anything is written
         decoded[id(samples[0])] = prepare(samples[:1], view)[0]
         check_budget(processor, decoded[id(samples[0])], view, cfg.max_new_tokens, cfg.max_total_tokens)
@@ -328,143 +293,96 @@ def train(cfg: Config, given=frozenset()):
         step, pos = state["step"], state["data_pos"]
     metrics = checkpoint.Metrics(cfg.out, step, d, cfg, cfg.wandb)
     print0(f"GRPO {cfg.init} -> {cfg.out}: {d.world} rank(s), {cfg.parallel}, {len(samples)} prompts, from step {step}")
+    return Run(cfg, d, hf, net, ref, processor, opt, view, rcfg, judge, samples, held_out, decoded, metrics, step, pos)
 
-    def play(prompts, seed):
-        """group_size rollouts of each prompt + rewards: ([(trajs, [(total, components)])], skipped prompts)."""
-        trajs = rollout(hf, processor, prompts, G, rollout_config(cfg, seed), view,
-                        loaded=prepare(prompts, view, RolloutConfig.workers, done=decoded))
-        groups = [trajs[i:i + G] for i in range(0, len(trajs), G)]
-        for g in (g for g in groups if g[0].stop_reason == "skipped"):
-            print(f"warning [rank {d.rank}]: skipped sample {g[0].error}", flush=True)
-        groups = [g for g in groups if g[0].stop_reason != "skipped"]
-        flat = [t for g in groups for t in g]
-        rs = reward_batch([t.sample for t in flat], flat, rcfg, judge) if flat else []
-        return [(g, rs[i * G:(i + 1) * G]) for i, g in enumerate(groups)], len(trajs) // G - len(groups)
 
-    def is_flat(rs):  # a group whose rewards are all equal: advantage 0, no signal
-        return max(r for r, _ in rs) == min(r for r, _ in rs)
+def play(run, prompts, seed):
+    """group_size rollouts of each prompt + rewards: ([(trajs, [(total, components)])], skipped prompts)."""
+    G = run.cfg.group_size
+    trajs = rollout(run.hf, run.processor, prompts, G, rollout_config(run.cfg, seed), run.view,
+                    loaded=prepare(prompts, run.view, RolloutConfig.workers, done=run.decoded))
+    groups = [trajs[i:i + G] for i in range(0, len(trajs), G)]
+    for g in (g for g in groups if g[0].stop_reason == "skipped"):
+        print(f"warning [rank {run.d.rank}]: skipped sample {g[0].error}", flush=True)
+    groups = [g for g in groups if g[0].stop_reason != "skipped"]
+    flat = [t for g in groups for t in g]
+    rs = reward_batch([t.sample for t in flat], flat, run.rcfg, run.judge) if flat else []
+    return [(g, rs[i * G:(i + 1) * G]) for i, g in enumerate(groups)], len(trajs) // G - len(groups)
 
-    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, disable=not d.is_main, desc="grpo")
-    for step in bar:
-        for g in opt.param_groups:
+
+def collect_groups(run):
+    """This rank's groups of the step: its rank-strided share of prompts_per_step prompts, a sampling seed per step
+    and rank (so a resume is exact); with DAPO's dynamic sampling, groups whose rewards are all equal replaced by
+    fresh prompts' for up to resample_rounds rounds. Returns (groups, every group played, counts)."""
+    cfg, d, step = run.cfg, run.d, run.step
+    prompts = [sample_at(run.samples, cfg.seed, run.pos + k) for k in range(d.rank, cfg.prompts_per_step, d.world)]
+    run.pos += cfg.prompts_per_step
+    groups, skipped = play(run, prompts, cfg.seed + step * d.world + d.rank)
+    played, n_first, flat_first, resampled = list(groups), len(groups), sum(is_flat(rs) for _, rs in groups), 0
+    for rnd in range(1, cfg.resample_rounds + 1 if cfg.dynamic_sampling else 1):
+        bad = [i for i, (_, rs) in enumerate(groups) if is_flat(rs)]
+        counts = [int(c) for c in all_sum([len(bad) * (r == d.rank) for r in range(d.world)], d.device)]
+        if not sum(counts):
+            break
+        first, run.pos = run.pos + sum(counts[:d.rank]), run.pos + sum(counts)  # fresh prompts' stream positions
+        if bad:
+            new, sk = play(run, [sample_at(run.samples, cfg.seed, first + k) for k in range(len(bad))],
+                           cfg.seed + rnd * 1_000_003 + step * d.world + d.rank)
+            groups = [g for i, g in enumerate(groups) if i not in bad] + new
+            played, skipped, resampled = played + new, skipped + sk, resampled + len(bad)
+    return groups, played, dict(groups=n_first, flat=flat_first, skipped=skipped, resampled=resampled)
+
+
+def step_metrics(run, played, rows, counts, st, t0, t1):
+    """The step's metrics.jsonl row: means over every episode played this step on all ranks, the update's sums."""
+    cfg, dev = run.cfg, run.d.device
+    eps = [episode_stats(t, r, c) for g, rs in played for t, (r, c) in zip(g, rs)]
+    local = {k: sum(e[k] for e in eps) for k in EPISODE_KEYS}
+    local.update(n=len(eps), update_rows=len(rows), **counts, **{k: st[k] for k in ("kl", "clipped", "tokens", "ent")})
+    tot = dict(zip(local, all_sum(local.values(), dev)))
+    n, ntok = max(tot["n"], 1), max(tot["tokens"], 1)
+    return dict(step=run.step + 1, **{k: tot[k] / n for k in EPISODE_KEYS if k != "judge_failures"},
+                zero_var=tot["flat"] / max(tot["groups"], 1), kl=tot["kl"] / ntok, clip_frac=tot["clipped"] / ntok,
+                **{k: int(tot[k]) for k in ("judge_failures", "skipped", "resampled", "update_rows")},
+                entropy=tot["ent"] * cfg.ppo_epochs / ntok, grad_norm=st["gnorm"] / max(st["updates"], 1),
+                nonfinite=st["nonfinite"], ratio_err=all_sum([st["err"]], dev, "max")[0],
+                lr=run.opt.param_groups[0]["lr"], data_pos=run.pos, rollout_s=t1 - t0, update_s=time.time() - t1,
+                tok_s=tot["response_len"] / max(t1 - t0, 1e-9))  # sampled tokens per rollout second, all ranks
+
+
+def train(cfg: Config, given=frozenset()):
+    """The run of `cfg`; `given`: the flags the user set (they win over the init checkpoint's view.json)."""
+    run = setup(cfg, given)
+    if run is None:
+        return
+    d, pad = run.d, run.processor.tokenizer.pad_token_id
+    for step in tqdm(range(run.step, cfg.steps), initial=run.step, total=cfg.steps, disable=not d.is_main, desc="grpo"):
+        run.step = step
+        for g in run.opt.param_groups:
             g["lr"] = cfg.lr * lr_at(step, cfg.steps, cfg.warmup_steps)  # constant after the warm-up
-        # ---- rollouts: rank-strided prompts, a sampling seed per step and rank (so resume is exact)
         t0 = time.time()
-        with rollout_mode(hf, net, fsdp, cuda):
-            prompts = [sample_at(samples, cfg.seed, pos + k) for k in range(d.rank, cfg.prompts_per_step, d.world)]
-            pos += cfg.prompts_per_step
-            groups, skipped = play(prompts, cfg.seed + step * d.world + d.rank)
-            played, n_first, flat_first, resampled = list(groups), len(groups), sum(is_flat(rs) for _, rs in groups), 0
-            for rnd in range(1, cfg.resample_rounds + 1 if cfg.dynamic_sampling else 1):  # DAPO dynamic sampling
-                bad = [i for i, (_, rs) in enumerate(groups) if is_flat(rs)]
-                counts = [int(c) for c in all_sum([len(bad) * (r == d.rank) for r in range(d.world)], dev)]
-                if not sum(counts):
-                    break
-                first, pos = pos + sum(counts[:d.rank]), pos + sum(counts)  # fresh prompts' stream positions
-                if bad:
-                    new, sk = play([sample_at(samples, cfg.seed, first + k) for k in range(len(bad))],
-                                   cfg.seed + rnd * 1_000_003 + step * d.world + d.rank)
-                    groups = [g for i, g in enumerate(groups) if i not in bad] + new
-                    played, skipped, resampled = played + new, skipped + sk, resampled + len(bad)
+        with rollout_mode(run.hf, run.net, run.fsdp, d.device.type == "cuda"):
+            groups, played, counts = collect_groups(run)
         t1 = time.time()
-        # ---- advantages per group (zero for a group whose rewards are all equal)
-        R = torch.tensor([[r for r, _ in rs] for _, rs in groups], dtype=torch.float64).view(-1, G)  # (P, G)
-        adv = group_advantages(R, cfg.adv_norm)
-        if cfg.dgrpo_task or cfg.dgrpo_sample:
-            acc = torch.tensor([[c.get("accuracy", 0.0) for _, c in rs] for _, rs in groups]).view(-1, G).mean(1)
-            types = [answer_type(g[0].sample) for g, _ in groups]
-            every = [x for part in all_gather_obj(list(zip(types, acc.tolist()))) for x in part]  # all ranks' groups
-            acc_task = torch.tensor([np.mean([a for u, a in every if u == t]) for t in types])     # (P,)
-            adv = adv * dgrpo_weights(acc, acc_task, cfg).double()[:, None]
+        adv = advantages(groups, cfg)                                                      # (P, G)
         rows = [(t, float(adv[i, j])) for i, (g, rs) in enumerate(groups)
                 if not (cfg.dynamic_sampling and is_flat(rs)) for j, t in enumerate(g)]
-        # ---- micro-batches: the same number on every rank (forward/backward issue collectives); a rank short of
-        # rows runs a copy of one of its episodes with loss weight 0
-        M, mb = cfg.mini_batches, cfg.micro_batch
-        minis = [rows[k * len(rows) // M:(k + 1) * len(rows) // M] for k in range(M)]
-        n_micro = all_sum([math.ceil(len(p) / mb) for p in minis], dev, "max")
-        spare = groups[0][0][0] if groups else None
-        can_update = all_sum([spare is not None], dev)[0] == d.world  # else: every episode of a rank was skipped
-        micro = []  # each micro-batch's rows and numbers; its tensors are collated when it runs, one at a time
-        for part, n in zip(minis, n_micro):
-            micro.append([])
-            for i in range(int(n) if can_update else 0):
-                chunk = part[i * mb:(i + 1) * mb]
-                micro[-1].append(dict(trajs=[t for t, _ in chunk or [(spare, 0.0)]], rows=len(chunk),
-                                      adv=torch.tensor([a for _, a in chunk] or [0.0]), weight=float(bool(chunk)),
-                                      tokens=sum(sum(t.policy_mask) for t, _ in chunk)))
-
-        def batch(m):  # a micro-batch's tensors (vision included), with its old/ref log-probs once computed
-            b = collate(hf, [t.rendered() for t in m["trajs"]], processor.tokenizer.pad_token_id)
-            return dict(b, **{k: m[k] for k in ("adv", "weight", "old", "ref") if k in m})
-        # ---- old (and ref) log-probs: a no-grad pass with the update's micro-batches (sampling's drift under bf16);
-        # one epoch of one mini-batch is on-policy: old = the training forward's, detached (one forward fewer)
-        st = dict(kl=0.0, clipped=0.0, tokens=0.0, ent=0.0, gnorm=0.0, updates=0, nonfinite=0, err=0.0)
-        on_policy = cfg.ppo_epochs == 1 and cfg.mini_batches == 1
-        with torch.no_grad():
-            for m in (m for items in micro for m in items):
-                b = batch(m)
-                if not on_policy:
-                    m["old"], ent = net(b, with_entropy=True)
-                    st["ent"] += (ent * b["policy_mask"].to(dev)).sum().item() * b["weight"]  # as 1 epoch's
-                m["ref"] = ref(b)[0] if ref is not None else None
-        # ---- update: ppo_epochs x mini-batches, gradients accumulated over micro-batches, synced on the last
-        for epoch in range(cfg.ppo_epochs):
-            for k, items in enumerate(micro):
-                tokens = all_sum([sum(m["tokens"] for m in items)], dev)[0]
-                if not tokens:
-                    continue
-                # global-token-mean: the mini-batch's tokens on all ranks / ranks (DDP/FSDP average the ranks);
-                # verl's modes: the micro-batches of the mini-batch (the same number on every rank)
-                denom = tokens / d.world if cfg.loss_agg == "global-token-mean" else len(items)
-                for j, m in enumerate(items):
-                    last, b = j == len(items) - 1, batch(m)
-                    if fsdp:
-                        net.set_requires_gradient_sync(last)
-                    with nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
-                        logp, ent = net(b, with_entropy=on_policy)
-                        mask = b["policy_mask"].to(dev) * b["weight"]
-                        if on_policy:
-                            b["old"] = m["old"] = logp.detach()
-                            st["ent"] += (ent * mask).sum().item()
-                        loss, s = grpo_loss(logp, b["old"], b["ref"], b["adv"].to(dev), mask, cfg, denom)
-                        loss.backward()
-                    st.update({key: st[key] + v for key, v in s.items()})
-                    if epoch == 0 and k == 0:  # on-policy check: exactly 0 unless the forward is nondeterministic
-                        st["err"] = max(st["err"], ((logp - b["old"]).abs() * mask).max().item())
-                gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-                gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-                if math.isfinite(gnorm):  # the same global norm on every rank: all step, or all skip and log it
-                    opt.step()
-                    st.update(gnorm=st["gnorm"] + gnorm, updates=st["updates"] + 1)
-                st["nonfinite"] += not math.isfinite(gnorm)
-                opt.zero_grad(set_to_none=True)
-        # ---- metrics: means over every episode played this step, on all ranks
-        eps = [episode_stats(t, r, c) for g, rs in played for t, (r, c) in zip(g, rs)]
-        local = {k: sum(e[k] for e in eps) for k in EPISODE_KEYS}
-        local.update(n=len(eps), update_rows=len(rows), groups=n_first, flat=flat_first, skipped=skipped,
-                     resampled=resampled, **{k: st[k] for k in ("kl", "clipped", "tokens", "ent")})
-        tot = dict(zip(local, all_sum(local.values(), dev)))
-        n, ntok = max(tot["n"], 1), max(tot["tokens"], 1)
-        m = dict(step=step + 1, **{k: tot[k] / n for k in EPISODE_KEYS if k != "judge_failures"},
-                 zero_var=tot["flat"] / max(tot["groups"], 1), kl=tot["kl"] / ntok, clip_frac=tot["clipped"] / ntok,
-                 **{k: int(tot[k]) for k in ("judge_failures", "skipped", "resampled", "update_rows")},
-                 entropy=tot["ent"] * cfg.ppo_epochs / ntok, grad_norm=st["gnorm"] / max(st["updates"], 1),
-                 nonfinite=st["nonfinite"], ratio_err=all_sum([st["err"]], dev, "max")[0], lr=opt.param_groups[0]["lr"],
-                 data_pos=pos, rollout_s=t1 - t0, update_s=time.time() - t1,
-                 tok_s=tot["response_len"] / max(t1 - t0, 1e-9))  # sampled tokens per rollout second, all ranks
+        micro = micro_batches(rows, groups[0][0][0] if groups else None, cfg, d)
+        st = update(run.net, run.ref, run.opt, micro, cfg, d, run.hf, pad)
+        m = step_metrics(run, played, rows, counts, st, t0, t1)
         if d.is_main and cfg.log_rollouts_every and (step + 1) % cfg.log_rollouts_every == 0:
             first_group = [(t, rc, float(adv[0, j])) for j, (t, rc) in enumerate(zip(*groups[0]))] if groups else []
             dump_rollouts(os.path.join(cfg.out, "rollouts", f"step_{step + 1:04d}.jsonl"), first_group,
-                          processor.tokenizer)
-        if held_out and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            m.update(run_eval(cfg, d, hf, net, processor, held_out, view, rcfg, judge, fsdp, step + 1))
-        metrics.log(m)
+                          run.processor.tokenizer)
+        if run.held_out and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            m.update(run_eval(run, step + 1))
+        run.metrics.log(m)
         if d.is_main:
-            bar.write(LOG_LINE.format(**m))
+            tqdm.write(LOG_LINE.format(**m))
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
-            checkpoint.save(cfg.out, hf, processor, net, opt, dict(step=step + 1, data_pos=pos, config=cfg), view, d)
-    metrics.close()
+            checkpoint.save(cfg.out, run.hf, run.processor, run.net, run.opt,
+                            dict(step=step + 1, data_pos=run.pos, config=cfg), run.view, d)
+    run.metrics.close()
     if d.is_main and cfg.curve:
         write_curve(cfg.out)
     if dist.is_initialized():
@@ -472,17 +390,17 @@ def train(cfg: Config, given=frozenset()):
         dist.destroy_process_group()
 
 
-def run_eval(cfg, d, hf, net, processor, samples, view, rcfg, judge, fsdp, step):
+def run_eval(run, step):
     """eval.evaluate on all ranks (rank-strided, gathered on rank 0) with the shards gathered; greedy decoding.
     Returns its numeric summary as eval/<name>; predictions go to <out>/eval/step_XXXX.jsonl."""
-    with rollout_mode(hf, net, fsdp, d.device.type == "cuda"):
+    cfg, d = run.cfg, run.d
+    with rollout_mode(run.hf, run.net, run.fsdp, d.device.type == "cuda"):
         keys = ("max_turns", "max_new_tokens", "max_total_tokens", "seed", "max_rows", "prefill_chunk")  # greedy
-        summary, predictions = evaluate(hf, processor, samples, cfg={k: getattr(cfg, k) for k in keys}, view=view,
-                                        reward_cfg=rcfg, judge=judge, distributed=True)
+        summary, predictions = evaluate(run.hf, run.processor, run.held_out, cfg={k: getattr(cfg, k) for k in keys},
+                                        view=run.view, reward_cfg=run.rcfg, judge=run.judge, distributed=True)
     if d.is_main:
         os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
-        with open(os.path.join(cfg.out, "eval", f"step_{step:04d}.jsonl"), "w") as f:
-            f.writelines(json.dumps(p, default=str) + "\n" for p in predictions)
+        write_jsonl(os.path.join(cfg.out, "eval", f"step_{step:04d}.jsonl"), predictions)
     out = {f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     print0(f"eval step {step}: " + " ".join(f"{k[5:]}={v:.4g}" for k, v in out.items()))
     return out

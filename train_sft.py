@@ -186,6 +186,87 @@ def epoch_batches(lengths, cfg, epoch):
     return batches
 
 
+class Data:
+    """The training set, rendered once at start-up: every rank renders a strided share, and the lengths and failures
+    are all-gathered so all ranks agree on it. Samples whose video cannot be read, or longer than max_len (default:
+    the model's context), are skipped with a warning naming them and counted. `keep`: the usable samples' indices,
+    `lengths` their token counts; rendered(k) the k-th usable sample (from memory, or rendered again: --cache=false)."""
+
+    def __init__(self, cfg, d, processor, view, model):
+        self.cfg, self.processor, self.view = cfg, processor, view
+        self.samples, skipped_rows = read_samples(cfg.data.split(","), cfg.limit, cfg.skip_bad_rows)
+        self.cache, info = {}, {}
+        share = range(d.rank, len(self.samples), d.world)
+        with ThreadPoolExecutor(cfg.workers) as pool:
+            done = pool.map(lambda i: try_render(processor, view, self.samples[i], i, cfg), share)
+            for i, r in zip(share, tqdm(done, total=len(share), desc="rendering", disable=not d.is_main, leave=False)):
+                info[i] = r if isinstance(r, str) else len(r.input_ids)
+                if cfg.cache and not isinstance(r, str):
+                    self.cache[i] = r
+        if d.world > 1:
+            parts = [None] * d.world
+            dist.all_gather_object(parts, info)
+            info = {k: v for p in parts for k, v in p.items()}
+        text_cfg = getattr(model.config, "text_config", model.config)
+        max_len = cfg.max_len or getattr(text_cfg, "max_position_embeddings", None) or float("inf")
+        self.keep = []
+        for i in range(len(self.samples)):
+            if isinstance(info[i], str):
+                print0(f"warning: skipping sample {info[i]}")
+            elif info[i] > max_len:
+                print0(f"warning: skipping sample {self.samples[i]['id']}: {info[i]} tokens > max_len {max_len}"
+                       + ("" if cfg.max_len else " (the model's context; --max_len= sets another)"))
+            else:
+                self.keep.append(i)
+        self.skipped = skipped_rows + len(self.samples) - len(self.keep)
+        self.lengths = [info[i] for i in self.keep]
+        if len(self.keep) < cfg.batch_size:
+            raise SystemExit(f"{len(self.keep)} usable samples, fewer than one batch of {cfg.batch_size}")
+
+    def rendered(self, k):
+        i = self.keep[k]
+        r = self.cache[i] if i in self.cache else try_render(self.processor, self.view, self.samples[i], i, self.cfg)
+        if isinstance(r, str):  # it rendered at start-up: the files changed under us
+            raise RuntimeError(f"sample {r} could be read at start-up but no longer")
+        return r
+
+
+# --------------------------------------------------------------------------- one optimizer step
+def train_step(engine, model, optimizer, micro, pad_id, cfg, d, autocast):
+    """Forward/backward over this rank's micro-batches (gradients synced on the last), the loss a mean over the
+    global batch's policy tokens, the grad norm clipped, the update (skipped when the loss or norm is not finite).
+    Returns (mean NLL per policy token, grad norm before clipping, policy tokens, tokens), all ranks."""
+    fsdp = cfg.parallel == "fsdp" and d.world > 1
+    counts = torch.tensor([sum(sum(r.policy_mask[1:]) for mb in micro for r in mb),  # policy tokens, all tokens
+                           sum(len(r.input_ids) for mb in micro for r in mb)], dtype=torch.float64, device=d.device)
+    if d.world > 1:
+        dist.all_reduce(counts)
+    n_policy, n_tokens = counts.tolist()
+    nll = torch.zeros((), dtype=torch.float64, device=d.device)
+    model.train()
+    for j, mb in enumerate(micro):
+        last = j == len(micro) - 1
+        if fsdp:
+            engine.set_requires_gradient_sync(last)
+        sync = engine.no_sync() if d.world > 1 and not fsdp and not last else nullcontext()
+        batch = batch_to(collate(model, mb, pad_id), d.device)
+        with sync, autocast:
+            loss_sum = engine(batch)
+            # DDP and FSDP2 average gradients over ranks: scale by world to get the global-token mean
+            (loss_sum * d.world / max(n_policy, 1.0)).backward()
+        nll += loss_sum.detach().double()
+    if d.world > 1:
+        dist.all_reduce(nll)
+    loss, grad_norm = nll.item() / max(n_policy, 1.0), float("nan")
+    if math.isfinite(loss):
+        params = [p for p in engine.parameters() if p.requires_grad]
+        gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+        if math.isfinite(grad_norm):
+            optimizer.step()
+    return loss, grad_norm, n_policy, n_tokens
+
+
 # --------------------------------------------------------------------------- main
 def main(argv=None):
     cfg = parse_config(Config, sys.argv[1:] if argv is None else list(argv))  # a bare --resume is --resume=true
@@ -204,54 +285,18 @@ def main(argv=None):
     # ---- model
     init = cfg.out if cfg.resume else (cfg.init or cfg.model)
     model, processor = load_model(init, d.device, dtype=torch.float32, grad_ckpt=cfg.grad_ckpt)
-    pad_id = processor.tokenizer.pad_token_id
     given = given_keys(sys.argv[1:] if argv is None else argv)
     for k, v in follow_layout(init, asdict(view_from(cfg)), given, print0).items():  # the layout it learnt
         setattr(cfg, k, v)
     view = view_from(cfg)
 
-    # ---- data: every rank renders a strided share; lengths and failures are shared so all ranks agree
-    samples, skipped_rows = read_samples(cfg.data.split(","), cfg.limit, cfg.skip_bad_rows)
-    cache, info = {}, {}
-    share = range(d.rank, len(samples), world)
-    with ThreadPoolExecutor(cfg.workers) as pool:
-        done = pool.map(lambda i: try_render(processor, view, samples[i], i, cfg), share)
-        for i, r in zip(share, tqdm(done, total=len(share), desc="rendering", disable=not d.is_main, leave=False)):
-            info[i] = r if isinstance(r, str) else len(r.input_ids)
-            if cfg.cache and not isinstance(r, str):
-                cache[i] = r
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, info)
-        info = {k: v for p in parts for k, v in p.items()}
-    text_cfg = getattr(model.config, "text_config", model.config)
-    max_len = cfg.max_len or getattr(text_cfg, "max_position_embeddings", None) or float("inf")
-    keep = []
-    for i in range(len(samples)):
-        if isinstance(info[i], str):
-            print0(f"warning: skipping sample {info[i]}")
-        elif info[i] > max_len:
-            print0(f"warning: skipping sample {samples[i]['id']}: {info[i]} tokens > max_len {max_len}"
-                   + ("" if cfg.max_len else " (the model's context; --max_len= sets another)"))
-        else:
-            keep.append(i)
-    skipped = skipped_rows + len(samples) - len(keep)
-    lengths = [info[i] for i in keep]
-    if len(keep) < cfg.batch_size:
-        raise SystemExit(f"{len(keep)} usable samples, fewer than one batch of {cfg.batch_size}")
-    steps_per_epoch = len(keep) // cfg.batch_size
-    total = cfg.steps or max(1, int(cfg.epochs * steps_per_epoch))
-    print0(f"{len(keep)} samples ({skipped} skipped), {steps_per_epoch} steps/epoch, {total} steps, "
-           f"world {world} ({cfg.parallel}), model {init}")
-
-    def rendered(k):  # k indexes `keep`
-        i = keep[k]
-        r = cache[i] if i in cache else try_render(processor, view, samples[i], i, cfg)
-        if isinstance(r, str):  # it rendered at start-up: the files changed under us
-            raise RuntimeError(f"sample {r} could be read at start-up but no longer")
-        return r
+    data = Data(cfg, d, processor, view, model)
 
     # ---- optimisation
+    steps_per_epoch = len(data.keep) // cfg.batch_size
+    total = cfg.steps or max(1, int(cfg.epochs * steps_per_epoch))
+    print0(f"{len(data.keep)} samples ({data.skipped} skipped), {steps_per_epoch} steps/epoch, {total} steps, "
+           f"world {world} ({cfg.parallel}), model {init}")
     engine = wrap(PolicyNLL(model), model, d, cfg.parallel, cfg.bf16)
     params = [p for p in engine.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -277,42 +322,14 @@ def main(argv=None):
             g["lr"] = lr
         epoch, b = divmod(step, steps_per_epoch)
         if epoch not in orders:
-            orders = {epoch: epoch_batches(lengths, cfg, epoch)}
+            orders = {epoch: epoch_batches(data.lengths, cfg, epoch)}
         mine = orders[epoch][b][d.rank::world]  # rank-strided share of the (length-sorted) global batch
-        micro = [[rendered(k) for k in mine[j:j + cfg.micro_batch_size]]
+        micro = [[data.rendered(k) for k in mine[j:j + cfg.micro_batch_size]]
                  for j in range(0, len(mine), cfg.micro_batch_size)]
-        # the global count of policy tokens, so the loss is a mean over the whole global batch
-        counts = torch.tensor([sum(sum(r.policy_mask[1:]) for mb in micro for r in mb),
-                               sum(len(r.input_ids) for mb in micro for r in mb)],
-                              dtype=torch.float64, device=d.device)  # policy tokens, all tokens
-        if world > 1:
-            dist.all_reduce(counts)
-        n_policy, n_tokens = counts.tolist()
-        nll = torch.zeros((), dtype=torch.float64, device=d.device)
-        model.train()
-        for j, mb in enumerate(micro):
-            last = j == len(micro) - 1
-            if fsdp:
-                engine.set_requires_gradient_sync(last)
-            sync = engine.no_sync() if world > 1 and not fsdp and not last else nullcontext()
-            batch = batch_to(collate(model, mb, pad_id), d.device)
-            with sync, autocast:
-                loss_sum = engine(batch)
-                # DDP and FSDP2 average gradients over ranks: scale by world to get the global-token mean
-                (loss_sum * world / max(n_policy, 1.0)).backward()
-            nll += loss_sum.detach().double()
-        if world > 1:
-            dist.all_reduce(nll)
-        loss = nll.item() / max(n_policy, 1.0)
-        grad_norm = float("nan")
-        ok = math.isfinite(loss)
-        if ok:
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-            ok = math.isfinite(grad_norm)
-        if ok:
-            optimizer.step()
-        else:
+        loss, grad_norm, n_policy, n_tokens = train_step(engine, model, optimizer, micro,
+                                                         processor.tokenizer.pad_token_id, cfg, d, autocast)
+        ok = math.isfinite(loss) and math.isfinite(grad_norm)
+        if not ok:
             nonfinite += 1
             print0(f"warning: step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}: update skipped")
         optimizer.zero_grad(set_to_none=True)
@@ -320,7 +337,7 @@ def main(argv=None):
         dt = time.time() - t0
         row = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=loss, lr=lr, grad_norm=grad_norm,
                    policy_tokens=int(n_policy), tokens=int(n_tokens), skipped_update=not ok,
-                   nonfinite_steps=nonfinite, skipped_samples=skipped,
+                   nonfinite_steps=nonfinite, skipped_samples=data.skipped,
                    tokens_per_s=round(n_tokens / dt, 1), step_time=round(dt, 3))
         metrics.log(row)
         if d.is_main:

@@ -2,6 +2,7 @@
 the tiny model learns, 2-process DDP / FSDP2 on gloo with exact resume, and a judge that goes down mid-run.
 Tiny needle videos, 2-frame global views, no tool schema and 2-token turns keep the file fast on 2 CPU cores."""
 import json
+import re
 import math
 import os
 import sys
@@ -21,7 +22,8 @@ from readers import load_samples
 from conftest import ranks_output, run_ranks
 from needle import NeedleConfig, generate
 from rollout import RolloutConfig, rollout
-from train_grpo import Config, dgrpo_weights, group_advantages, grpo_loss
+from grpo import dgrpo_weights, group_advantages, grpo_loss
+from train_grpo import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("rollout_s", "update_s", "tok_s")
@@ -215,7 +217,10 @@ def test_toy_reward_rises(needle_data, tmp_path, monkeypatch):
     assert all(m["ratio_err"] == 0.0 for m in metrics(out))  # one on-policy update: old is the forward itself
     dumped = [json.loads(line) for line in open(out / "rollouts" / "step_0024.jsonl")]
     assert len(dumped) == 16 and {"turns", "tool_calls", "transcript", "advantage"} <= set(dumped[0])
-    assert (out / "reward_curve.svg").read_text().count("<polyline") == 3
+    curve = (out / "reward_curve.svg").read_text()  # reward, accuracy, IoU: raw and smoothed, 24 points each
+    lines = re.findall(r'<polyline [^>]*points="([^"]*)"', curve)
+    assert len(lines) == 6 and all(len(p.split()) == 24 for p in lines)
+    assert ">step</text>" in curve and ">1</text>" in curve and ">reward</text>" in curve
 
 
 # --------------------------------------------------------------------------- 2 processes: DDP, FSDP2, resume
