@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from video import VideoError, crop_times, decode_frames, fmt_time, video_info
+from video import VideoError, crop_times, decode_frames, fmt_time
 
 CROP_VIDEO_SCHEMA: dict = {
     "type": "function",
@@ -220,12 +220,16 @@ def crop_video(video_path, start_time, end_time, fps=1.0, max_frames=64, min_fra
     """
     start = _as_seconds(start_time, "start_time")
     end = _as_seconds(end_time, "end_time")
+    window = []
+
+    def times(info):  # the window clamped to the header's duration: one open of the file
+        window.extend(_clamp_window(start, end, info["duration"]))
+        return crop_times(*window, fps, max_frames, min_frames)
     try:
-        start, end = _clamp_window(start, end, video_info(video_path)["duration"])
-        times = crop_times(start, end, fps, max_frames, min_frames)
         frames, stamps = decode_frames(video_path, times, max_pixels)
     except VideoError as e:  # the model sees it as the call's error observation
         raise ToolError(str(e)) from None
+    start, end = window
     return Clip(frames=frames, timestamps=stamps, start=start, end=end)
 
 

@@ -233,18 +233,21 @@ def _decode(container, stream, path, times, size):
     return out, stamps
 
 
-def decode_frames(path, times: list[float], max_pixels: int) -> tuple[np.ndarray, list[float]]:
+def decode_frames(path, times, max_pixels: int) -> tuple[np.ndarray, list[float]]:
     """For each time (s), the frame displayed then, resized to fit max_pixels (28-multiples).
 
-    Returns ((len(times), H, W, 3) uint8, the actual frame times), in the order of `times`.
-    Seeks to the keyframe before a far target and decodes forward to near ones, so the cost
-    depends on the number of targets and the keyframe spacing, not on where they are.
+    `times`: a list, or a function of the header info (video_info's dict) returning one, for times that depend on
+    the duration (a crop's window is clamped to it), so the file is opened once. Returns ((len(times), H, W, 3)
+    uint8, the actual frame times), in the order of `times`. Seeks to the keyframe before a far target and decodes
+    forward to near ones, so the cost depends on the number of targets and the keyframe spacing, not on where they
+    are.
     """
     container, stream = _open(path)
     try:
         info = _probe(container, stream, path)
+        times = list(times(info) if callable(times) else times)
         size = fit_size(info["width"], info["height"], max_pixels)
-        frames, stamps = _decode(container, stream, path, list(times), size)
+        frames, stamps = _decode(container, stream, path, times, size)
     finally:
         container.close()
     _check_decoded(path, times, stamps, info)
