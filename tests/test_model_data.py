@@ -603,3 +603,13 @@ def test_a_jsonl_written_with_a_bom_is_read(tmp_path):
     q = tmp_path / "bom.json"
     q.write_bytes(b"\xef\xbb\xbf" + b'[{"a": 3}]')
     assert [r for _, r in read_rows(str(q))] == [{"a": 3}]
+
+
+def test_a_missing_data_file_is_a_clear_error(tmp_path):
+    """Every script reads through load_samples: a data file that is not there stops it with its name and where the
+    embedded default's files come from (the trainers no longer generate them)."""
+    import eval as ev
+    with pytest.raises(SystemExit, match=r"data file .*nope.jsonl does not exist .*python needle.py"):
+        load_samples(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(SystemExit, match="does not exist"):
+        ev.main([f"--data={tmp_path / 'nope.jsonl'}", f"--out={tmp_path / 'out'}"])
