@@ -253,9 +253,10 @@ def write_outputs(out_dir, summary, predictions, trajectories=None, report_sampl
     write_jsonl(os.path.join(out_dir, "predictions.jsonl"), predictions)
     write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
     if trajectories is not None:
-        write_jsonl(os.path.join(out_dir, "trajectories.jsonl"), (dict(id=p["id"], draw=p["draw"], prompt_len=t.prompt_len, input_ids=t.input_ids,
-                                         policy_mask=t.policy_mask, logprobs=t.logprobs, turn_ids=t.turn_ids)
-                                    for p, t in zip(predictions, trajectories)))
+        write_jsonl(os.path.join(out_dir, "trajectories.jsonl"),
+                    (dict(id=p["id"], draw=p["draw"], prompt_len=t.prompt_len, input_ids=t.input_ids,
+                          policy_mask=t.policy_mask, logprobs=t.logprobs, turn_ids=t.turn_ids)
+                     for p, t in zip(predictions, trajectories)))
     if report_samples > 0:
         from report import write_report
         write_report(os.path.join(out_dir, "report.html"), summary, predictions[:report_samples],
