@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from data import save_view
-from model import resolve_checkpoint
+from model import all_gather_obj, resolve_checkpoint
 
 STATE = "trainer_state.pt"
 METRICS = "metrics.jsonl"
@@ -133,13 +133,6 @@ def set_rng_state(s):
         torch.cuda.set_rng_state(s["cuda"])
 
 
-def _gather(obj):
-    out = [obj] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(out, obj)
-    return out
-
-
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -175,7 +168,7 @@ def save(out, model, processor, net, optimizer, state, view, d):
     if d.world > 1 and any(hasattr(p, "full_tensor") for p in model.parameters()):  # sharded (DTensor) weights
         named = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
         sd = {k: v for k, v in get_model_state_dict(model, options=opts).items() if k in named}  # tied ones once
-    state = dict(state, config=asdict(state["config"]), world=d.world, rng=_gather(rng_state()),
+    state = dict(state, config=asdict(state["config"]), world=d.world, rng=all_gather_obj(rng_state()),
                  optimizer=get_optimizer_state_dict(net, optimizer, options=opts))
     if d.is_main:
         extra = {STATE: state}

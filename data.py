@@ -290,16 +290,16 @@ class Renderer:
         if self.longvt:  # in-memory samples have no video: the path is left blank
             path = os.path.abspath(sample["video"]) if sample.get("video") else ""
             tail = LONGVT_EVAL if self.view.protocol == "longvt_eval" else LONGVT_RL
-            return self.system_turn() + self.user(q, frames, timestamps, q + tail.format(path=path))
+            return self.system_turn() + self.user(frames, timestamps, q + tail.format(path=path))
         instr = INSTRUCTION_TOOLS if self.view.tools else INSTRUCTION_NO_TOOLS
         # LongVT's user turn ends with the instruction; ours ends with the question, next to the assistant turn that
         # answers it: the tiny policy then answers the kind of question asked (README "The question last")
-        return self.system_turn() + self.user(q, frames, timestamps, f"{instr.lstrip()}\n{q}")
+        return self.system_turn() + self.user(frames, timestamps, f"{instr.lstrip()}\n{q}")
 
-    def user(self, q, frames, timestamps, body=None):
-        """The user turn: the global view, then `body` (None: the question alone), + the assistant header."""
-        return (self.mark("<|im_start|>user\n") + self.visual(frames, timestamps)
-                + self.text(q if body is None else body) + self.mark(f"<|im_end|>{self.sep}<|im_start|>assistant\n"))
+    def user(self, frames, timestamps, text):
+        """The user turn: the global view, then `text`, + the assistant header."""
+        return (self.mark("<|im_start|>user\n") + self.visual(frames, timestamps) + self.text(text)
+                + self.mark(f"<|im_end|>{self.sep}<|im_start|>assistant\n"))
 
     def observation(self, obs, last=False):
         """The chunk appended after a tool-call turn: closes the assistant turn, the tool response as a user

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from data import ViewConfig, global_times
-from checkpoint import replaced, write_jsonl
-from video import crop_times
+from checkpoint import replaced, write_jsonl, write_text
+from video import crop_times, fmt_time
 from model import parse_config
 
 COLOURS = {  # RGB of the needle benchmark's colours (each a word of the tiny tokenizer)
@@ -133,12 +133,8 @@ def write_video(path, duration, scenes, needle, cfg: NeedleConfig):
             out.mux(packet)
 
 
-def _fmt(t):
-    return str(int(t)) if float(t).is_integer() else f"{t:.1f}"
-
-
 def call_text(a, b):
-    return f'<tool_call>{{"name": "crop_video", "arguments": {{"start_time": {_fmt(a)}, "end_time": {_fmt(b)}}}}}</tool_call>'
+    return f'<tool_call>{{"name": "crop_video", "arguments": {{"start_time": {fmt_time(a)}, "end_time": {fmt_time(b)}}}}}</tool_call>'
 
 
 # --------------------------------------------------------------------------- the window task (the default)
@@ -240,8 +236,7 @@ def generate(cfg: NeedleConfig):
         rows["sft"].append(dict(s, id=s["id"] + "_notool", tools=False, turns=[NOTOOL_TURN.format(s["answer"])]))
     for split, samples in rows.items():
         write_jsonl(os.path.join(cfg.out, f"{split}.jsonl"), samples)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
+    write_text(os.path.join(cfg.out, "config.json"), json.dumps(asdict(cfg), indent=1))
     return rows
 
 

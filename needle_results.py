@@ -88,8 +88,7 @@ def main(runs, secs):
                          f"(paired 95% CI {lo:+.3f} to {hi:+.3f})")
         lines.append("")
     lines += [f"chance (six needle colours): {CHANCE:.3f}", f"pipeline wall time: {secs} s"]
-    with open(os.path.join(runs, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(os.path.join(runs, "results.md"), "\n".join(lines) + "\n")
     svg(bars, os.path.join(runs, "results.svg"))
     print("\n".join(lines))
 

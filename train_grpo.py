@@ -22,7 +22,6 @@ and samples do not dominate a mixed batch; our formula in the spirit of VITAL's,
 
 Departures from LongVT (verl + vLLM): our batched HF rollout loop; contiguous mini-batches; an unreadable video is
 skipped and counted; a failed judge falls back to rules, counted; fp32 weights and AdamW with bf16 compute on CUDA."""
-import json
 import os
 import re
 import sys
@@ -207,14 +206,14 @@ def init_path(p):
 def dump_rollouts(path, rows, tokenizer):
     """Whole trajectories [(traj, (reward, components), advantage)] as JSONL: the turns, the tool calls with their
     windows and errors, and the decoded transcript after the prompt (runs of vision pads collapsed)."""
+    def row(t, r, c, a):
+        text = re.sub(r"(<\|(?:video|image)_pad\|>)+", r"\1", tokenizer.decode(t.input_ids[t.prompt_len:]))
+        calls = [{k: v for k, v in tc.items() if k != "timestamps"} for tc in t.tool_calls]
+        return dict(id=t.sample.get("id"), question=t.sample.get("question"), window=t.sample.get("window"),
+                    reference=t.sample.get("answer"), reward=r, advantage=a, components=c, turns=t.turns_text,
+                    tool_calls=calls, stop_reason=t.stop_reason, transcript=text)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        for t, (r, c), a in rows:
-            text = re.sub(r"(<\|(?:video|image)_pad\|>)+", r"\1", tokenizer.decode(t.input_ids[t.prompt_len:]))
-            calls = [{k: v for k, v in tc.items() if k != "timestamps"} for tc in t.tool_calls]
-            f.write(json.dumps(dict(id=t.sample.get("id"), question=t.sample.get("question"), window=t.sample.get(
-                "window"), reference=t.sample.get("answer"), reward=r, advantage=a, components=c, turns=t.turns_text,
-                tool_calls=calls, stop_reason=t.stop_reason, transcript=text), default=str) + "\n")
+    write_jsonl(path, (row(t, r, c, a) for t, (r, c), a in rows))
 
 
 # --------------------------------------------------------------------------- training

@@ -57,7 +57,7 @@ from tqdm import tqdm
 from data import (Renderer, ViewConfig, batch_to, collate, follow_layout, global_times, model_vision, render_sft,
                   view_from)
 import checkpoint
-from model import compute_init, given_keys, load_model, lr_at, parse_config, print0, unwrap, wrap
+from model import all_gather_obj, compute_init, given_keys, load_model, lr_at, parse_config, print0, unwrap, wrap
 from readers import DataError, load_samples
 from rollout import RolloutConfig
 from video import VideoError, video_info
@@ -203,10 +203,7 @@ class Data:
                 info[i] = r if isinstance(r, str) else len(r.input_ids)
                 if cfg.cache and not isinstance(r, str):
                     self.cache[i] = r
-        if d.world > 1:
-            parts = [None] * d.world
-            dist.all_gather_object(parts, info)
-            info = {k: v for p in parts for k, v in p.items()}
+        info = {k: v for part in all_gather_obj(info) for k, v in part.items()}
         text_cfg = getattr(model.config, "text_config", model.config)
         max_len = cfg.max_len or getattr(text_cfg, "max_position_embeddings", None) or float("inf")
         self.keep = []
