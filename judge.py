@@ -119,33 +119,27 @@ class _Retryable(Exception):  # a failed attempt worth repeating: network, timeo
 
 
 class Judge:
-    """An LLM judge behind an OpenAI-compatible endpoint: retries with backoff, a bounded thread
-    pool for batches, and a thread-safe cache of (question, reference, prediction) -> score."""
+    """An LLM judge behind an OpenAI-compatible endpoint: retries with backoff, a bounded thread pool for batches,
+    a thread-safe cache of (question, reference, prediction, style) -> score."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None,
-                 timeout: float = 30.0, retries: int = 3, backoff: float = 0.5, workers: int = 16,
-                 max_tokens: int = 512, cache_size: int = 65536):
-        base_url = base_url.rstrip("/")
-        # "http://host:8000" means the usual /v1 root; a URL with a path is taken as given
+    def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None, timeout: float = 30.0,
+                 retries: int = 3, backoff: float = 0.5, workers: int = 16, max_tokens: int = 512,
+                 cache_size: int = 65536):
+        base_url = base_url.rstrip("/")  # "http://host:8000" means the usual /v1 root; a URL with a path is as given
         self.base_url = base_url + "/v1" if urlsplit(base_url).path in ("", "/") else base_url
-        self.api_key, self.model = api_key, model
-        self.timeout, self.retries, self.backoff, self.workers = timeout, retries, backoff, workers
-        self.max_tokens, self.cache_size = max_tokens, cache_size
-        self.session = requests.Session()
-        # one pooled connection per worker, else urllib3 drops and reopens connections under load
+        self.api_key, self.model, self.timeout, self.retries, self.backoff = api_key, model, timeout, retries, backoff
+        self.workers, self.max_tokens, self.cache_size = workers, max_tokens, cache_size
+        self.session = requests.Session()  # one pooled connection per worker, else urllib3 reopens them under load
         adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=max(workers, 10))
         for prefix in ("http://", "https://"):
             self.session.mount(prefix, adapter)
         self.sleep = time.sleep  # injectable so that tests can check backoff without waiting
         self.failures, self.last_error = 0, None  # requests that failed after all retries, and why the last did
-        self._cache: dict[tuple[str, str, str], float] = {}
-        self._lock = threading.Lock()
-        self._model_lock = threading.Lock()
+        self._cache, self._lock, self._model_lock = {}, threading.Lock(), threading.Lock()
 
     @classmethod
     def from_env(cls, **kw) -> "Judge | None":
-        """LLM_AS_A_JUDGE_BASE (LongVT's name) or OPENAI_BASE_URL; OPENAI_API_KEY;
-        OPENAI_MODEL_NAME (else discovered by health_check). None when no base URL is set."""
+        """From LLM_AS_A_JUDGE_BASE or OPENAI_BASE_URL, OPENAI_API_KEY, OPENAI_MODEL_NAME; None without a URL."""
         base = os.environ.get("LLM_AS_A_JUDGE_BASE") or os.environ.get("OPENAI_BASE_URL")
         if not base:
             return None
@@ -157,8 +151,8 @@ class Judge:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def health_check(self) -> None:
-        """GET /models before any training starts; raises RuntimeError naming the URL and what
-        failed. Discovers the model (the first served) when none was configured."""
+        """GET /models before any training starts: RuntimeError naming the URL and what failed. Without a configured
+        model, takes the first one served."""
         url = f"{self.base_url}/models"
         try:
             r = self.session.get(url, headers=self._headers(), timeout=self.timeout)
@@ -207,9 +201,8 @@ class Judge:
         return value
 
     def score(self, question: str, reference: str, prediction: str, style: str = "ours") -> tuple[float | None, bool]:
-        """(score in {0, 0.5, 1}, from_cache). None after the final failure (counted in
-        self.failures); failures are not cached, so a later call tries again. style "longvt": LongVT's request
-        and verdict rule (the reward's rules="longvt")."""
+        """(score in {0, 0.5, 1} or None after the final failure (counted, not cached), from_cache). style "longvt":
+        LongVT's request and verdict rule (the reward's rules="longvt")."""
         key = (question, reference, prediction, style)
         with self._lock:
             if key in self._cache:
@@ -245,8 +238,7 @@ class Judge:
         return None, False
 
     def score_many(self, items: list[tuple[str, str, str]], style: str = "ours") -> list[float | None]:
-        """Scores for many (question, reference, prediction) items, at most `workers` requests in
-        flight; duplicates are asked once."""
+        """Scores of (question, reference, prediction) items, `workers` requests in flight, duplicates asked once."""
         unique = list(dict.fromkeys(items))
         if not unique:
             return []

@@ -308,10 +308,29 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
+def expand_configs(argv):
+    """argv with each `--config=<file.json>` (a JSON object of flags: a stage's checked-in settings, configs/)
+    replaced by its `--key=value` pairs, in place: a flag after it wins."""
+    out = []
+    for arg in argv:
+        if not arg.startswith("--config="):
+            out.append(arg)
+            continue
+        path = arg.split("=", 1)[1]
+        try:
+            items = json.load(open(path))
+            assert isinstance(items, dict), "not a JSON object"
+        except (OSError, ValueError, AssertionError) as e:
+            raise SystemExit(f"--config={path}: {e}") from None
+        out += [f"--{k}=" + (str(v).lower() if isinstance(v, bool) else v if isinstance(v, str) else json.dumps(v))
+                for k, v in items.items()]
+    return out
+
+
 def parse_config(cls, argv=None):
-    """A `cls` dataclass from `--key=value` arguments, each cast to the field's type (a bare `--flag` sets a
-    boolean field); unknown keys are an error."""
-    argv = sys.argv[1:] if argv is None else argv
+    """A `cls` dataclass from `--key=value` arguments (and `--config=<file.json>`: expand_configs), each cast to the
+    field's type (a bare `--flag` sets a boolean field); unknown keys are an error."""
+    argv = expand_configs(sys.argv[1:] if argv is None else argv)
     types = {f.name: f.type for f in fields(cls)}
     kw = {}
     for arg in argv:
@@ -340,7 +359,7 @@ def parse_config(cls, argv=None):
 def given_keys(argv):
     """The keys an argument list sets (`--key=value` or a bare `--flag`): the flags a user chose, which win over a
     checkpoint's view.json (data.follow_layout)."""
-    return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    return {a[2:].split("=")[0] for a in expand_configs(argv) if a.startswith("--")}
 
 
 # --------------------------------------------------------------------------- checkpoints

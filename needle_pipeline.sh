@@ -34,7 +34,7 @@ stage() { echo; echo "=== $1 ($(( $(date +%s) - start )) s)"; }
 stage "data: $DATA"
 [ -f "$DATA/eval.jsonl" ] || $PY needle.py --out="$DATA" --seed="$SEED" $DATA_ARGS
 
-EVAL_ARGS="--max_new_tokens=128 --batch_size=32 --seed=$SEED $EVAL_ARGS"  # the tiny policy's turns are < 100 tokens; cap runaway samples
+EVAL="--config=configs/needle_eval.json --seed=$SEED $EVAL_ARGS"  # (configs/: the tiny policy's eval settings)
 done_() { [ -f "$1/done" ]; }
 
 stage "stage 0: the tiny model's skill warm-up -> $RUNS/warmup"
@@ -58,13 +58,12 @@ fi
 
 stage "stage 3: RFT data (correct, IoU >= 0.3 trajectories of the GRPO policy on the RL prompts, 2 each)"
 [ -f "$RUNS/rft.jsonl" ] || $PY eval.py --model="$RUNS/grpo" --data="$DATA/rl.jsonl" --out="$RUNS/grpo/eval_rl" \
-  --export_rft="$RUNS/rft.jsonl" --temperature=1.0 --samples=2 $EVAL_ARGS
+  --export_rft="$RUNS/rft.jsonl" --config=configs/needle_rft_export.json --seed="$SEED" $EVAL_ARGS
 n=$(wc -l < "$RUNS/rft.jsonl")
 if [ "$n" -ge "$RFT_MIN" ] && [ "$n" -gt 0 ]; then
   stage "stage 3: RFT on $n trajectories from the GRPO checkpoint -> $RUNS/rft"
-  b=$(( n < 4 ? n : 4 ))
-  $PY train_sft.py --init="$RUNS/grpo" --data="$RUNS/rft.jsonl" --out="$RUNS/rft" --batch_size=$b --micro_batch_size=$b \
-    --view_jitter=false --lr=5e-4 --epochs=1 --threads=2 --seed="$SEED" $RFT_ARGS
+  $PY train_sft.py --init="$RUNS/grpo" --data="$RUNS/rft.jsonl" --out="$RUNS/rft" --config=configs/rft.json --threads=2 \
+    --seed="$SEED" $RFT_ARGS
 else
   stage "stage 3: WARNING: the GRPO policy produced $n correct, grounded trajectories (< RFT_MIN=$RFT_MIN); RFT keeps the GRPO weights"
   rm -rf "$RUNS/rft" && mkdir -p "$RUNS/rft" && cp "$RUNS"/grpo/*.* "$RUNS/rft/"
@@ -72,16 +71,16 @@ fi
 
 for s in sft grpo rft; do
   stage "eval: $s"
-  $PY eval.py --model="$RUNS/$s" --data="$DATA/eval.jsonl" --out="$RUNS/$s/eval" $EVAL_ARGS
+  $PY eval.py --model="$RUNS/$s" --data="$DATA/eval.jsonl" --out="$RUNS/$s/eval" $EVAL
   if [ -s "$DATA/eval_short.jsonl" ]; then  # held-out layouts as long as the training videos (data of older runs lack it)
     stage "eval: $s on training-length videos"
-    $PY eval.py --model="$RUNS/$s" --data="$DATA/eval_short.jsonl" --out="$RUNS/$s/eval_short" $EVAL_ARGS
+    $PY eval.py --model="$RUNS/$s" --data="$DATA/eval_short.jsonl" --out="$RUNS/$s/eval_short" $EVAL
   fi
 done
 stage "eval: no-tool baseline (the final model, answering from the global view)"
-$PY eval.py --model="$RUNS/rft" --data="$DATA/eval.jsonl" --out="$RUNS/rft/eval_notool" --tools=false $EVAL_ARGS
+$PY eval.py --model="$RUNS/rft" --data="$DATA/eval.jsonl" --out="$RUNS/rft/eval_notool" --tools=false $EVAL
 [ -s "$DATA/eval_short.jsonl" ] && $PY eval.py --model="$RUNS/rft" --data="$DATA/eval_short.jsonl" \
-  --out="$RUNS/rft/eval_notool_short" --tools=false $EVAL_ARGS
+  --out="$RUNS/rft/eval_notool_short" --tools=false $EVAL
 
 stage "results"
 $PY needle_results.py "$RUNS" "$(( $(date +%s) - start ))"  # the tables with 95% intervals, runs/results.svg

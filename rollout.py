@@ -322,17 +322,24 @@ class Engine:
             texts.append(self.tok.decode(r.turn, skip_special_tokens=False))
             r.traj.turns_text.append(texts[-1])
 
-        def run(i):
-            s = self.rows[i].traj.sample
-            return observe(texts[i], s["video"], s["duration"], fps=view.crop_fps, max_frames=view.crop_max_frames,
-                           min_frames=view.crop_min_frames, max_pixels=view.crop_max_pixels,
-                           protocol=view.protocol)
+        def run(key):
+            call, video, duration = key
+            return observe(call, video, duration, fps=view.crop_fps, max_frames=view.crop_max_frames,
+                           min_frames=view.crop_min_frames, max_pixels=view.crop_max_pixels, protocol=view.protocol)
+        # a call's result depends only on the text from its turn's last <tool_call> on and on the video: rows making
+        # the same call (a group often does) share one decode, one rendering and its pixel tensors
+        keys = [(t[max(t.rfind("<tool_call>"), 0):], r.traj.sample["video"], r.traj.sample["duration"])
+                for t, r in zip(texts, self.rows)]
+        unique = list(dict.fromkeys(keys))
         with ThreadPoolExecutor(cfg.workers) as pool:
-            obs = list(pool.map(run, range(len(self.rows))))
-        chunks, keep = [], []
-        for i, (r, o) in enumerate(zip(self.rows, obs)):
+            obs = dict(zip(unique, pool.map(run, unique)))
+        chunks, keep, rendered = [], [], {}
+        for i, (r, key) in enumerate(zip(self.rows, keys)):
+            o, last = obs[key], r.traj.num_tool_calls + 1 >= cfg.max_turns
             r.traj.tool_calls.append(dict(raw=o["raw"], window=o["window"], error=o["error"], timestamps=o["timestamps"]))
-            obs_chunk = self.renderer.observation(o, last=r.traj.num_tool_calls >= cfg.max_turns)
+            if (key, last) not in rendered:
+                rendered[key, last] = self.renderer.observation(o, last=last)
+            obs_chunk = rendered[key, last]
             if len(r.traj.input_ids) + len(obs_chunk.input_ids) + 1 > cfg.max_total_tokens:
                 r.traj.stop_reason = "length"
                 self.done(r.traj, finished)

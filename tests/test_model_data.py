@@ -151,6 +151,38 @@ def test_parse_config_and_compute_init():
     assert (d.rank, d.world, d.is_main, d.device.type) == (0, 1, True, "cpu")
 
 
+def test_config_file_sets_flags_and_a_later_flag_wins(tmp_path):
+    """--config=<file.json> is its flags in place (a later flag wins, an earlier one loses); its keys count as
+    given (they win over a checkpoint's view.json); a missing file, bad JSON, a non-object or an unknown key is a
+    clear SystemExit."""
+    from dataclasses import dataclass
+    from model import given_keys
+
+    @dataclass
+    class C:
+        lr: float = 1.0
+        steps: int = 2
+        flag: bool = False
+        name: str = "x"
+        d: dict = None
+    f = tmp_path / "c.json"
+    f.write_text('{"lr": 5e-4, "steps": 3, "flag": true, "name": "a b", "d": {"k": 1}}')
+    c = parse_config(C, ["--steps=9", f"--config={f}", "--lr=0.1"])
+    assert (c.lr, c.steps, c.flag, c.name, c.d) == (0.1, 3, True, "a b", {"k": 1})
+    assert given_keys([f"--config={f}"]) == {"lr", "steps", "flag", "name", "d"}
+    for text in ("{", "[1]", '{"nope": 1}'):
+        f.write_text(text)
+        with pytest.raises(SystemExit, match="c.json|nope"):
+            parse_config(C, [f"--config={f}"])
+    with pytest.raises(SystemExit, match="missing.json"):
+        parse_config(C, [f"--config={tmp_path}/missing.json"])
+    import eval as ev
+    import train_sft
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, cls in (("rft", train_sft.Config), ("needle_eval", ev.Config), ("needle_rft_export", ev.Config)):
+        parse_config(cls, [f"--config={root}/configs/{name}.json"])  # the checked-in configs parse for their scripts
+
+
 # --------------------------------------------------------------------------- readers
 def test_malformed_line_names_file_and_line(tmp_path):
     p = tmp_path / "bad.jsonl"

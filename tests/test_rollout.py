@@ -10,6 +10,7 @@ from data import Renderer, ViewConfig, batch_to, collate, model_vision, render_s
 from model import TinyConfig, load_model, token_logprobs
 from needle import NeedleConfig, generate
 from rollout import RolloutConfig, rollout
+from tools import observe
 
 VIEW = ViewConfig(global_frames=16, crop_max_frames=8)
 SMALL = TinyConfig(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, vision_hidden=32, vision_depth=1)  # overfits fast
@@ -218,6 +219,24 @@ def _same(a, b):
     assert [[c["window"] for c in t.tool_calls] for t in a] == [[c["window"] for c in t.tool_calls] for t in b]
     for x, y in zip(a, b):
         assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < 1e-4
+
+
+def test_rows_making_the_same_call_share_its_observation(scripted, monkeypatch):
+    """Greedy rows of a group make the same calls: each distinct call is decoded and rendered once, its pixel tensors
+    shared by the rows (the same object, not a copy); the trajectories equal a one-row-per-sample run's."""
+    import rollout as ro
+    model, proc, rows, _ = scripted
+    seen = []
+    monkeypatch.setattr(ro, "observe", lambda text, *a, **k: seen.append(text) or observe(text, *a, **k))
+    cfg = RolloutConfig(temperature=0, max_new_tokens=80, max_turns=2, keep_vision=True)
+    one = rollout(model, proc, rows, 1, cfg, VIEW)
+    n_one = len(seen)
+    four = rollout(model, proc, rows, 4, cfg, VIEW)
+    assert n_one >= 4 and len(seen) == 2 * n_one  # four rows per sample, no more decodes than one row
+    for k, t in enumerate(four):
+        assert t.input_ids == one[k // 4].input_ids and t.num_tool_calls == one[k // 4].num_tool_calls
+    a, b = four[0], four[1]
+    assert a.num_tool_calls and all(x is y for x, y in zip(a.vision_parts, b.vision_parts))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
