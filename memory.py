@@ -1,24 +1,13 @@
 """--dry_run: does a run fit? What eval.py or train_grpo.py needs per GPU, from the model's config and the first
-sample's video headers alone (no weights are loaded, nothing is written).
+sample's video headers alone (no weights are loaded, nothing is written):
 
     python train_grpo.py --init=Qwen/Qwen2.5-VL-7B-Instruct --dry_run=true --gpus=8 ...   # the run's own flags
-    python eval.py --model=runs/grpo --dry_run=true
 
-Every term is an estimate written from what the code keeps alive; tests/test_memory.py holds each against a
-measurement on tiny configs on the CPU (the cache's bytes exactly, the transients and saved tensors within 25%).
-The GPU-side choices (bf16, flash_attention_2 when installed, else sdpa) are those model.py makes on CUDA.
-Terms, per GPU:
-- weights: the bf16 policy the rollout runs (FSDP2: every unit gathered), the fp32 shards, their gradients and
-  AdamW's two moments, the bf16 reference (kl_coef > 0), the units FSDP2 gathers during the update;
-- the rollout's KV cache: max_rows rows x the chunk's time axis at most (holes included: the episode, and never past
-  max_total_tokens + one observation + one turn, where the rollout compacts them) x 2 (K, V) x layers x KV heads x
-  head dim x 2 bytes;
-- the prefill/append transient: one forward of prefill_chunk query tokens against that axis (the attention mask,
-  sdpa's repeat of K/V for grouped-query heads, the MLP), or the vision tower on the frames of one piece;
-- the update's peak: one micro-batch of micro_batch episodes at max_total_tokens with gradient checkpointing (each
-  decoder layer's input saved, one layer recomputed at a time, the LM head in checkpointed chunks of 1024 policy
-  tokens), and the vision tower's saved tensors unless --freeze_vision;
-- host RAM per rank: the trajectories' pixel values (fp32, the prompt's shared by its group) and decoded frames.
+Each term is an estimate of what the code keeps alive (bf16, flash_attention_2 when installed, else sdpa, as model.py
+picks on CUDA), held against a measurement on tiny configs in tests/test_memory.py: the weights (the bf16 policy of
+the rollout, fp32 shards, grads, AdamW, the reference, FSDP2's gathered units); the rollout's KV cache at max_rows;
+the prefill/append transient of one prefill_chunk forward or of the vision tower on one piece; the update's peak
+(one micro-batch with gradient checkpointing, the LM head in chunks); the host RAM of pixel values and frames.
 """
 import numpy as np
 import torch

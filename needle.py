@@ -51,7 +51,7 @@ class NeedleConfig:
                                    # than 192: SFT then learns the copy instead of memorising rows, docs/screen.md)
     num_rl: int = -1               # RL prompts (rl.jsonl: other videos of the training lengths, for GRPO and the
                                    # RFT export, as LongVT's RL data is not its SFT data); -1: num_train // 4
-    num_eval: int = 256            # held-out samples (eval.jsonl: the longer eval videos, the generalisation set)
+    num_eval: int = 128            # held-out samples (eval.jsonl: the longer eval videos, the generalisation set)
     num_eval_short: int = 256      # held-out samples with the training videos' lengths (eval_short.jsonl): the
                                    # gate set of the README's results table
     seed: int = 0                  # everything is deterministic for a seed
@@ -216,10 +216,10 @@ def generate(cfg: NeedleConfig):
     os.makedirs(video_dir, exist_ok=True)
     rng = random.Random(cfg.seed)
     rows = {"train": [], "eval": [], "sft": [], "eval_short": [], "rl": []}
-    # eval_short, then rl, last: the splits before them do not depend on them
+    # drawn in this order, so that a split's size changes none of the splits before it (the longer videos last)
     n_rl = max(1, cfg.num_train // 4) if cfg.num_rl < 0 else cfg.num_rl
-    jobs = [("train", i) for i in range(cfg.num_train)] + [("eval", i) for i in range(cfg.num_eval)] + \
-        [("eval_short", i) for i in range(cfg.num_eval_short)] + [("rl", i) for i in range(n_rl)]
+    jobs = [("train", i) for i in range(cfg.num_train)] + [("eval_short", i) for i in range(cfg.num_eval_short)] + \
+        [("rl", i) for i in range(n_rl)] + [("eval", i) for i in range(cfg.num_eval)]
     pending = []  # the videos to write: drawn in order (every draw comes from one generator), written in parallel
     for split, i in jobs:
         sample, turns = make_sample(i, split, rng, cfg, video_dir, pending)  # the turns are drawn for every split,

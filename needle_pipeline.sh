@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The three-stage LongVT recipe end to end on the embedded default (synthetic needle videos + tiny model):
 #   data (needle.py) -> the tiny model's skill warm-up (needle_warmup.py) -> stage 1 SFT -> stage 2 GRPO (torchrun,
-#   2 processes) -> stage 3 RFT (export + SFT from GRPO) -> eval of every stage and of the no-tool baseline on the
-#   held-out (longer) videos, and of every stage on held-out videos as long as the training ones -> results tables
-#   (needle_results.py). Each stage runs with its script's defaults; only paths and the seed are passed.
+#   2 processes) -> stage 3 RFT (export + SFT from GRPO) -> eval of every stage and of the no-tool baseline on held-out
+#   videos as long as the training ones (the gate), and of the final model and the baseline on longer ones -> results
+#   tables (needle_results.py). Each stage runs with its script's defaults; only paths and the seed are passed.
 #
 #   bash needle_pipeline.sh                           # writes runs/ and runs/results.md
 #   SEED=1 bash needle_pipeline.sh                    # another seed (data, warm-up, SFT, GRPO, evals): runs_seed1/
@@ -70,17 +70,14 @@ else
 fi
 
 for s in sft grpo rft; do
-  stage "eval: $s"
-  $PY eval.py --model="$RUNS/$s" --data="$DATA/eval.jsonl" --out="$RUNS/$s/eval" $EVAL
-  if [ -s "$DATA/eval_short.jsonl" ]; then  # held-out layouts as long as the training videos (data of older runs lack it)
-    stage "eval: $s on training-length videos"
-    $PY eval.py --model="$RUNS/$s" --data="$DATA/eval_short.jsonl" --out="$RUNS/$s/eval_short" $EVAL
-  fi
+  stage "eval: $s on held-out videos of the training lengths (the gate)"
+  $PY eval.py --model="$RUNS/$s" --data="$DATA/eval_short.jsonl" --out="$RUNS/$s/eval_short" $EVAL
 done
-stage "eval: no-tool baseline (the final model, answering from the global view)"
+stage "eval: rft on held-out longer videos (generalisation to length)"
+$PY eval.py --model="$RUNS/rft" --data="$DATA/eval.jsonl" --out="$RUNS/rft/eval" $EVAL
+stage "eval: no-tool baseline (the final model, answering from the global view), both sets"
+$PY eval.py --model="$RUNS/rft" --data="$DATA/eval_short.jsonl" --out="$RUNS/rft/eval_notool_short" --tools=false $EVAL
 $PY eval.py --model="$RUNS/rft" --data="$DATA/eval.jsonl" --out="$RUNS/rft/eval_notool" --tools=false $EVAL
-[ -s "$DATA/eval_short.jsonl" ] && $PY eval.py --model="$RUNS/rft" --data="$DATA/eval_short.jsonl" \
-  --out="$RUNS/rft/eval_notool_short" --tools=false $EVAL
 
 stage "results"
 $PY needle_results.py "$RUNS" "$(( $(date +%s) - start ))"  # the tables with 95% intervals, runs/results.svg

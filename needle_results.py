@@ -17,7 +17,7 @@ from checkpoint import write_text
 CHANCE = 1 / 6  # six needle colours, drawn uniformly
 STAGES = [("no-tool baseline", "rft/eval_notool"), ("SFT", "sft/eval"), ("GRPO", "grpo/eval"), ("RFT", "rft/eval")]
 SETS = [("_short", "held-out videos of the training lengths, 3-5 min (the gate)"),
-        ("", "held-out longer videos, 10-15 min (generalisation)")]
+        ("", "held-out longer videos, 10-15 min (generalisation to length; the final model)")]
 
 
 def scores(path):

@@ -38,25 +38,21 @@ section.sample{background:#fff;border:1px solid #ddd;border-radius:6px;padding:1
 .correct{background:#1a9c4a}.partial{background:#d89a00}.wrong{background:#d0302f}.skipped{background:#888}
 .qa{margin:4px 0} .qa b{color:#555;font-weight:600}
 .chips span{display:inline-block;background:#eef;border-radius:3px;padding:0 6px;margin:2px 4px 2px 0;font-size:12px}
-.tl{position:relative;margin:10px 0 4px}
-.strip{display:flex;height:44px;border:1px solid #999}
+.tl{position:relative;margin:10px 0 4px} .strip{display:flex;height:44px;border:1px solid #999}
 .strip img{flex:1 1 0;min-width:0;height:44px;object-fit:cover;display:block}
 .gt{position:absolute;top:-3px;bottom:14px;border:2px solid #1a9c4a;background:rgba(26,156,74,.18);
 box-sizing:border-box}
 .gt i{position:absolute;top:-15px;left:0;font:11px sans-serif;color:#1a9c4a;white-space:nowrap}
-.track{position:relative;margin-top:3px}
-.crop{position:absolute;height:15px;border:1px solid #6b3a00;
+.track{position:relative;margin-top:3px} .crop{position:absolute;height:15px;border:1px solid #6b3a00;
 background:repeating-linear-gradient(135deg,#f28c28 0 6px,#c46a12 6px 9px);box-sizing:border-box;color:#fff;
 font:bold 11px/13px sans-serif;text-align:center;overflow:hidden;border-radius:2px}
 .crop b{background:#6b3a00;padding:0 4px;border-radius:2px}
 .axis{position:relative;height:14px;font-size:10px;color:#666}
-.axis span{position:absolute;transform:translateX(-50%)}
-.call{margin:6px 0}.call .err{color:#d0302f}
+.axis span{position:absolute;transform:translateX(-50%)} .call{margin:6px 0}.call .err{color:#d0302f}
 .frames{display:flex;flex-wrap:wrap;gap:3px;margin-top:3px}
 .frames figure{margin:0;text-align:center;font-size:10px;color:#666}.frames img{height:44px;display:block}
 .turn{margin:4px 0}.turn pre{white-space:pre-wrap;word-break:break-word;margin:2px 0;padding:6px;background:#f3f3f7;
-border-radius:4px;font:12px/1.35 ui-monospace,monospace}
-.turn.tool pre{background:#fff4e6}
+border-radius:4px;font:12px/1.35 ui-monospace,monospace} .turn.tool pre{background:#fff4e6}
 """
 SELF_CHECK = ("<script>addEventListener('load',()=>{document.body.dataset.brokenImages=[...document.images]"
               ".filter(i=>!i.complete||i.naturalWidth===0).length;});</script>")
