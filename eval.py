@@ -10,16 +10,10 @@
     python eval.py --export_rft=data/rft.jsonl                       # correct, well-grounded traces -> SFT rows
     torchrun --nproc_per_node=8 eval.py --model=runs/grpo            # rank-strided, gathered on rank 0
 
-Every sample goes through rollout.rollout (greedy by default) and reward.reward_batch, `batch_size` samples
-per rollout call. Writes to --out: predictions.jsonl (one line per trajectory), summary.json, report.html
-(report.py). A sample whose video is missing or corrupt is skipped, counted and named; the run goes on.
-
-The RFT export (LongVT's stage 3 data) keeps the trajectories with accuracy 1 and a last crop of IoU >=
-rft_min_iou with the ground-truth window, as SFT rows (the sample + `turns`, the decoded assistant turns).
-A row is written only when data.render_sft re-renders it to exactly the token ids the policy produced:
-text whose decode -> encode is not the identity (a non-canonical tokenization was sampled) is counted, not
-exported. Departures from LongVT: the last <answer> is scored (reward.py); skipped samples are left out of
-the accuracy (and reported) rather than counted as wrong.
+Samples go through rollout.rollout (greedy by default) and reward.reward_batch, `batch_size` per call; --out gets
+predictions.jsonl, summary.json and report.html. A sample whose video is missing or corrupt is skipped and named (left
+out of the accuracy, unlike LongVT). The RFT export (stage 3's data) keeps trajectories of accuracy 1 whose last crop
+has IoU >= rft_min_iou, as SFT rows that data.render_sft re-renders to exactly the policy's token ids.
 """
 import dataclasses
 import json
@@ -142,15 +136,10 @@ def summarize(predictions, wall_seconds):
 # --------------------------------------------------------------------------- the evaluation loop
 def evaluate(model, processor, samples, cfg=None, view=None, reward_cfg=None, judge=None, distributed=False,
              return_trajectories=False, decoded=None):
-    """Roll out and score `samples`; writes nothing. Returns (summary, predictions), predictions in sample order.
-
-    cfg: a Config or a dict of its fields (rollout, view and reward settings); `view` (ViewConfig) and
-    `reward_cfg` (RewardConfig) override the ones cfg implies; `judge`: a reward.Judge (default: from the
-    environment when cfg.accuracy allows). distributed=True: every rank of the initialized process group calls
-    this, samples are rank-strided and gathered on rank 0 (other ranks get the summary and no predictions);
-    False (default): this process evaluates all samples alone, e.g. rank 0 of a training run.
-    return_trajectories: a third item, the Trajectory of each prediction (vision tensors dropped).
-    decoded: rollout.prepare()'s `done`, global views the caller decoded already (check_budget's)."""
+    """Roll out and score `samples`, writing nothing: (summary, predictions in sample order[, trajectories without
+    vision tensors]). cfg: a Config or a dict of its fields; view / reward_cfg / judge override what it implies.
+    distributed: every rank calls this, samples rank-strided and gathered on rank 0 (else one process does all).
+    decoded: global views the caller decoded already (rollout.prepare's `done`)."""
     cfg = cfg if isinstance(cfg, Config) else Config(**(cfg or {}))
     ddp = distributed and dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
@@ -198,9 +187,8 @@ def evaluate(model, processor, samples, cfg=None, view=None, reward_cfg=None, ju
 
 # --------------------------------------------------------------------------- RFT export
 def rft_row(renderer: Renderer, traj):
-    """The SFT row of a trajectory (sample fields + turns), or None when it does not re-render to the very
-    token ids the policy produced (non-canonical tokenization, a stop token other than <|im_end|>, a
-    truncated episode, a last-turn note after max_turns tool calls)."""
+    """The SFT row of a trajectory (sample fields + turns), or None when it does not re-render to the very token ids
+    the policy produced (a non-canonical tokenization, another stop token, a truncated episode, a last-turn note)."""
     if traj.stop_reason != "answer" or not traj.turns_text:
         return None
     im_end = renderer.tok.convert_tokens_to_ids("<|im_end|>")
@@ -217,8 +205,7 @@ def rft_row(renderer: Renderer, traj):
 
 
 def export_rft(path, trajectories, predictions, renderer: Renderer, min_iou=0.3):
-    """Write the correct (accuracy 1) trajectories whose last crop has IoU >= min_iou with the ground-truth
-    window as SFT rows (JSONL). Returns counts: correct, candidates, exported, not_roundtrip, duplicates."""
+    """The correct trajectories whose last crop has IoU >= min_iou, as SFT rows (JSONL); returns the counts."""
     counts = dict(correct=0, candidates=0, exported=0, not_roundtrip=0, duplicates=0)
     rows, seen = [], set()
     for t, p in zip(trajectories, predictions, strict=True):
@@ -247,8 +234,7 @@ def export_rft(path, trajectories, predictions, renderer: Renderer, min_iou=0.3)
 
 # --------------------------------------------------------------------------- outputs
 def write_outputs(out_dir, summary, predictions, trajectories=None, report_samples=20):
-    """predictions.jsonl, summary.json, report.html (first report_samples trajectories) and, when
-    trajectories are given, trajectories.jsonl (token ids, policy mask, log-probs, turn ids)."""
+    """predictions.jsonl, summary.json, report.html (report_samples trajectories), trajectories.jsonl if given."""
     os.makedirs(out_dir, exist_ok=True)  # each file written atomically: a full disk never leaves a truncated one
     write_jsonl(os.path.join(out_dir, "predictions.jsonl"), predictions)
     write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
@@ -264,9 +250,7 @@ def write_outputs(out_dir, summary, predictions, trajectories=None, report_sampl
 
 
 def print_summary(summary):
-    """A small two-column table of the headline numbers, then accuracy by video length."""
-    def fmt(v):
-        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     keys = ["n", "scored", "accuracy"] + [k for k in summary if k.startswith("pass@")] + [
         "format_rate", "mean_iou", "tool_calls_per_episode", "tool_error_rate", "judge_failures", "answer_rate",
         "mean_tokens", "seconds_per_sample", "skipped"]

@@ -118,29 +118,30 @@ class _Retryable(Exception):  # a failed attempt worth repeating: network, timeo
     pass
 
 
-class Judge:
-    """An LLM judge behind an OpenAI-compatible endpoint: retries with backoff, a bounded thread pool for batches,
-    a thread-safe cache of (question, reference, prediction, style) -> score."""
+class Client:
+    """An OpenAI-compatible /v1/chat/completions endpoint (vLLM, SGLang, OpenAI): a pooled session, a health check,
+    chat() with retries and backoff. The judge (below) and make_data.py's VLM calls both go through it."""
+    what, unset = "server", ""  # the name errors give it, what unsetting its variables does
+    env = ("OPENAI_BASE_URL",)  # the variables from_env reads the base URL from, first set wins
 
     def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None, timeout: float = 30.0,
-                 retries: int = 3, backoff: float = 0.5, workers: int = 16, max_tokens: int = 512,
-                 cache_size: int = 65536):
+                 retries: int = 3, backoff: float = 0.5, workers: int = 16, max_tokens: int = 512):
         base_url = base_url.rstrip("/")  # "http://host:8000" means the usual /v1 root; a URL with a path is as given
         self.base_url = base_url + "/v1" if urlsplit(base_url).path in ("", "/") else base_url
         self.api_key, self.model, self.timeout, self.retries, self.backoff = api_key, model, timeout, retries, backoff
-        self.workers, self.max_tokens, self.cache_size = workers, max_tokens, cache_size
+        self.workers, self.max_tokens = workers, max_tokens
         self.session = requests.Session()  # one pooled connection per worker, else urllib3 reopens them under load
         adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=max(workers, 10))
         for prefix in ("http://", "https://"):
             self.session.mount(prefix, adapter)
         self.sleep = time.sleep  # injectable so that tests can check backoff without waiting
-        self.failures, self.last_error = 0, None  # requests that failed after all retries, and why the last did
-        self._cache, self._lock, self._model_lock = {}, threading.Lock(), threading.Lock()
+        self._model_lock, self._count_lock = threading.Lock(), threading.Lock()
+        self.requests, self.tokens = 0, 0  # chat requests sent, and the tokens their replies' usage reported
 
     @classmethod
-    def from_env(cls, **kw) -> "Judge | None":
-        """From LLM_AS_A_JUDGE_BASE or OPENAI_BASE_URL, OPENAI_API_KEY, OPENAI_MODEL_NAME; None without a URL."""
-        base = os.environ.get("LLM_AS_A_JUDGE_BASE") or os.environ.get("OPENAI_BASE_URL")
+    def from_env(cls, **kw):
+        """From the base URL variables of `env`, OPENAI_API_KEY and OPENAI_MODEL_NAME; None without a URL."""
+        base = next((os.environ[k] for k in cls.env if os.environ.get(k)), None)
         if not base:
             return None
         kw.setdefault("api_key", os.environ.get("OPENAI_API_KEY") or None)
@@ -151,35 +152,30 @@ class Judge:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def health_check(self) -> None:
-        """GET /models before any training starts: RuntimeError naming the URL and what failed. Without a configured
+        """GET /models before any work starts: RuntimeError naming the URL and what failed. Without a configured
         model, takes the first one served."""
         url = f"{self.base_url}/models"
         try:
             r = self.session.get(url, headers=self._headers(), timeout=self.timeout)
         except requests.RequestException as e:
-            raise RuntimeError(f"LLM judge unreachable at {url}: {type(e).__name__}: {e}. Start the judge server, "
-                               "or unset LLM_AS_A_JUDGE_BASE / OPENAI_BASE_URL to score with rules only.") from e
+            raise RuntimeError(f"{self.what} unreachable at {url}: {type(e).__name__}: {e}. Start the server, or "
+                               f"unset {' / '.join(self.env)}{self.unset}.") from e
         if r.status_code != 200:
-            raise RuntimeError(f"LLM judge at {url} answered HTTP {r.status_code}: {r.text[:200]!r}")
+            raise RuntimeError(f"{self.what} at {url} answered HTTP {r.status_code}: {r.text[:200]!r}")
         try:
             served = [m["id"] for m in r.json()["data"]]
         except (ValueError, KeyError, TypeError) as e:
-            raise RuntimeError(f"LLM judge at {url} sent an unexpected model list: {r.text[:200]!r}") from e
+            raise RuntimeError(f"{self.what} at {url} sent an unexpected model list: {r.text[:200]!r}") from e
         if self.model is None and served:
             self.model = served[0]
         if self.model not in served:
-            raise RuntimeError(f"LLM judge at {url} does not serve model {self.model!r}; it serves {served}")
+            raise RuntimeError(f"{self.what} at {url} does not serve model {self.model!r}; it serves {served}")
 
-    def _attempt(self, prompt: str, style: str = "ours") -> float:
+    def _post(self, payload) -> str | None:
+        """One request: the reply's text. _Retryable for what may pass, RuntimeError for our own bad request."""
+        with self._count_lock:
+            self.requests += 1
         try:
-            if style == "longvt":
-                payload = {"model": self.model, "temperature": 0.3, "seed": random.randrange(2 ** 31),
-                           "max_tokens": self.max_tokens,
-                           "messages": [{"role": "system", "content": LONGVT_JUDGE_SYSTEM},
-                                        {"role": "user", "content": prompt}]}
-            else:
-                payload = {"model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens,
-                           "messages": [{"role": "user", "content": prompt}]}
             r = self.session.post(f"{self.base_url}/chat/completions", json=payload, headers=self._headers(),
                                   timeout=self.timeout)
         except requests.RequestException as e:  # refused, reset, timed out: maybe transient
@@ -189,16 +185,50 @@ class Judge:
         if r.status_code != 200:  # other 4xx: our request is wrong, repeating it cannot help
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]!r}")
         try:
-            content = r.json()["choices"][0]["message"]["content"]
-            content = content if isinstance(content, str) else None
-            if style == "longvt":
-                return parse_longvt_reply(content)
-            value = parse_judge_reply(content)
+            body = r.json()
+            content = body["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise _Retryable(f"malformed response {r.text[:100]!r}") from e
-        if value is None:  # sampling noise or a confused judge; another attempt may be clear
-            raise _Retryable(f"unparseable judge reply {str(content)[:100]!r}")
-        return value
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
+            with self._count_lock:
+                self.tokens += usage["total_tokens"]
+        return content if isinstance(content, str) else None  # (a reply of reasoning alone: no text)
+
+    def chat(self, messages, parse=None, **params):
+        """parse(reply text) of one chat completion (default: the text), at temperature 0 unless params say otherwise.
+        A network error, 429/5xx, a garbled reply or a parse returning None is retried with backoff (delay_k =
+        backoff * 2^k * (1 + jitter in [0, 0.5))); RuntimeError with the last failure when no attempt succeeded."""
+        with self._model_lock:  # normally done once by health_check() at startup
+            if self.model is None:
+                self.health_check()
+        error = "unknown"
+        for attempt in range(self.retries + 1):
+            payload = {"model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens, "messages": messages,
+                       **{k: v() if callable(v) else v for k, v in params.items()}}  # a callable: drawn per attempt
+            try:
+                text = self._post(payload)
+                value = text if parse is None else parse(text)
+                if value is not None:
+                    return value
+                error = f"unparseable reply {str(text)[:100]!r}"  # sampling noise or a confused model: ask again
+            except _Retryable as e:
+                error = str(e)
+            if attempt < self.retries:
+                self.sleep(self.backoff * 2 ** attempt * (1.0 + 0.5 * random.random()))
+        raise RuntimeError(error)
+
+
+class Judge(Client):
+    """The LLM judge: chat() with the rubric, a bounded thread pool per batch, a thread-safe cache of
+    (question, reference, prediction, style) -> score; failures counted, not cached."""
+    what, unset = "LLM judge", " to score with rules only"
+    env = ("LLM_AS_A_JUDGE_BASE", "OPENAI_BASE_URL")
+
+    def __init__(self, base_url: str, cache_size: int = 65536, **kw):
+        super().__init__(base_url, **kw)
+        self.cache_size, self.failures, self.last_error = cache_size, 0, None  # failed after all retries, and why
+        self._cache, self._lock = {}, threading.Lock()
 
     def score(self, question: str, reference: str, prediction: str, style: str = "ours") -> tuple[float | None, bool]:
         """(score in {0, 0.5, 1} or None after the final failure (counted, not cached), from_cache). style "longvt":
@@ -207,35 +237,26 @@ class Judge:
         with self._lock:
             if key in self._cache:
                 return self._cache[key], True
-        error = "unknown"
         try:
-            with self._model_lock:  # normally done once by health_check() at startup
-                if self.model is None:
-                    self.health_check()
             if style == "longvt":  # one pass: a question or answer holding "{answer}" is left as it is
                 fill = dict(question=question, ground_truth=reference, answer=prediction)
                 prompt = re.sub(r"\{(question|ground_truth|answer)\}", lambda m: fill[m.group(1)], LONGVT_JUDGE_PROMPT)
+                value = self.chat([{"role": "system", "content": LONGVT_JUDGE_SYSTEM},
+                                   {"role": "user", "content": prompt}], parse_longvt_reply, temperature=0.3,
+                                  seed=lambda: random.randrange(2 ** 31))
             else:
                 prompt = JUDGE_PROMPT.format(question=question, reference=reference, prediction=prediction)
-            for attempt in range(self.retries + 1):
-                try:
-                    value = self._attempt(prompt, style)
-                except _Retryable as e:
-                    error = str(e)
-                    if attempt < self.retries:  # delay_k = backoff * 2^k * (1 + jitter in [0, 0.5))
-                        self.sleep(self.backoff * 2 ** attempt * (1.0 + 0.5 * random.random()))
-                    continue
-                with self._lock:
-                    if len(self._cache) >= self.cache_size:  # drop the oldest entry: bounded memory
-                        self._cache.pop(next(iter(self._cache)))
-                    self._cache[key] = value
-                return value, False
+                value = self.chat([{"role": "user", "content": prompt}], parse_judge_reply)
         except RuntimeError as e:
-            error = str(e)
+            with self._lock:
+                self.failures += 1
+                self.last_error = str(e)
+            return None, False
         with self._lock:
-            self.failures += 1
-            self.last_error = error
-        return None, False
+            if len(self._cache) >= self.cache_size:  # drop the oldest entry: bounded memory
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = value
+        return value, False
 
     def score_many(self, items: list[tuple[str, str, str]], style: str = "ours") -> list[float | None]:
         """Scores of (question, reference, prediction) items, `workers` requests in flight, duplicates asked once."""

@@ -7,39 +7,18 @@
     python train_sft.py --init=runs/grpo --data=runs/rft.jsonl --out=runs/rft   # stage 3 (RFT) on eval.py's export
     python train_sft.py --model=Qwen/Qwen2.5-VL-7B-Instruct --data=a.jsonl,longvt_sft.json --visual_format=images
 
-Each row (ours with `turns`, or LongVT's `messages`) is rendered by data.render_sft: the tool calls in the text are
-re-run (or LongVT's stored frames used) so SFT sequences tokenize exactly like rollouts. The loss is the summed
-negative log-likelihood of the tokens with policy_mask == 1, divided by the number of such tokens in the whole
-global batch (all micro-batches on all ranks, counted and all-reduced before the first forward), so gradient
-accumulation and the number of processes do not change the update. Only those positions go through the LM head.
+Each row (ours with `turns`, or LongVT's `messages`) is rendered by data.render_sft, its tool calls re-run, so SFT
+sequences tokenize exactly like rollouts. The loss: the summed NLL of the policy tokens (policy_mask 1; only they go
+through the LM head) over their count in the whole global batch, all-reduced first, so neither gradient accumulation
+nor the number of processes changes the update. Every sample is rendered once at start-up (a strided share per rank,
+lengths and failures all-gathered); a bad row or an unreadable video is skipped with a warning naming it and counted.
+Epochs are seeded shuffles cut into global batches; --group_by_length batches similar lengths (instead of packing,
+which M-RoPE vision sequences under sdpa do not allow). Checkpoints: checkpoint.py (HF layout, trainer_state.pt,
+view.json, metrics.jsonl; exact --resume). On CPU one torch thread is the default: two threads on two busy cores
+spin-wait (--threads=2 is 1.4x faster on an idle 2-core machine).
 
-Data: rows that cannot be used are skipped with a warning naming file:line; samples whose video (or stored frames)
-cannot be read are skipped with a warning naming them; both are counted in metrics.jsonl. Every sample is rendered
-once at start-up (each rank renders a strided share; lengths and failures are all-gathered so all ranks agree on the
-data set) and kept in memory (--cache=false re-renders when used). Each epoch is a seeded shuffle cut into global
-batches (last partial batch dropped); with --group_by_length samples of similar length share a batch (and each
-batch is sorted by length before the rank-strided split into micro-batches), which removes most padding. We group
-by length instead of packing several samples into one row: packing M-RoPE vision sequences needs per-segment
-attention masks that sdpa on a padded batch does not give.
-
-Checkpoints (every --save_every steps and at the end) go to --out in HF layout plus trainer_state.pt (optimizer,
-scheduler, per-rank RNG states, step / data position, config), view.json and metrics.jsonl, written to a temp dir and
-renamed.
-Under FSDP2 the model and optimizer states are gathered to full, CPU-offloaded state dicts and saved by rank 0 only;
-on resume every rank reads the full optimizer state and keeps its shard. bf16 on CUDA is autocast (DDP) or FSDP2's
-mixed precision; master weights and AdamW states stay fp32.
-
-Logging: a tqdm bar and one line per step; metrics.jsonl gets step, epoch, loss (mean NLL per policy token), lr,
-grad_norm (before clipping), policy_tokens and tokens (all ranks), skipped_update / nonfinite_steps (a non-finite
-loss or grad norm skips the update, not the data), skipped_samples, tokens_per_s (all tokens) and step_time.
-On CPU the default is one torch thread (--threads): the tiny model's ops are too small to split, and two threads
-on two busy cores spin-wait several times slower; on an idle 2-core machine --threads=2 is about 1.4x faster.
-
-Departures from LongVT: they train with lmms-engine (FSDP2, sequence packing); we group by length instead of packing.
---view_jitter (on by default) renders each sample's global view with a random frame count up to the budget: the
-needle SFT videos are 3-5 minutes, the eval videos 10-15, and without it the tiny model, on the longer eval prompts,
-either garbles its tool-call JSON (format_rate 0.3-0.9) or stops calling the tool (0 calls per episode) in our runs;
-with it: format_rate 1.0, one valid call per episode.
+--view_jitter (on): each sample's global view gets a random frame count up to the budget; without it the tiny model,
+trained on 3-5 min needle videos, garbles or drops its tool calls on the 10-15 min eval prompts (format 0.3-0.9).
 """
 import math
 import random
@@ -103,15 +82,13 @@ class Config(ViewConfig):  # ViewConfig's fields are flags too (the view: data.p
 
 # --------------------------------------------------------------------------- loss
 def policy_nll(model, batch, labels=None):
-    """Summed NLL of labels[:, t] at every t with policy_mask[:, t] == 1, predicted from positions < t.
-    Same value as -(model.token_logprobs(...) * policy_mask).sum(), but only the masked positions go through
-    the LM head (a few % of the tokens), in fp32. labels defaults to input_ids (the tests perturb it)."""
+    """Summed NLL of labels[:, t] (default input_ids) where policy_mask[:, t] == 1: -(token_logprobs * mask).sum(),
+    with only the masked positions through the LM head, in fp32."""
     bare = unwrap(model)
     ids = batch["input_ids"]
     labels = ids if labels is None else labels
     vision = model_vision(batch["vision"])
-    # Right padding: causal attention never lets a real token see a pad, so no mask is needed (sdpa then takes
-    # its causal kernel); the pads' own outputs are never used.
+    # right padding: causal attention never lets a real token see a pad, so no mask is needed (sdpa's causal kernel)
     hidden = bare.model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False,
                         **vision).last_hidden_state  # (B, T, H)
     target = batch["policy_mask"][:, 1:].bool()  # (B, T-1): token t+1 is the policy's
@@ -120,8 +97,7 @@ def policy_nll(model, batch, labels=None):
 
 
 class PolicyNLL(torch.nn.Module):
-    """policy_nll as a module, so that DDP's and FSDP2's hooks run around it (the HF model's own forward
-    would compute logits at every position)."""
+    """policy_nll as a module, so that DDP's and FSDP2's hooks run around it."""
 
     def __init__(self, model):
         super().__init__()
@@ -146,9 +122,8 @@ def read_samples(paths, limit=0, skip_bad=False):
 
 
 def sample_view(view, sample, index, cfg):
-    """The view one sample is rendered with. With --view_jitter its global view gets a random number of frames
-    between the default for its duration and the budget: the needle training videos are 3-5 minutes and the eval
-    ones 10-15, and a model that only saw short prompts breaks its format on long ones."""
+    """The view a sample is rendered with: with --view_jitter, a seeded random global frame count between its
+    duration's default and the budget."""
     if not cfg.view_jitter:
         return view
     duration = sample.get("duration") or video_info(sample["video"])["duration"]
@@ -187,10 +162,9 @@ def epoch_batches(lengths, cfg, epoch):
 
 
 class Data:
-    """The training set, rendered once at start-up: every rank renders a strided share, and the lengths and failures
-    are all-gathered so all ranks agree on it. Samples whose video cannot be read, or longer than max_len (default:
-    the model's context), are skipped with a warning naming them and counted. `keep`: the usable samples' indices,
-    `lengths` their token counts; rendered(k) the k-th usable sample (from memory, or rendered again: --cache=false)."""
+    """The training set rendered at start-up (a strided share per rank, all-gathered). Unreadable samples and those
+    over max_len (default: the model's context) are skipped, named and counted. keep: the usable indices, lengths:
+    their token counts, rendered(k): the k-th usable sample (kept, or rendered again with --cache=false)."""
 
     def __init__(self, cfg, d, processor, view, model):
         self.cfg, self.processor, self.view = cfg, processor, view
@@ -230,9 +204,8 @@ class Data:
 
 # --------------------------------------------------------------------------- one optimizer step
 def train_step(engine, model, optimizer, micro, pad_id, cfg, d, autocast):
-    """Forward/backward over this rank's micro-batches (gradients synced on the last), the loss a mean over the
-    global batch's policy tokens, the grad norm clipped, the update (skipped when the loss or norm is not finite).
-    Returns (mean NLL per policy token, grad norm before clipping, policy tokens, tokens), all ranks."""
+    """Forward/backward over this rank's micro-batches (synced on the last), clip, step (skipped when the loss or the
+    norm is not finite). Returns (mean NLL per policy token, grad norm before clipping, policy tokens, tokens)."""
     fsdp = cfg.parallel == "fsdp" and d.world > 1
     counts = torch.tensor([sum(sum(r.policy_mask[1:]) for mb in micro for r in mb),  # policy tokens, all tokens
                            sum(len(r.input_ids) for mb in micro for r in mb)], dtype=torch.float64, device=d.device)
