@@ -233,6 +233,8 @@ def make(cfg: Config, client: Client):
     items = [dict(q, video=x["video"], id=f"{name[x['video']]}#{i}") for x in qs for i, q in enumerate(x["items"])]
 
     def check(q):
+        if not q["question"] or not q["answer"]:
+            return dict(ok=False, reason="text: an empty question or answer")
         if not 0 <= q["start"] < q["end"] <= dur[q["video"]] + 1e-6:
             return dict(ok=False, reason=f"window [{q['start']}, {q['end']}] outside the video")
         if re.search(rf"\b{re.escape(q['answer'])}\b", q["question"], re.I):  # the cheapest check, no request

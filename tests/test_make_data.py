@@ -222,3 +222,25 @@ def test_a_failing_server_is_retried_counted_and_skipped_with_reasons(needle_vid
     s2 = run(videos, tmp_path / "f", fake.url)
     assert s2["failures"] == dict.fromkeys(s2["failures"], 0) and s2["kept"] > s["kept"]
     assert not set(fake.log[n:]) & {raw for raw, k in per.items() if k == 1}  # nothing done is asked again
+
+
+def test_reply_parsers_and_segments_on_bad_input(needle_videos):
+    """A reply that is not what was asked is None (the request is retried, then the item skipped), never a crash."""
+    assert M.parse_questions('ok: [{"question": "q?", "answer": "a", "start": "3", "end": 9}]') == [
+        dict(question="q?", answer="a", start=3.0, end=9.0)]
+    for bad in (None, "", "no list", "[1, 2]", '[{"question": "q"}]', '[{"question": "q", "answer": "a", '
+                '"start": "x", "end": 1}]', "[not json]"):
+        assert M.parse_questions(bad) is None
+    assert M.parse_check("Yes.") == (True, "") and M.parse_check("No: too vague") == (False, "too vague")
+    assert M.parse_check("no") == (False, "no reason given") and M.parse_check("maybe") is None
+    assert M.thought("<think> a\n b </think>") == "a b" and M.thought("<answer></answer>") is None
+    videos, truth = needle_videos
+    v = sorted(videos.iterdir())[0]
+    d, fixed = M.scene_segments(str(v), M.Config(segments="fixed", max_seconds=25.0))
+    assert fixed[0][0] == 0 and fixed[-1][1] == d and all(0 < b - a <= 25 for a, b in fixed)
+    _, scenes = M.scene_segments(str(v), M.Config())
+    nd = truth[v.name]
+    assert all(b - a >= 8 for a, b in scenes[:-1])  # the 3-s flash (two cuts) merged into a neighbour, not alone
+    assert any(min(b, nd["end"]) - max(a, nd["start"]) >= 2 for a, b in scenes)
+    with pytest.raises(SystemExit, match="no video files"):
+        M.make(M.Config(videos=str(videos / "nothing"), out=str(videos.parent / "o")), None)
