@@ -35,7 +35,7 @@ from video import crop_times, fmt_time
 class Config:
     data: str = "data/needle"   # the needle data dir: its config.json words and draws the examples as the data's
     out: str = "runs/warmup"    # the checkpoint (HF layout + view.json) train_sft.py --init= starts from
-    steps: int = 600            # optimizer steps, alternating reading (32 crops) and the copy (8 episodes)
+    steps: int = 900            # optimizer steps: two of reading (16 crops each), one of the copy (8 episodes)
     lr: float = 4e-3            # peak learning rate (10 warm-up steps, cosine to 10%)
     seed: int = 0               # the tiny model's init and the examples' draws
     threads: int = 1            # torch intra-op threads on CPU
@@ -97,13 +97,13 @@ def episode_example(renderer, rng, cfg: NeedleConfig = NeedleConfig(), size=56):
 
 
 def kinds(view, cfg: NeedleConfig, max_pairs=8):
-    """(batch size, example(renderer, rng)) of each kind of step: crops alone -> the answer turn (32 per step: 16
-    read 0.85-0.91 of the gate's exact crops after the warm-up, 32 0.95-0.98, docs/LOG.md), whole episodes after a
-    bare question (8 per step, both phrasings, no lazy skims: that habit comes with the SFT rows)."""
+    """(batch size, example(renderer, rng)) of each step in turn: two steps of crops alone -> the answer turn (16
+    each), one of whole episodes after a bare question (8, both phrasings, no lazy skims: that habit comes with the SFT
+    rows). Two reading steps per copy step read more of the gate's exact crops right than one (docs/LOG.md)."""
     size = int(math.isqrt(view.crop_max_pixels))
     copy = replace(cfg, lazy_fraction=0.0)
-    return [(32, lambda r, rng: reading_example(r, rng, rng.randint(1, max_pairs), cfg, size)),
-            (8, lambda r, rng: episode_example(r, rng, copy, size))]
+    read = (16, lambda r, rng: reading_example(r, rng, rng.randint(1, max_pairs), cfg, size))
+    return [read, read, (8, lambda r, rng: episode_example(r, rng, copy, size))]
 
 
 def skill_warmup(model, processor, view, steps, examples, lr=4e-3, seed=0):
