@@ -12,10 +12,10 @@ How it works (one call = P samples x G rows, in row order: sample 0's G members,
 2. Decode: one token per live row per step. Each row samples with its own generator, seeded from (seed, sample,
    member): a trajectory does not depend on which rows share its batch or chunk. A row stops its turn at
    `</tool_call>`, `<|im_end|>`/EOS or the per-turn budget. Rows done with the episode leave the cache at once.
-3. When every live row has stopped its turn, their calls run in a thread pool (tools.observe) and each row's
-   observation chunk (data.Renderer.observation: frames + text) is appended to the SAME cache, all rows at once in
-   pieces of about prefill_chunk tokens in all, with explicit M-RoPE position ids from the model's get_rope_index
-   shifted to the row's current position. Then decoding resumes.
+3. When every live row has stopped its turn, their calls run in a thread pool (tools.observe; a call several rows
+   make runs once, its frames shared) and each row's observation chunk (data.Renderer.observation: frames + text)
+   is appended to the SAME cache, all rows at once in pieces of about prefill_chunk tokens in all, with explicit
+   M-RoPE position ids from the model's get_rope_index shifted to the row's current position. Then decoding resumes.
 The KV cache is written in place (KVCache: buffers grown in blocks, never a torch.cat of the whole cache per token).
 Sampled ids are never re-tokenized. The log-prob recorded for each sampled token is under the model's own
 distribution (temperature 1, no top-k/top-p), i.e. exactly what a full forward pass over the final sequence
