@@ -131,9 +131,8 @@ def sample_duration(sample):
 
 
 def global_view(video, view: ViewConfig, duration=None):
-    """(frames (N, H, W, 3) uint8, timestamps): N frames at the centres of N equal slices of the whole video,
-    N = min(global_frames, duration * global_fps), at least 2. Decoded by seeking; memory is N frames.
-    The timestamps are those of the decoded frames (integers when the fps divides a second)."""
+    """(frames (N, H, W, 3) uint8, timestamps) at global_times(duration, view), decoded by seeking (memory: N
+    frames); the timestamps are the decoded frames' own."""
     duration = duration or video_info(video)["duration"]
     return decode_frames(video, global_times(duration, view), view.max_pixels)
 
