@@ -251,8 +251,8 @@ def test_needle_generator_is_deterministic(needle_set, tmp_path):
 
 def test_needle_eval_short_split(needle_set, tmp_path):
     """eval_short.jsonl: held-out layouts with the training videos' lengths; rl.jsonl: GRPO's prompts, other videos
-    of those lengths. Both are generated after the other splits, so the train, sft and eval splits of a seed are
-    the same with or without them."""
+    of those lengths. The longer eval videos are drawn last, so the other splits of a seed are the same with or
+    without them."""
     out, cfg = needle_set
     short = load_samples(str(out / "eval_short.jsonl"))
     train = load_samples(str(out / "train.jsonl"))
@@ -264,10 +264,10 @@ def test_needle_eval_short_split(needle_set, tmp_path):
     rl = load_samples(str(out / "rl.jsonl"))  # GRPO's prompts: num_train // 4 (-1), other videos
     assert len(rl) == cfg.num_train // 4 and all(cfg.min_duration <= s["duration"] <= cfg.max_duration for s in rl)
     assert not any(json.dumps(s["scenes"]) in layouts for s in rl) and len({s["video"] for s in rl + train}) == 15
-    generate(NeedleConfig(**{**cfg.__dict__, "out": str(tmp_path), "num_eval_short": 0, "num_rl": 0}))
-    for split in ("train", "eval", "sft"):
+    generate(NeedleConfig(**{**cfg.__dict__, "out": str(tmp_path), "num_eval": 0}))
+    for split in ("train", "sft", "eval_short", "rl"):
         assert open(tmp_path / f"{split}.jsonl").read() == open(out / f"{split}.jsonl").read()
-    assert open(tmp_path / "eval_short.jsonl").read() == "" and open(tmp_path / "rl.jsonl").read() == ""
+    assert open(tmp_path / "eval.jsonl").read() == ""
 
 
 @pytest.mark.parametrize("split", ["train", "eval", "eval_short"])
