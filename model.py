@@ -319,9 +319,10 @@ def expand_configs(argv):
         path = arg.split("=", 1)[1]
         try:
             items = json.load(open(path))
-            assert isinstance(items, dict), "not a JSON object"
-        except (OSError, ValueError, AssertionError) as e:
+        except (OSError, ValueError) as e:
             raise SystemExit(f"--config={path}: {e}") from None
+        if not isinstance(items, dict):
+            raise SystemExit(f"--config={path}: not a JSON object of flags")
         out += [f"--{k}=" + (str(v).lower() if isinstance(v, bool) else v if isinstance(v, str) else json.dumps(v))
                 for k, v in items.items()]
     return out
