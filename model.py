@@ -318,7 +318,8 @@ def expand_configs(argv):
             continue
         path = arg.split("=", 1)[1]
         try:
-            items = json.load(open(path))
+            with open(path) as f:
+                items = json.load(f)
         except (OSError, ValueError) as e:
             raise SystemExit(f"--config={path}: {e}") from None
         if not isinstance(items, dict):
