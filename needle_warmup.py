@@ -4,7 +4,8 @@
     python train_sft.py --init=runs/warmup          # stage 1 starts from it
 
 The tiny model (1.2M parameters, random init) learns the two skills the needle task needs on fresh in-memory examples
-drawn by the benchmark's own generators (needle.py; no file is read but the data's config.json), alternating steps:
+drawn by the benchmark's own generators (needle.py; no file is read but the data's config.json), two steps of the
+first per step of the second:
 - reading: a crop alone -> the answer turn (docs/studies.md: the tiny model does not learn to read the flash inside
   the full SFT context);
 - the copy: whole episodes after a bare question, so the asked window is copied into the call (the SFT rows alone
