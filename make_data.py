@@ -18,9 +18,7 @@ twice for a done item; an item that failed is retried on the next run):
 Then sft.jsonl (rows with `turns`: train_sft re-runs their calls), rl.jsonl (question, answer, window) and eval.jsonl
 (the videos of --eval_fraction, held out whole), and summary.json (requests, tokens, failures per stage).
 """
-import base64
 import hashlib
-import io
 import json
 import os
 import re
@@ -36,6 +34,7 @@ from checkpoint import write_jsonl, write_text
 from data import ViewConfig, global_times
 from judge import Client
 from model import parse_config
+from report import jpeg_uri
 from video import VideoError, decode_frames, fmt_time, video_info
 
 VIDEO_EXT = (".mp4", ".mkv", ".webm", ".mov", ".avi")
@@ -65,22 +64,19 @@ class Config:
 
 
 # --------------------------------------------------------------------------- local work: frames and segments
-def data_uri(frame):
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(frame, np.uint8)).save(buf, "JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+def frame_parts(frames, stamps):
+    """Chat content parts of decoded frames: a time label, then the frame as a JPEG data URI (report.jpeg_uri at the
+    frame's own size)."""
+    return [p for f, t in zip(frames, stamps)
+            for p in ({"type": "text", "text": f"{fmt_time(t)}s:"},
+                      {"type": "image_url", "image_url": {"url": jpeg_uri(f, max_side=max(f.shape[:2]), quality=90)}})]
 
 
 def frames_content(path, start, end, fps, max_frames, pixels):
     """Chat content of [start, end): a time label and an image per frame, at about fps (at most max_frames)."""
     n = int(max(1, min(max_frames, round((end - start) * fps))))
     times = [start + (i + 0.5) * (end - start) / n for i in range(n)]
-    frames, stamps = decode_frames(path, times, pixels)
-    out = []
-    for f, t in zip(frames, stamps):
-        out += [{"type": "text", "text": f"{fmt_time(t)}s:"}, {"type": "image_url", "image_url": {"url": data_uri(f)}}]
-    return out
+    return frame_parts(*decode_frames(path, times, pixels))
 
 
 def scene_segments(path, cfg: Config):
@@ -254,10 +250,7 @@ def make(cfg: Config, client: Client):
     def trajectory(q):
         d, s, e = dur[q["video"]], fmt_time(q["start"]), fmt_time(q["end"])
         skim = global_times(d, ViewConfig(global_frames=cfg.skim_frames, global_fps=1.0, time_grid=0))
-        frames, stamps = decode_frames(q["video"], skim, px)
-        view = [p for f, t in zip(frames, stamps) for p in ({"type": "text", "text": f"{fmt_time(t)}s:"},
-                                                             {"type": "image_url", "image_url": {"url": data_uri(f)}})]
-        plan = client.chat(user(view, PLAN.format(d=fmt_time(d), q=q["question"], s=s, e=e)), thought)
+        plan = client.chat(user(frame_parts(*decode_frames(q["video"], skim, px)), PLAN.format(d=fmt_time(d), q=q["question"], s=s, e=e)), thought)
         read = client.chat(user(frames_content(q["video"], q["start"], q["end"], 1e9, cfg.window_frames, px),
                                 READ.format(s=s, e=e, q=q["question"], a=q["answer"])), thought)
         return dict(turns=[f"<think>{plan}</think>{call_text(float(s), float(e))}",

@@ -16,6 +16,27 @@ from test_reward import NEEDLE, T, traj
 
 
 # ----------------------------------------------------------------------------- a fake judge server
+class JSONHandler(http.server.BaseHTTPRequestHandler):
+    """The plumbing of the tests' fake OpenAI-compatible servers (this file's and test_make_data's): quiet, a
+    client that timed out is not an error, send() writes a text or JSON body."""
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def handle(self):
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError):  # the client timed out first
+            pass
+
+    def send(self, status, body):
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
 class FakeJudge:
     """/v1/models and /v1/chat/completions on 127.0.0.1. The verdict for "ok" replies: 1 when the
     prediction equals the reference (case, final dot ignored), 0.5 when one contains the other, else 0."""
@@ -47,23 +68,7 @@ class FakeJudge:
     def _handler(self):
         fake = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def handle(self):
-                try:
-                    super().handle()
-                except (BrokenPipeError, ConnectionResetError):  # the client timed out first
-                    pass
-
-            def send(self, status, body):
-                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JSONHandler):
             def do_GET(self):
                 if fake.mode in ("500", "garbage_models"):
                     return self.send(500 if fake.mode == "500" else 200, "<html>oops</html>")

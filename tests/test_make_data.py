@@ -19,6 +19,7 @@ import pytest
 
 import make_data as M
 from needle import COLOURS, NEEDLE_COLOURS, NeedleConfig, generate
+from test_judge import JSONHandler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,23 +77,7 @@ class FakeVLM:
     def _handler(self):
         fake = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def handle(self):
-                try:
-                    super().handle()
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def send(self, status, body):
-                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JSONHandler):
             def do_GET(self):
                 self.send(200, {"data": [{"id": "vlm-1"}]})
 
