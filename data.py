@@ -39,7 +39,7 @@ class ViewConfig:
     crop_min_frames: int = 4      # at least this many frames per crop
     crop_max_pixels: int = 56 * 56  # pixel budget per cropped frame
     protocol: str = "ours"        # "ours" | "longvt" (LongVT's RL strings, separators and tool checks, for its
-                                  # checkpoints: ../FORMATS.md) | "longvt_eval" (the same with LongVT's eval user text)
+                                  # checkpoints) | "longvt_eval" (the same with LongVT's eval user text)
 
     def __post_init__(self):  # every view and every script's Config (they inherit it) is checked here
         if self.visual_format not in ("video", "images"):
@@ -99,8 +99,8 @@ INSTRUCTION_TOOLS = ("\nThink first inside <think></think>. If you need a closer
                      "start_time and end_time in seconds. Then give the final answer inside <answer></answer>.")
 INSTRUCTION_NO_TOOLS = "\nThink first inside <think></think>, then give the final answer inside <answer></answer>."
 LAST_TURN_NOTE = "No more tool calls are available: answer now."
-# LongVT's strings (protocol="longvt*"; ../FORMATS.md): its template's system turn with its tool schema, the RL and
-# eval user texts after the question, its observation; no newline between turns.
+# LongVT's strings (protocol="longvt*", from its repository): its template's system turn with its tool schema, the
+# RL and eval user texts after the question, its observation; no newline between turns.
 LONGVT_SCHEMA = ('{"type": "function", "function": {"name": "crop_video", "description": "Crop a video to a specified '
                  'duration.", "parameters": {"type": "object", "properties": {"video_path": {"type": "string", '
                  '"description": "Path to the video file", "enum": null}, "start_time": {"type": "number", '

@@ -45,8 +45,8 @@ _VERDICT_SCORE = {"": 1.0, "fully": 1.0, "completely": 1.0, "entirely": 1.0, "pa
                   "not": 0.0, "in": 0.0}
 
 
-# LongVT's judge request (rules="longvt"; its RL reward's, byte for byte: ../FORMATS.md): this system message, the
-# prompt filled with the question, the reference and the extracted answer, temperature 0.3, a random seed
+# LongVT's judge request (rules="longvt"; its RL reward's, byte for byte, from its repository): this system message,
+# the prompt filled with the question, the reference and the extracted answer, temperature 0.3, a random seed
 LONGVT_JUDGE_SYSTEM = "You are a helpful assistant."
 LONGVT_JUDGE_PROMPT = ('\n'
                        'Below are two answers to a question. Question is [Question], [Standard Answer] is the standard '
