@@ -218,7 +218,7 @@ class Metrics:
             return
         os.makedirs(out, exist_ok=True)
         old = open(self.path).read().splitlines() if step and os.path.exists(self.path) else []
-        write_text(self.path, "".join(line + "\n" for line in old if line.strip() and json.loads(line)["step"] <= step))
+        write_text(self.path, "".join(line + "\n" for line in old if _step(line) <= step))
         if wandb:
             try:
                 import wandb as wb
@@ -237,3 +237,11 @@ class Metrics:
     def close(self):
         if self.run is not None:
             self.run.finish()
+
+
+def _step(line):
+    """A metrics.jsonl row's step; inf for a blank line or one a kill cut mid-write (dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
