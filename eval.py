@@ -13,12 +13,14 @@
 Samples go through rollout.rollout (greedy by default) and reward.reward_batch, `batch_size` per call; --out gets
 predictions.jsonl, summary.json and report.html. A sample whose video is missing or corrupt is skipped and named (left
 out of the accuracy, unlike LongVT). The RFT export (stage 3's data) keeps trajectories of accuracy 1 whose last crop
-has IoU >= rft_min_iou, as SFT rows that data.render_sft re-renders to exactly the policy's token ids.
+has IoU >= rft_min_iou, as SFT rows that data.render_sft re-renders to exactly the policy's token ids. A killed
+eval, rerun with the same flags, keeps the samples it finished (<out>/partial_rank*.jsonl) and runs the others.
 """
 import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -27,11 +29,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import Renderer, ViewConfig, follow_layout, render_sft, view_from
-from checkpoint import check_writable, write_jsonl, write_text
+from checkpoint import check_writable, replaced, write_jsonl, write_text
 from model import compute_init, given_keys, load_model, parse_config, print0, resolve_checkpoint
 from readers import load_samples
 from reward import RewardConfig, config_judge, iou_reward, reward_batch
-from rollout import RolloutConfig, check_budget, prepare, rollout
+from rollout import RolloutConfig, Trajectory, check_budget, prepare, rollout
 from video import VideoError
 
 RUN_DIRS = ("runs/rft", "runs/grpo", "runs/sft")
@@ -133,21 +135,71 @@ def summarize(predictions, wall_seconds):
     return out
 
 
+# --------------------------------------------------------------------------- a killed eval goes on where it stopped
+def partial_files(out):
+    """{rank: path} of the partial_rank<r>.jsonl files in `out`."""
+    found = (re.fullmatch(r"partial_rank(\d+)\.jsonl", n) for n in (os.listdir(out) if os.path.isdir(out) else []))
+    return {int(m.group(1)): os.path.join(out, m.group(0)) for m in found if m}
+
+
+def load_partial(out, fingerprint):
+    """{(index, draw): (prediction, trajectory or None)} that earlier runs with the same settings appended to
+    <out>/partial_rank*.jsonl (any world size); files of other settings and a line cut by a kill are left out."""
+    found = {}
+    for path in partial_files(out).values():
+        lines = open(path).read().splitlines()
+        for line in lines[1:] if lines and lines[0] == fingerprint else []:
+            try:
+                p, t = json.loads(line)
+            except ValueError:
+                continue
+            found[(p["index"], p["draw"])] = (p, t and Trajectory(**t))
+    return found
+
+
+def start_partial(out, fingerprint, rank, world, kept):
+    """This rank's file, begun afresh (atomically) with the fingerprint line and, on rank 0, the kept results."""
+    path = os.path.join(out, f"partial_rank{rank}.jsonl")
+    with replaced(path) as tmp, open(tmp, "w") as f:
+        f.write(fingerprint + "\n" + "".join(partial_line(p, t) for p, t in kept))
+    for r, old in partial_files(out).items() if rank == 0 else []:
+        if r >= world:  # an earlier run's larger world: its results are in `kept`
+            os.remove(old)
+    return open(path, "a")
+
+
+def partial_line(p, t):
+    return json.dumps([p, t and dataclasses.asdict(t)], default=str) + "\n"
+
+
 # --------------------------------------------------------------------------- the evaluation loop
 def evaluate(model, processor, samples, cfg=None, view=None, reward_cfg=None, judge=None, distributed=False,
-             return_trajectories=False, decoded=None):
-    """Roll out and score `samples`, writing nothing: (summary, predictions in sample order[, trajectories without
-    vision tensors]). cfg: a Config or a dict of its fields; view / reward_cfg / judge override what it implies.
+             return_trajectories=False, decoded=None, partial=""):
+    """Roll out and score `samples`: (summary, predictions in sample order[, trajectories without vision tensors]).
+    cfg: a Config or a dict of its fields; view / reward_cfg / judge override what it implies.
     distributed: every rank calls this, samples rank-strided and gathered on rank 0 (else one process does all).
-    decoded: global views the caller decoded already (rollout.prepare's `done`)."""
+    decoded: global views the caller decoded already (rollout.prepare's `done`). partial: a dir where each rank
+    appends its results batch by batch; a rerun with the same settings keeps them and runs only the rest."""
     cfg = cfg if isinstance(cfg, Config) else Config(**(cfg or {}))
     ddp = distributed and dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     view = view or view_from(cfg)
     rew = reward_cfg or RewardConfig(accuracy=cfg.accuracy, iou_mode=cfg.iou_mode)
     t0 = time.time()
-    mine = list(range(rank, len(samples), world))
-    results = []  # (prediction, light trajectory)
+    results, log = [], None  # (prediction, light trajectory)
+    if partial:
+        fingerprint = json.dumps(dict(asdict(cfg), view=asdict(view), n=len(samples), keep=return_trajectories,
+                                      out=None, report_samples=None), sort_keys=True, default=str)
+        found = load_partial(partial, fingerprint)
+        done = [i for i in range(len(samples)) if all((i, k) in found for k in range(cfg.samples))]
+        results = [found[(i, k)] for i in done for k in range(cfg.samples)] if rank == 0 else []
+        if ddp:
+            dist.barrier()  # every rank has read before any rewrites
+        log = start_partial(partial, fingerprint, rank, world, results)
+        if done and rank == 0:
+            print(f"resuming: {len(done)} of {len(samples)} samples evaluated before, kept ({partial})", flush=True)
+        done = set(done)
+    mine = [i for i in range(len(samples)) if not partial or i not in done][rank::world]
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(mine), desc="eval", unit="sample", disable=rank != 0, dynamic_ncols=True)
@@ -165,10 +217,16 @@ def evaluate(model, processor, samples, cfg=None, view=None, reward_cfg=None, ju
             comp = None if t.stop_reason == "skipped" else next(comps)
             p = prediction(idx[j // cfg.samples], j % cfg.samples, t, comp)
             results.append((p, dataclasses.replace(t, vision_parts=[]) if return_trajectories else None))
+            if log:
+                log.write(partial_line(*results[-1]))
+        if log:
+            log.flush()
         bar.update(len(idx))
         scored = [p["score"] for p, _ in results if "score" in p]
         bar.set_postfix(acc=f"{sum(scored) / max(len(scored), 1):.3f}")
     bar.close()
+    if log:
+        log.close()
     model.train(was_training)
     if ddp:
         gathered = [None] * world if rank == 0 else None
@@ -312,8 +370,9 @@ def main(argv=None):
         decoded[id(samples[0])] = prepare(samples[:1], view_from(cfg))[0]
         check_budget(processor, decoded[id(samples[0])], view_from(cfg), cfg.max_new_tokens, cfg.max_total_tokens)
     keep = bool(cfg.export_rft or cfg.save_trajectories)  # gather token ids only when something needs them
+    cfg.model = name  # (the fingerprint of a resumed eval names the checkpoint)
     summary, predictions, *rest = evaluate(model, processor, samples, cfg, judge=judge, distributed=True,
-                                           return_trajectories=keep, decoded=decoded)
+                                           return_trajectories=keep, decoded=decoded, partial=out)
     trajectories = rest[0] if keep else None
     if d.is_main:
         summary.update(model=name, data=cfg.data, judge_last_error=judge.last_error if judge else None)
@@ -321,6 +380,8 @@ def main(argv=None):
             summary["rft"] = export_rft(cfg.export_rft, trajectories, predictions,
                                         Renderer(processor, view_from(cfg)), cfg.rft_min_iou)
         write_outputs(out, summary, predictions, trajectories if cfg.save_trajectories else None, cfg.report_samples)
+        for path in partial_files(out).values():  # complete: the outputs replace them
+            os.remove(path)
         print_summary(summary)
         print(f"wrote {out}/predictions.jsonl, summary.json" + (", report.html" if cfg.report_samples else ""))
     if dist.is_initialized():

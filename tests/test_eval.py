@@ -186,6 +186,58 @@ def test_missing_and_corrupt_videos_are_skipped_and_named(cli_run):
     assert "missing_video" in stdout and "corrupt_video" in stdout
 
 
+
+KILL_EVAL = """
+import os, signal, sys
+import eval as ev
+real, calls = ev.rollout, []
+def rollout(*a, **k):
+    calls.append(1)
+    if len(calls) == int(sys.argv[1]):  # killed while this batch runs
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a, **k)
+ev.rollout = rollout
+ev.main(sys.argv[2:])
+"""
+
+
+def test_a_killed_eval_goes_on_where_it_stopped(needle_dir, tmp_path, monkeypatch, capsys):
+    """Killed in its third batch, an eval leaves the first two batches' results in <out>/partial_rank0.jsonl. The
+    rerun keeps them, rolls out the other samples only, and writes the predictions and trajectories of an
+    uninterrupted run, then removes the partial file. A line cut by the kill is dropped (its sample redone); a rerun
+    with other settings keeps nothing."""
+    data = os.path.join(needle_dir, "eval.jsonl")
+    n = len(load_samples(data))
+    base = dict(model="tiny", data=data, batch_size=1, samples=2, temperature=1.0, max_new_tokens=8,
+                report_samples=0, save_trajectories="true")
+    flags = lambda out, **kw: [f"--{k}={v}" for k, v in dict(base, out=out, **kw).items()] + FAST  # noqa: E731
+    calls = []
+    real = ev.rollout
+    monkeypatch.setattr(ev, "rollout", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ev.main(flags(str(tmp_path / "straight")))
+    assert len(calls) == n
+    out = str(tmp_path / "killed")
+    r = subprocess.run([sys.executable, "-c", KILL_EVAL, "3", *flags(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=ENV)
+    assert r.returncode == -9, failure(r)
+    lines = open(os.path.join(out, "partial_rank0.jsonl")).read().splitlines()
+    assert len(lines) == 1 + 2 * 2  # the settings, then two samples x two draws
+    with open(os.path.join(out, "partial_rank0.jsonl"), "w") as f:
+        f.write("\n".join(lines[:-1] + [lines[-1][:40]]))  # as if the kill had cut the second sample's last line
+    calls.clear()
+    ev.main(flags(out))
+    assert len(calls) == n - 1 and f"resuming: 1 of {n} samples" in capsys.readouterr().out
+    for name in ("predictions.jsonl", "trajectories.jsonl"):
+        a, b = (open(os.path.join(str(tmp_path / d), name)).read().splitlines() for d in ("straight", "killed"))
+        strip = lambda rows: [{k: v for k, v in json.loads(x).items() if k != "latency"} for x in rows]  # noqa
+        assert strip(a) == strip(b), name
+    assert not os.path.exists(os.path.join(out, "partial_rank0.jsonl"))
+    subprocess.run([sys.executable, "-c", KILL_EVAL, "2", *flags(out)], cwd=ROOT, capture_output=True, timeout=300,
+                   env=ENV)
+    calls.clear()
+    ev.main(flags(out, max_new_tokens=6))  # other settings: the kept batch is not theirs
+    assert len(calls) == n and "resuming" not in capsys.readouterr().out
+
 def test_default_out_and_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert ev.default_model() == "tiny" and ev.default_out("tiny") == os.path.join("runs", "eval_tiny")
