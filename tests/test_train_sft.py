@@ -145,7 +145,6 @@ def test_resume_is_exact(sft_file, tmp_path):
     assert view["global_frames"] == 8 and view["crop_max_frames"] == 8
 
 
-
 def test_resume_after_a_kill_mid_append_drops_the_cut_row(sft_file, tmp_path):
     """A kill while a step's row is appended to metrics.jsonl leaves a cut last line: --resume drops it (its step is
     redone) instead of failing on it, and the run ends with the uninterrupted run's rows."""
@@ -156,6 +155,7 @@ def test_resume_after_a_kill_mid_append_drops_the_cut_row(sft_file, tmp_path):
         f.write('{"step": 3, "loss": 0.')  # what a kill mid-write leaves
     train_sft.main(args(sft_file, out, **kw) + ["--resume"])
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+
 
 KILLER = """
 import os, signal, sys, torch
