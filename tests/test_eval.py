@@ -186,7 +186,6 @@ def test_missing_and_corrupt_videos_are_skipped_and_named(cli_run):
     assert "missing_video" in stdout and "corrupt_video" in stdout
 
 
-
 KILL_EVAL = """
 import os, signal, sys
 import eval as ev
@@ -232,11 +231,13 @@ def test_a_killed_eval_goes_on_where_it_stopped(needle_dir, tmp_path, monkeypatc
         strip = lambda rows: [{k: v for k, v in json.loads(x).items() if k != "latency"} for x in rows]  # noqa
         assert strip(a) == strip(b), name
     assert not os.path.exists(os.path.join(out, "partial_rank0.jsonl"))
-    subprocess.run([sys.executable, "-c", KILL_EVAL, "2", *flags(out)], cwd=ROOT, capture_output=True, timeout=300,
-                   env=ENV)
+    r = subprocess.run([sys.executable, "-c", KILL_EVAL, "2", *flags(out)], cwd=ROOT, capture_output=True,
+                       timeout=300, env=ENV)
+    assert r.returncode == -9 and len(open(os.path.join(out, "partial_rank0.jsonl")).read().splitlines()) == 3
     calls.clear()
     ev.main(flags(out, max_new_tokens=6))  # other settings: the kept batch is not theirs
     assert len(calls) == n and "resuming" not in capsys.readouterr().out
+
 
 def test_default_out_and_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
