@@ -69,15 +69,26 @@ else
   rm -rf "$RUNS/rft" && mkdir -p "$RUNS/rft" && cp "$RUNS"/grpo/*.* "$RUNS/rft/"
 fi
 
-for s in sft grpo rft; do
-  stage "eval: $s on held-out videos of the training lengths (the gate)"
-  $PY eval.py --model="$RUNS/$s" --data="$DATA/eval_short.jsonl" --out="$RUNS/$s/eval_short" $EVAL
+stage "evals, two at a time with one torch thread each (the gate for every stage; the final model on the longer videos)"
+logs="$RUNS/eval_logs" && rm -rf "$logs" && mkdir -p "$logs"
+ev() {  # ev <model> <set> <out dir> [flags]: one eval, its printout in $logs (shown when both lanes are done)
+  OMP_NUM_THREADS=1 $PY eval.py --model="$RUNS/$1" --data="$DATA/$2.jsonl" --out="$RUNS/$3" "${@:4}" $EVAL \
+    > "$logs/${3/\//_}.log" 2>&1
+}
+(ev sft eval_short sft/eval_short && ev rft eval_short rft/eval_short && ev rft eval rft/eval_notool --tools=false) &
+lane1=$!
+(ev grpo eval_short grpo/eval_short && ev rft eval rft/eval && ev rft eval_short rft/eval_notool_short --tools=false) &
+lane2=$!
+failed=0
+wait $lane1 || failed=1
+wait $lane2 || failed=1
+for e in sft/eval_short grpo/eval_short rft/eval_short rft/eval rft/eval_notool_short rft/eval_notool; do
+  if [ -f "$logs/${e/\//_}.log" ]; then
+    echo "--- $RUNS/$e"
+    tr '\r' '\n' < "$logs/${e/\//_}.log" | grep -v '^\s*$\|it/s]$\|sample/s]$\|acc=' | tail -n 20 || true
+  fi
 done
-stage "eval: rft on held-out longer videos (generalisation to length)"
-$PY eval.py --model="$RUNS/rft" --data="$DATA/eval.jsonl" --out="$RUNS/rft/eval" $EVAL
-stage "eval: no-tool baseline (the final model, answering from the global view), both sets"
-$PY eval.py --model="$RUNS/rft" --data="$DATA/eval_short.jsonl" --out="$RUNS/rft/eval_notool_short" --tools=false $EVAL
-$PY eval.py --model="$RUNS/rft" --data="$DATA/eval.jsonl" --out="$RUNS/rft/eval_notool" --tools=false $EVAL
+[ $failed = 0 ] || { echo "an eval failed: its log is above"; exit 1; }
 
 stage "results"
 $PY needle_results.py "$RUNS" "$(( $(date +%s) - start ))"  # the tables with 95% intervals, runs/results.svg
