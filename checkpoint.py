@@ -60,6 +60,13 @@ def write_jsonl(path, rows):
             f.write(json.dumps(row, default=str) + "\n")
 
 
+def complete_lines(path):
+    """The lines of an append-only file up to its last newline ([] when there is none): a kill mid-append leaves a
+    cut last line, which is left out so that its item is done again."""
+    text = open(path).read() if os.path.exists(path) else ""
+    return text[:text.rfind("\n") + 1].splitlines()
+
+
 def check_writable(out_dir, flag="--out"):
     """Create out_dir and write a probe file in it, so that an output that cannot be written fails before any work
     (a read-only or impossible path would otherwise be found after all the rollouts or steps)."""
@@ -217,8 +224,8 @@ class Metrics:
         if not self.main:
             return
         os.makedirs(out, exist_ok=True)
-        old = open(self.path).read().splitlines() if step and os.path.exists(self.path) else []
-        write_text(self.path, "".join(line + "\n" for line in old if _step(line) <= step))
+        old = complete_lines(self.path) if step else []
+        write_text(self.path, "".join(line + "\n" for line in old if line.strip() and json.loads(line)["step"] <= step))
         if wandb:
             try:
                 import wandb as wb
@@ -237,11 +244,3 @@ class Metrics:
     def close(self):
         if self.run is not None:
             self.run.finish()
-
-
-def _step(line):
-    """A metrics.jsonl row's step; inf for a blank line or one a kill cut mid-write (dropped on resume)."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import Renderer, ViewConfig, follow_layout, render_sft, view_from
-from checkpoint import check_writable, replaced, write_jsonl, write_text
+from checkpoint import check_writable, complete_lines, replaced, write_jsonl, write_text
 from model import compute_init, given_keys, load_model, parse_config, print0, resolve_checkpoint
 from readers import load_samples
 from reward import RewardConfig, config_judge, iou_reward, reward_batch
@@ -147,12 +147,9 @@ def load_partial(out, fingerprint):
     <out>/partial_rank*.jsonl (any world size); files of other settings and a line cut by a kill are left out."""
     found = {}
     for path in partial_files(out).values():
-        lines = open(path).read().splitlines()
+        lines = complete_lines(path)
         for line in lines[1:] if lines and lines[0] == fingerprint else []:
-            try:
-                p, t = json.loads(line)
-            except ValueError:
-                continue
+            p, t = json.loads(line)
             found[(p["index"], p["draw"])] = (p, t and Trajectory(**t))
     return found
 
@@ -186,20 +183,19 @@ def evaluate(model, processor, samples, cfg=None, view=None, reward_cfg=None, ju
     view = view or view_from(cfg)
     rew = reward_cfg or RewardConfig(accuracy=cfg.accuracy, iou_mode=cfg.iou_mode)
     t0 = time.time()
-    results, log = [], None  # (prediction, light trajectory)
+    results, log, done = [], None, set()  # (prediction, light trajectory); samples a killed run finished
     if partial:
         fingerprint = json.dumps(dict(asdict(cfg), view=asdict(view), n=len(samples), keep=return_trajectories,
                                       out=None, report_samples=None), sort_keys=True, default=str)
         found = load_partial(partial, fingerprint)
-        done = [i for i in range(len(samples)) if all((i, k) in found for k in range(cfg.samples))]
-        results = [found[(i, k)] for i in done for k in range(cfg.samples)] if rank == 0 else []
+        done = {i for i in range(len(samples)) if all((i, k) in found for k in range(cfg.samples))}
+        results = [found[(i, k)] for i in sorted(done) for k in range(cfg.samples)] if rank == 0 else []
         if ddp:
             dist.barrier()  # every rank has read before any rewrites
         log = start_partial(partial, fingerprint, rank, world, results)
         if done and rank == 0:
             print(f"resuming: {len(done)} of {len(samples)} samples evaluated before, kept ({partial})", flush=True)
-        done = set(done)
-    mine = [i for i in range(len(samples)) if not partial or i not in done][rank::world]
+    mine = [i for i in range(len(samples)) if i not in done][rank::world]
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(mine), desc="eval", unit="sample", disable=rank != 0, dynamic_ncols=True)

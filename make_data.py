@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
-from checkpoint import write_jsonl, write_text
+from checkpoint import complete_lines, write_jsonl, write_text
 from data import ViewConfig, global_times
 from judge import Client
 from model import parse_config
@@ -167,13 +167,12 @@ class Stage:
 
     def __init__(self, out, name):
         self.path, self.name, self.lock = os.path.join(out, name + ".jsonl"), name, threading.Lock()
-        self.rows, text = {}, open(self.path).read() if os.path.exists(self.path) else ""
-        good = text[:text.rfind("\n") + 1]  # a kill mid-line leaves a partial last line: cut it
-        for line in good.splitlines():
+        self.rows, good = {}, complete_lines(self.path)  # a line cut by a kill is left out
+        for line in good:
             row = json.loads(line)
             self.rows[row["key"]] = row
         with open(self.path, "w") as f:
-            f.write(good)
+            f.write("".join(line + "\n" for line in good))
         self.failures = {}
 
     def run(self, items, work, workers):
@@ -250,7 +249,8 @@ def make(cfg: Config, client: Client):
     def trajectory(q):
         d, s, e = dur[q["video"]], fmt_time(q["start"]), fmt_time(q["end"])
         skim = global_times(d, ViewConfig(global_frames=cfg.skim_frames, global_fps=1.0, time_grid=0))
-        plan = client.chat(user(frame_parts(*decode_frames(q["video"], skim, px)), PLAN.format(d=fmt_time(d), q=q["question"], s=s, e=e)), thought)
+        plan = client.chat(user(frame_parts(*decode_frames(q["video"], skim, px)),
+                                PLAN.format(d=fmt_time(d), q=q["question"], s=s, e=e)), thought)
         read = client.chat(user(frames_content(q["video"], q["start"], q["end"], 1e9, cfg.window_frames, px),
                                 READ.format(s=s, e=e, q=q["question"], a=q["answer"])), thought)
         return dict(turns=[f"<think>{plan}</think>{call_text(float(s), float(e))}",
